@@ -1,0 +1,154 @@
+"""Argument validation shared by every public entry point.
+
+Every check runs on static shapes and dtypes at trace time, before any kernel is built, and raises a
+``ValueError`` or ``TypeError`` that names the argument, what arrived and what was expected.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+IMPLS = ("auto", "pallas", "xla", "reference")
+
+
+def describe(x: Any) -> str:
+    """A short description of an argument for error messages: shape and dtype for arrays."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"array of shape {tuple(x.shape)} and dtype {jnp.dtype(x.dtype).name}"
+    return repr(x)
+
+
+def check_float_array(name: str, x: Any, ndim: int | None = None) -> None:
+    """`x` must be a floating-point array (of rank `ndim` when given)."""
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise TypeError(f"{name} must be a JAX or NumPy array, got {type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must have a floating dtype (float32, bfloat16, float16), got {describe(x)}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must have rank {ndim}, got {describe(x)}")
+
+
+def check_qkv(q, k, v, *, same_value_dim: bool = True) -> tuple[int, int, int, int, int, int]:
+    """Validates `q [B, T, H, D]`, `k, v [B, S, Hkv, D]`; returns (B, T, S, H, Hkv, D)."""
+    check_float_array("q", q, 4)
+    check_float_array("k", k, 4)
+    check_float_array("v", v, 4)
+    B, T, H, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q has B={B}, k has {k.shape[0]}, v has {v.shape[0]}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must share [B, S, Hkv], got k {describe(k)} and v {describe(v)}")
+    if k.shape[3] != D:
+        raise ValueError(f"k must have head dim D={D} like q, got {describe(k)}")
+    if same_value_dim and v.shape[3] != D:
+        raise ValueError(f"v must have head dim D={D} like q, got {describe(v)}")
+    if T == 0 or k.shape[1] == 0:
+        raise ValueError(f"sequence lengths must be positive, got q {describe(q)} and k {describe(k)}")
+    Hkv = k.shape[2]
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"q heads H={H} must be a multiple of k/v heads Hkv={Hkv} (GQA/MQA)")
+    return B, T, k.shape[1], H, Hkv, D
+
+
+def check_broadcastable(name: str, x, target: Sequence[int], *, dtype_kind: str) -> None:
+    """`x` must be rank <= len(target) with each (right-aligned) dim equal to 1 or to the target's."""
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if dtype_kind == "bool" and x.dtype != jnp.bool_:
+        raise TypeError(f"{name} must be a bool array (True = attend), got {describe(x)}")
+    if dtype_kind == "float" and not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating array, got {describe(x)}")
+    names = "BHTS"[-len(target):] if len(target) == 4 else None
+    ok = x.ndim <= len(target) and all(
+        d == 1 or d == t for d, t in zip(x.shape[::-1], tuple(target)[::-1]))
+    if not ok:
+        want = f"[{', '.join(names)}] = {tuple(target)}" if names else str(tuple(target))
+        raise ValueError(f"{name} must be broadcastable to {want} (each dim 1 or equal), got {describe(x)}")
+
+
+def check_window(window) -> tuple[int, int] | None:
+    """`window` is None or a pair of non-negative ints (left, right)."""
+    if window is None:
+        return None
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in window)):
+        raise TypeError(f"window must be a pair of ints (left, right), got {window!r}")
+    left, right = int(window[0]), int(window[1])
+    if left < 0 or right < 0:
+        raise ValueError(f"window sizes must be >= 0, got window={window!r}")
+    return left, right
+
+
+def check_segment_ids(segment_ids, B: int, T: int, S: int):
+    """Returns (q_segment_ids [B, T], kv_segment_ids [B, S]) or None."""
+    if segment_ids is None:
+        return None
+    if isinstance(segment_ids, (tuple, list)):
+        if len(segment_ids) != 2:
+            raise ValueError(f"segment_ids must be one array [B, T] or a pair (q ids, kv ids), got {len(segment_ids)} items")
+        q_ids, kv_ids = segment_ids
+    else:
+        if T != S:
+            raise ValueError(f"a single segment_ids array needs T == S, got T={T}, S={S}; pass a pair (q ids, kv ids)")
+        q_ids = kv_ids = segment_ids
+    for name, ids, length in (("segment_ids (q)", q_ids, T), ("segment_ids (kv)", kv_ids, S)):
+        if not hasattr(ids, "dtype") or not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise TypeError(f"{name} must be an integer array, got {describe(ids)}")
+        if tuple(ids.shape) != (B, length):
+            raise ValueError(f"{name} must have shape {(B, length)}, got {describe(ids)}")
+    return q_ids, kv_ids
+
+
+def check_positive_float(name: str, value, *, allow_none: bool = True) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a Python float, got {value!r}")
+    if not math.isfinite(float(value)) or float(value) <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_sinks(sinks, H: int):
+    if sinks is None:
+        return None
+    check_float_array("sinks", sinks, 1)
+    if sinks.shape[0] != H:
+        raise ValueError(f"sinks must have shape [H] = ({H},), got {describe(sinks)}")
+    return sinks
+
+
+def check_choice(name: str, value, allowed: Sequence) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def check_block_size(name: str, value, *, minimum: int = 8) -> int | None:
+    """Block sizes are None (pick a default) or powers of two >= `minimum`, as real hardware requires."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    value = int(value)
+    if value < minimum or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= {minimum}, got {value}")
+    return value
+
+
+def check_attention_args(q, k, v, *, bias=None, mask=None, window=None, segment_ids=None, scale=None,
+                         softcap=None, sinks=None):
+    """Validates every argument of the reference; returns the normalised (dims, window, segment ids, scale)."""
+    B, T, S, H, Hkv, D = check_qkv(q, k, v)
+    if mask is not None:
+        check_broadcastable("mask", mask, (B, H, T, S), dtype_kind="bool")
+    if bias is not None:
+        check_broadcastable("bias", bias, (B, H, T, S), dtype_kind="float")
+    window = check_window(window)
+    segments = check_segment_ids(segment_ids, B, T, S)
+    scale = check_positive_float("scale", scale)
+    check_positive_float("softcap", softcap)
+    check_sinks(sinks, H)
+    return (B, T, S, H, Hkv, D), window, segments, (D ** -0.5 if scale is None else scale)

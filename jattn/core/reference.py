@@ -1,0 +1,94 @@
+"""The exact float32 oracle every attention impl in jattn is checked against.
+
+Semantics (shared by every impl):
+
+* logits ``s = scale * q @ k^T`` with GQA: query head ``h`` reads kv head ``h // (H // Hkv)``;
+* ``softcap``: ``s = softcap * tanh(s / softcap)``, then ``bias`` is added;
+* a key is visible when ``mask`` (True = attend), ``causal`` (``j <= i``), ``window``
+  (``i - left <= j <= i + right``) and ``segment_ids`` (same segment) all allow it; ``i`` and ``j``
+  are positions in the query and key sequences (top-left aligned, as in ``jax.nn``);
+* ``sinks[h]`` adds one value-less term ``exp(sinks[h])`` to each row's softmax denominator;
+* ``lse`` is the log of the denominator actually used (sink included), so
+  ``out = sum_j exp(s_j - lse) v_j`` always holds; a fully masked row has ``out = 0`` and
+  ``lse = -inf`` (or ``lse = sinks[h]`` when sinks are given), never NaN, forward and backward.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jattn.core import checks
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def visibility(T: int, S: int, *, mask=None, causal: bool = False, window=None, segments=None):
+    """The boolean ``[B|1, H|1, T, S]`` visibility of every (query, key) pair, or None if all visible."""
+    q_pos = jnp.arange(T)[:, None]
+    k_pos = jnp.arange(S)[None, :]
+    visible = None
+
+    def both(a, b):
+        return b if a is None else a & b
+
+    if causal:
+        visible = both(visible, (k_pos <= q_pos)[None, None])
+    if window is not None:
+        left, right = window
+        visible = both(visible, ((k_pos >= q_pos - left) & (k_pos <= q_pos + right))[None, None])
+    if segments is not None:
+        q_ids, kv_ids = segments
+        visible = both(visible, (q_ids[:, None, :, None] == kv_ids[:, None, None, :]))
+    if mask is not None:
+        visible = both(visible, jnp.reshape(mask, (1,) * (4 - mask.ndim) + tuple(mask.shape)))
+    return visible
+
+
+def attention_logits(q, k, *, scale: float, softcap=None, bias=None):
+    """float32 logits ``[B, H, T, S]`` after scale, softcap and bias (before masking)."""
+    B, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    qg = q.astype(jnp.float32).reshape(B, T, Hkv, H // Hkv, D)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32), precision=HIGHEST)
+    s = s.reshape(B, H, T, S) * scale
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias.astype(jnp.float32)
+    return s
+
+
+def reference_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, window=None,
+                        segment_ids=None, scale=None, softcap=None, sinks=None,
+                        return_lse: bool = False, return_probs: bool = False):
+    """Dense attention in float32. Returns ``out [B, T, H, D]`` (q's dtype), plus ``lse [B, T, H]``
+    (float32) and ``probs [B, H, T, S]`` (float32) when asked, in that order."""
+    (B, T, S, H, Hkv, D), window, segments, scale = checks.check_attention_args(
+        q, k, v, bias=bias, mask=mask, window=window, segment_ids=segment_ids, scale=scale,
+        softcap=softcap, sinks=sinks)
+    s = attention_logits(q, k, scale=scale, softcap=softcap, bias=bias)
+    visible = visibility(T, S, mask=mask, causal=causal, window=window, segments=segments)
+    if visible is not None:
+        visible = jnp.broadcast_to(visible, s.shape)
+        s = jnp.where(visible, s, -jnp.inf)
+    row_max = jnp.max(s, axis=-1, keepdims=True)
+    if sinks is not None:
+        sink = sinks.astype(jnp.float32)[None, :, None, None]
+        row_max = jnp.maximum(row_max, sink)
+    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    p = jnp.exp(s - row_max)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    if sinks is not None:
+        denom = denom + jnp.exp(sink - row_max)
+    safe_denom = jnp.where(denom > 0, denom, 1.0)
+    probs = p / safe_denom
+    vg = v.astype(jnp.float32)
+    probs_g = probs.reshape(B, Hkv, H // Hkv, T, S)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs_g, vg, precision=HIGHEST).reshape(B, T, H, v.shape[-1])
+    results = [out.astype(q.dtype)]
+    if return_lse:
+        lse = jnp.where(denom > 0, row_max + jnp.log(safe_denom), -jnp.inf)[..., 0]
+        results.append(jnp.transpose(lse, (0, 2, 1)))
+    if return_probs:
+        results.append(probs)
+    return results[0] if len(results) == 1 else tuple(results)
