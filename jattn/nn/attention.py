@@ -1,0 +1,177 @@
+"""``Attention``: multi-head attention whose core is any registered jattn method (see ``methods.py``)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jattn.core import checks, masks
+from jattn.nn.methods import get_method
+
+
+def rope_frequencies(head_dim: int, theta: float = 10000.0):
+    """Inverse frequencies ``theta^(-2i/D)`` for ``i < D/2``."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    return theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+
+
+def apply_rope(x, positions, *, theta: float = 10000.0):
+    """Rotary embedding (rotate-half layout) of ``x [B, T, H, D]`` at integer ``positions [B|1, T]``.
+
+    Rotating q and k this way makes ``q_i . k_j`` depend on positions only through ``i - j``."""
+    checks.check_float_array("x", x, 4)
+    positions = jnp.asarray(positions)
+    if positions.ndim != 2 or positions.shape[1] != x.shape[1]:
+        raise ValueError(f"positions must be [B or 1, T={x.shape[1]}], got shape {positions.shape}")
+    inv_freq = jnp.asarray(rope_frequencies(x.shape[-1], theta), jnp.float32)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq          # [B, T, D/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention running jattn method ``method`` with its keyword config.
+
+    ``x [B, T, dim] -> [B, T, dim]``. GQA with ``num_kv_heads``; ``rope=True`` rotates q and k;
+    ``output_gate=True`` multiplies the heads' output by a linear gate ``x W_u`` (TransNormerLLM's GLA).
+    For decoding, call :meth:`init_cache` once, then ``__call__(x, decode=True)`` with one or more new
+    tokens at a time. ``return_probs=True`` also returns the attention map ``[B, H, T, S]``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, method: str = "softmax", causal: bool = True,
+                 rope: bool = False, rope_theta: float = 10000.0, use_bias: bool = False,
+                 output_gate: bool = False, scale: float | None = None, dtype=jnp.float32,
+                 param_dtype=jnp.float32, **method_config):
+        self.dim = _positive_int("dim", dim)
+        self.num_heads = _positive_int("num_heads", num_heads)
+        self.num_kv_heads = _positive_int("num_kv_heads", num_heads if num_kv_heads is None else num_kv_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        if head_dim is None and dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads} (or pass head_dim)")
+        self.head_dim = _positive_int("head_dim", dim // num_heads if head_dim is None else head_dim)
+        if rope and self.head_dim % 2:
+            raise ValueError(f"rope=True needs an even head_dim, got {self.head_dim}")
+        self.spec = get_method(method)
+        self.method = method
+        self.method_config = self.spec.validate(dict(method_config))
+        self.causal = bool(causal)
+        self.rope, self.rope_theta = bool(rope), float(rope_theta)
+        self.scale = checks.check_positive_float("scale", scale)
+        self.dtype = dtype
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+
+        def linear(din, dout):
+            return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        self.query, self.key, self.value = linear(dim, H * D), linear(dim, Hkv * D), linear(dim, Hkv * D)
+        self.out = linear(H * D, dim)
+        self.gate = linear(dim, H * D) if output_gate else None
+        # Filled by init_cache; declared as data so NNX treats the later Cache variables as state.
+        self.cache_k, self.cache_v = nnx.data(None), nnx.data(None)
+        self.cache_state, self.cache_index = nnx.data(None), nnx.data(None)
+
+    # --- decoding cache -------------------------------------------------------------------------
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> None:
+        """Allocates an empty decoding cache for ``batch_size`` sequences of up to ``max_length`` tokens."""
+        if self.spec.cache is None:
+            raise ValueError(f"method {self.method!r} does not support decoding")
+        B, L = _positive_int("batch_size", batch_size), _positive_int("max_length", max_length)
+        dtype = self.dtype if dtype is None else dtype
+        Hkv, D = self.num_kv_heads, self.head_dim
+        self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
+        if self.spec.cache == "kv":
+            self.cache_k = nnx.Cache(jnp.zeros((B, L, Hkv, D), dtype))
+            self.cache_v = nnx.Cache(jnp.zeros((B, L, Hkv, D), dtype))
+        else:
+            self.cache_state = nnx.Cache(jnp.zeros((B, self.num_heads, D, D), jnp.float32))
+        self.cache_max_length = L
+
+    # --- forward --------------------------------------------------------------------------------
+
+    def _project(self, x, positions):
+        B, T, _ = x.shape
+        q = self.query(x).reshape(B, T, self.num_heads, self.head_dim)
+        k = self.key(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = self.value(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+        if self.rope:
+            q = apply_rope(q, positions, theta=self.rope_theta)
+            k = apply_rope(k, positions, theta=self.rope_theta)
+        return q, k, v
+
+    def _finish(self, x, out):
+        B, T = out.shape[:2]
+        out = out.reshape(B, T, self.num_heads * self.head_dim)
+        if self.gate is not None:
+            out = out * self.gate(x)
+        return self.out(out.astype(self.dtype))
+
+    def __call__(self, x, *, mask=None, positions=None, return_probs: bool = False, decode: bool = False):
+        checks.check_float_array("x", x, 3)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [B, T, dim={self.dim}], got shape {x.shape}")
+        if return_probs and not self.spec.supports_probs:
+            raise ValueError(f"method {self.method!r} has no attention probabilities; return_probs must be False")
+        if decode:
+            return self._decode(x, mask=mask, return_probs=return_probs)
+        B, T, _ = x.shape
+        if positions is None:
+            positions = jnp.arange(T)[None]
+        q, k, v = self._project(x, positions)
+        result = self.spec.apply(q, k, v, causal=self.causal, mask=mask, scale=self.scale,
+                                 return_probs=return_probs, **self.method_config)
+        out, probs = result if return_probs else (result, None)
+        out = self._finish(x, out)
+        return (out, probs) if return_probs else out
+
+    def _decode(self, x, *, mask, return_probs):
+        if self.cache_index is None:
+            raise ValueError("decode=True needs a cache: call init_cache(batch_size, max_length) first")
+        if mask is not None:
+            raise ValueError("mask is not supported with decode=True (the method's pattern applies)")
+        if not self.causal:
+            raise ValueError("decode=True needs a causal Attention (causal=True)")
+        B, T, _ = x.shape
+        index = self.cache_index[...]
+        positions = (index + jnp.arange(T))[None]
+        q, k, v = self._project(x, positions)
+        if self.spec.cache == "state":
+            if return_probs:
+                raise ValueError(f"method {self.method!r} decodes through a state; return_probs must be False")
+            out, state = self.spec.apply(q, k, v, causal=True, mask=None, scale=self.scale,
+                                         return_probs=False, initial_state=self.cache_state[...],
+                                         return_final_state=True, **self.method_config)
+            self.cache_state[...] = state.astype(jnp.float32)
+        else:
+            if self.cache_k[...].shape[0] != B:
+                raise ValueError(f"x has batch {B} but the cache was built for {self.cache_k[...].shape[0]}")
+            # Writing past max_length would be clamped by dynamic_update_slice: callers size the cache.
+            self.cache_k[...] = jax.lax.dynamic_update_slice(
+                self.cache_k[...], k.astype(self.cache_k[...].dtype), (0, index, 0, 0))
+            self.cache_v[...] = jax.lax.dynamic_update_slice(
+                self.cache_v[...], v.astype(self.cache_v[...].dtype), (0, index, 0, 0))
+            L = self.cache_k[...].shape[1]
+            q_pos = positions[0][:, None]
+            kv_pos = jnp.arange(L)[None, :]
+            visible = (kv_pos <= q_pos) & self.spec.decode_mask(self.method_config)(0, 0, q_pos, kv_pos)
+            apply = self.spec.decode_apply or self.spec.apply
+            result = apply(q, self.cache_k[...], self.cache_v[...], causal=False,
+                                     mask=visible[None, None], scale=self.scale,
+                                     return_probs=return_probs, **self.method_config)
+            out, probs = result if return_probs else (result, None)
+        self.cache_index[...] = index + T
+        out = self._finish(x, out)
+        return (out, probs) if return_probs else out

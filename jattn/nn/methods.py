@@ -1,0 +1,335 @@
+"""The registry of attention methods that :class:`jattn.nn.Attention` can run, one adapter per name.
+
+An adapter turns ``(q [B, T, H, D], k [B, S, Hkv, D], v [B, S, Hkv, D])`` into ``out [B, T, H, D]`` for one
+jattn method. Adding a method is one :func:`register_method` call with:
+
+* ``apply(q, k, v, *, causal, mask, scale, return_probs, **config)``: the prefill/training computation,
+  returning ``out`` or ``(out, probs [B, H, T, S])`` when ``return_probs``;
+* ``validate(config) -> config``: checks and normalises the method's keyword config (raising errors
+  that name the argument), so bad configs fail when the module is built, not inside jit;
+* ``cache``: how decoding works. ``"kv"``: keys and values are cached and each new query attends over
+  the cache through ``apply`` with ``causal=False`` and the dense mask ``decode_mask(config)`` evaluated
+  at absolute positions (exact for every method whose visibility is a mask function). ``"state"``: the
+  method is a recurrence and ``apply`` takes ``initial_state`` / ``return_final_state`` (linear
+  attention). ``None``: no decoding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jattn.core import checks, masks
+from jattn.core.reference import HIGHEST, attention_logits, reference_attention
+
+Config = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionMethod:
+    name: str
+    apply: Callable[..., Any]
+    validate: Callable[[Config], Config]
+    cache: str | None = "kv"
+    decode_mask: Callable[[Config], masks.MaskFn] | None = None
+    supports_probs: bool = True
+    # Decoding over a KV cache with an absolute-position mask; None means `apply` does it.
+    decode_apply: Callable[..., Any] | None = None
+    # Per-layer config the model fills in (e.g. TNL decay slopes depend on the layer index).
+    layer_aware: bool = False
+    description: str = ""
+
+
+_REGISTRY: dict[str, AttentionMethod] = {}
+
+
+def register_method(method: AttentionMethod, *, overwrite: bool = False) -> AttentionMethod:
+    """Adds a method adapter under ``method.name``; re-registering a name needs ``overwrite=True``."""
+    if not isinstance(method, AttentionMethod):
+        raise TypeError(f"method must be an AttentionMethod, got {type(method).__name__}")
+    if method.cache not in ("kv", "state", None):
+        raise ValueError(f"method.cache must be 'kv', 'state' or None, got {method.cache!r}")
+    if method.cache == "kv" and method.decode_mask is None:
+        raise ValueError(f"method {method.name!r} has cache='kv' but no decode_mask")
+    if method.name in _REGISTRY and not overwrite:
+        raise ValueError(f"attention method {method.name!r} is already registered (pass overwrite=True)")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> AttentionMethod:
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a method name (str), got {name!r}")
+    if name not in _REGISTRY:
+        raise ValueError(f"method must be one of {available_methods()}, got {name!r}")
+    return _REGISTRY[name]
+
+
+def available_methods() -> tuple[str, ...]:
+    return tuple(sorted(_REGISTRY))
+
+
+def _check_config_keys(method: str, config: Config, allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(config) - set(allowed))
+    if unknown:
+        raise TypeError(f"method {method!r} got unknown config {unknown}; it accepts {allowed}")
+
+
+def _check_impl(config: Config) -> None:
+    checks.check_choice("impl", config.get("impl", "auto"), checks.IMPLS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# softmax family: plain softmax, sliding window, any static mask pattern
+
+
+def _ops_attention():
+    """The fused entry point once it exists; the fp32 reference until then."""
+    try:
+        from jattn.ops.attention import attention
+    except ImportError:
+        return None
+    return attention
+
+
+def dense_softmax(q, k, v, *, causal, mask, scale, return_probs, window=None, softcap=None, impl="auto",
+                  sinks=None):
+    """Softmax attention; probabilities (when asked) come from the fp32 reference."""
+    if return_probs or impl == "reference":
+        return reference_attention(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
+                                   softcap=softcap, sinks=sinks, return_probs=return_probs)
+    attention = _ops_attention()
+    if attention is None:
+        return reference_attention(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
+                                   softcap=softcap, sinks=sinks)
+    return attention(q, k, v, mask=mask, causal=causal, window=window, scale=scale, softcap=softcap,
+                     sinks=sinks, impl=impl)
+
+
+def dense_softmax_decode(q, k, v, *, causal, mask, scale, return_probs, window=None, softcap=None,
+                         impl="auto", sinks=None, mask_fn=None, block_size=None):
+    """Decoding over a KV cache: a few queries against the whole cache under an absolute-position
+    ``mask`` (``window``/``mask_fn`` are already folded into it). Runs the exact reference, whose cost
+    per query is O(S) like a decode kernel's; jattn.ops.decode takes over once it exists."""
+    return reference_attention(q, k, v, mask=mask, causal=causal, scale=scale, softcap=softcap, sinks=sinks,
+                               return_probs=return_probs)
+
+
+def _validate_softmax(config: Config) -> Config:
+    _check_config_keys("softmax", config, ("softcap", "impl"))
+    checks.check_positive_float("softcap", config.get("softcap"))
+    _check_impl(config)
+    return dict(config)
+
+
+def _validate_sliding_window(config: Config) -> Config:
+    _check_config_keys("sliding_window", config, ("window", "softcap", "impl"))
+    window = config.get("window")
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"sliding_window needs window = number of visible keys (int >= 1), got {window!r}")
+    checks.check_positive_float("softcap", config.get("softcap"))
+    _check_impl(config)
+    return {**config, "window": int(window)}
+
+
+def _sliding_window_apply(q, k, v, *, causal, mask, scale, return_probs, window, softcap=None, impl="auto"):
+    # `window` counts visible keys including the query's own position; bidirectional models see
+    # `window - 1` keys on each side.
+    span = (window - 1, 0 if causal else window - 1)
+    return dense_softmax(q, k, v, causal=causal, mask=mask, scale=scale, return_probs=return_probs,
+                         window=span, softcap=softcap, impl=impl)
+
+
+def _validate_masked(config: Config) -> Config:
+    _check_config_keys("masked", config, ("mask_fn", "softcap", "impl"))
+    if not callable(config.get("mask_fn")):
+        raise TypeError(f"method 'masked' needs mask_fn = a jattn.core.masks mask function, got {config.get('mask_fn')!r}")
+    checks.check_positive_float("softcap", config.get("softcap"))
+    _check_impl(config)
+    return dict(config)
+
+
+def _masked_apply(q, k, v, *, causal, mask, scale, return_probs, mask_fn, softcap=None, impl="auto"):
+    T, S = q.shape[1], k.shape[1]
+    pattern = masks.materialize(mask_fn, 1, 1, T, S)
+    mask = pattern if mask is None else (mask & pattern)
+    return dense_softmax(q, k, v, causal=causal, mask=mask, scale=scale, return_probs=return_probs,
+                         softcap=softcap, impl=impl)
+
+
+# ----------------------------------------------------------------------------------------------------
+# sigmoid attention (P50): no row max, no denominator unless normalised
+
+
+def sigmoid_attention(q, k, v, *, causal: bool = True, mask=None, scale=None, normalize: bool = False,
+                      bias: float = 0.0, return_probs: bool = False):
+    """``W = sigmoid(scale * q k^T + bias) ⊙ C``; ``out = W v`` (P50, ``sim="sigmoid"``).
+
+    With ``normalize`` each row is divided by ``rowsum(W) + 1e-8`` (the official code's epsilon).
+    ``probs`` are the weights ``W`` actually used ``[B, H, T, S]`` (not normalised unless asked)."""
+    (B, T, S, H, Hkv, D), _, _, scale = checks.check_attention_args(q, k, v, mask=mask, scale=scale)
+    if not isinstance(normalize, (bool, np.bool_)):
+        raise TypeError(f"normalize must be a bool, got {normalize!r}")
+    if isinstance(bias, bool) or not isinstance(bias, (int, float, np.floating, np.integer)):
+        raise TypeError(f"bias must be a Python float, got {bias!r}")
+    weights = jax.nn.sigmoid(attention_logits(q, k, scale=scale) + float(bias))
+    visible = jnp.ones((1, 1, T, S), bool)
+    if causal:
+        visible = visible & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])[None, None]
+    if mask is not None:
+        visible = visible & jnp.reshape(mask, (1,) * (4 - mask.ndim) + tuple(mask.shape))
+    weights = jnp.where(visible, weights, 0.0)
+    if normalize:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-8)
+    wg = weights.reshape(B, Hkv, H // Hkv, T, S)
+    out = jnp.einsum("bkgts,bskd->btkgd", wg, v.astype(jnp.float32), precision=HIGHEST)
+    out = out.reshape(B, T, H, v.shape[-1]).astype(q.dtype)
+    return (out, weights) if return_probs else out
+
+
+def _validate_sigmoid(config: Config) -> Config:
+    _check_config_keys("sigmoid", config, ("normalize", "bias"))
+    normalize = config.get("normalize", False)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"sigmoid normalize must be a bool, got {normalize!r}")
+    bias = config.get("bias", 0.0)
+    if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
+        raise TypeError(f"sigmoid bias must be a finite float, got {bias!r}")
+    return {"normalize": normalize, "bias": float(bias)}
+
+
+def _sigmoid_apply(q, k, v, *, causal, mask, scale, return_probs, normalize=False, bias=0.0):
+    return sigmoid_attention(q, k, v, causal=causal, mask=mask, scale=scale, normalize=normalize,
+                             bias=bias, return_probs=return_probs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# lightning / TransNormerLLM linear attention (P58, P74) over jattn.ops.linear
+
+FEATURE_MAPS = {
+    "silu": jax.nn.silu,                                  # TransNormerLLM's phi
+    "elu1": lambda x: jax.nn.elu(x) + 1.0,
+    "relu": jax.nn.relu,
+    "identity": lambda x: x,
+}
+DECAYS = ("alibi", "paper_linear", "none")
+
+
+def _validate_lightning(config: Config) -> Config:
+    allowed = ("feature_map", "decay", "output_norm", "chunk_size", "impl", "layer_index", "num_layers")
+    _check_config_keys("lightning", config, allowed)
+    config = {"feature_map": "silu", "decay": "alibi", "output_norm": True, "chunk_size": 64, "impl": "auto",
+              "layer_index": None, "num_layers": 1, **config}
+    checks.check_choice("feature_map", config["feature_map"], tuple(FEATURE_MAPS))
+    checks.check_choice("decay", config["decay"], DECAYS)
+    if not isinstance(config["output_norm"], bool):
+        raise TypeError(f"output_norm must be a bool, got {config['output_norm']!r}")
+    return config
+
+
+def _repeat_kv_heads(x, H):
+    return jnp.repeat(x, H // x.shape[2], axis=2) if x.shape[2] != H else x
+
+
+def lightning_attention_heads(q, k, v, *, causal, mask, scale, return_probs, feature_map="silu",
+                              decay="alibi", output_norm=True, chunk_size=64, impl="auto", layer_index=None,
+                              num_layers=1, initial_state=None, return_final_state=False):
+    """TransNormerLLM's NormAttention: ``phi(q), phi(k)``, per-head decay, then SRMSNorm over all heads.
+
+    ``decay="alibi"`` is the official code's ``s_h = 2^(-8(h+1)/H)`` scaled by the layer factor;
+    ``"paper_linear"`` the paper text's reading; ``"none"`` no decay. GQA repeats k/v heads."""
+    from jattn.ops.linear import alibi_log_decay, linear_attention, linear_log_decay
+    if mask is not None:
+        raise ValueError("method 'lightning' takes no mask (its causal decay is the pattern); got a mask")
+    if return_probs:
+        raise ValueError("method 'lightning' has no attention probabilities; return_probs must be False")
+    H = q.shape[2]
+    phi = FEATURE_MAPS[feature_map]
+    q, k, v = phi(q), _repeat_kv_heads(phi(k), H), _repeat_kv_heads(v, H)
+    log_decay = None
+    if causal and decay == "alibi":
+        log_decay = alibi_log_decay(H, layer=layer_index, num_layers=num_layers)
+    elif causal and decay == "paper_linear":
+        log_decay = linear_log_decay(H, layer=layer_index or 0, num_layers=num_layers)
+    out, state = linear_attention(q, k, v, log_decay=log_decay, causal=causal,
+                                  scale=1.0 if scale is None else scale, initial_state=initial_state,
+                                  return_final_state=True, chunk_size=chunk_size, impl=impl)
+    if output_norm:
+        B, T, _, E = out.shape
+        x32 = out.astype(jnp.float32).reshape(B, T, H * E)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + 1e-6)
+        out = x32.reshape(B, T, H, E).astype(q.dtype)
+    return (out, state) if return_final_state else out
+
+
+# ----------------------------------------------------------------------------------------------------
+# a static sparse pattern through the block-sparse kernel
+
+
+def _validate_block_sparse(config: Config) -> Config:
+    _check_config_keys("block_sparse", config, ("mask_fn", "block_size", "softcap", "impl"))
+    if not callable(config.get("mask_fn")):
+        raise TypeError(f"method 'block_sparse' needs mask_fn = a jattn.core.masks mask function, "
+                        f"got {config.get('mask_fn')!r}")
+    config = {"block_size": 16, **config}
+    checks.check_block_size("block_size", config["block_size"], minimum=16)
+    checks.check_positive_float("softcap", config.get("softcap"))
+    _check_impl(config)
+    return config
+
+
+def _block_sparse_apply(q, k, v, *, causal, mask, scale, return_probs, mask_fn, block_size=16, softcap=None,
+                        impl="auto"):
+    if mask is not None or return_probs:
+        # padding masks and attention maps: the same pattern, densely, through the reference
+        pattern = masks.materialize(mask_fn, 1, 1, q.shape[1], k.shape[1])
+        return dense_softmax(q, k, v, causal=causal, mask=pattern if mask is None else mask & pattern,
+                             scale=scale, return_probs=return_probs, softcap=softcap, impl="reference")
+    from jattn.core.block_mask import BlockMask
+    from jattn.ops.block_sparse import block_sparse_attention
+    block_mask = BlockMask.from_mask_fn(mask_fn, 1, 1, q.shape[1], k.shape[1], block_size, block_size)
+    return block_sparse_attention(q, k, v, block_mask, mask_fn=mask_fn, causal=causal, scale=scale,
+                                  softcap=softcap, impl=impl)
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+
+register_method(AttentionMethod(
+    "softmax", dense_softmax, _validate_softmax, cache="kv",
+    decode_mask=lambda config: masks.full_mask(), decode_apply=dense_softmax_decode,
+    description="exact softmax attention (flash kernel via jattn.ops.attention when available)"))
+register_method(AttentionMethod(
+    "sliding_window", _sliding_window_apply, _validate_sliding_window, cache="kv",
+    decode_mask=lambda config: masks.sliding_window_mask(config["window"] - 1, 0),
+    decode_apply=dense_softmax_decode,
+    description="softmax over the last `window` keys (causal) or `window - 1` each side"))
+register_method(AttentionMethod(
+    "masked", _masked_apply, _validate_masked, cache="kv",
+    decode_mask=lambda config: config["mask_fn"],
+    decode_apply=dense_softmax_decode,
+    description="softmax under any static mask function (dense; block_sparse runs the same pattern fast)"))
+register_method(AttentionMethod(
+    "sigmoid", _sigmoid_apply, _validate_sigmoid, cache="kv",
+    decode_mask=lambda config: masks.full_mask(),
+    description="P50 sigmoid attention, unnormalised by default"))
+if _importable("jattn.ops.linear"):
+    register_method(AttentionMethod(
+        "lightning", lightning_attention_heads, _validate_lightning, cache="state", supports_probs=False,
+        layer_aware=True, description="P58/P74 lightning attention (TransNormerLLM NormAttention)"))
+if _importable("jattn.ops.block_sparse") and _importable("jattn.core.block_mask"):
+    register_method(AttentionMethod(
+        "block_sparse", _block_sparse_apply, _validate_block_sparse, cache="kv",
+        decode_mask=lambda config: config["mask_fn"], decode_apply=dense_softmax_decode,
+        description="softmax under a static mask function, run by the block-sparse kernel"))

@@ -1,0 +1,260 @@
+"""Transformer blocks and models built on :class:`jattn.nn.Attention`: a decoder LM, a ViT and a BERT encoder.
+
+Every model takes ``method`` (a registered attention method name) and ``method_config`` (its keyword
+config), or ``layer_methods`` — one ``(name, config)`` per layer — for hybrids.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jattn.core import checks
+from jattn.nn.attention import Attention, _positive_int
+from jattn.nn.methods import get_method
+
+NORMS = ("rms", "layer", "srms")
+MLPS = ("swiglu", "gelu", "sglu")
+
+
+def srms_norm(x, eps: float = 1e-6):
+    """Simple RMSNorm without a gain (TransNormerLLM): ``x / (||x||_2 / sqrt(d))`` over the last axis."""
+    x32 = x.astype(jnp.float32)
+    rms = jnp.sqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (x32 / rms).astype(x.dtype)
+
+
+class SRMSNorm(nnx.Module):
+    def __init__(self, eps: float = 1e-6):
+        self.eps = eps
+
+    def __call__(self, x):
+        return srms_norm(x, self.eps)
+
+
+def make_norm(kind: str, dim: int, *, rngs: nnx.Rngs, eps: float = 1e-6, param_dtype=jnp.float32):
+    checks.check_choice("norm", kind, NORMS)
+    if kind == "rms":
+        return nnx.RMSNorm(dim, epsilon=eps, param_dtype=param_dtype, rngs=rngs)
+    if kind == "layer":
+        return nnx.LayerNorm(dim, epsilon=eps, param_dtype=param_dtype, rngs=rngs)
+    return SRMSNorm(eps)
+
+
+class MLP(nnx.Module):
+    """``swiglu``: ``(silu(x W_g) * x W_u) W_d``; ``gelu``: ``gelu(x W_u) W_d`` (exact erf GELU, as BERT);
+    ``sglu``: ``(x W_g * x W_u) W_d`` with no activation (TransNormerLLM)."""
+
+    def __init__(self, dim: int, hidden_dim: int, *, kind: str = "swiglu", use_bias: bool = False,
+                 rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        checks.check_choice("mlp", kind, MLPS)
+        self.kind = kind
+
+        def linear(din, dout):
+            return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        self.up = linear(dim, hidden_dim)
+        self.gate = linear(dim, hidden_dim) if kind != "gelu" else None
+        self.down = linear(hidden_dim, dim)
+
+    def __call__(self, x):
+        if self.kind == "gelu":
+            return self.down(jax.nn.gelu(self.up(x), approximate=False))
+        gate = self.gate(x)
+        if self.kind == "swiglu":
+            gate = jax.nn.silu(gate)
+        return self.down(gate * self.up(x))
+
+
+class TransformerBlock(nnx.Module):
+    """Attention then MLP, each with a residual; ``norm_position="pre"`` (GPT/Llama) or ``"post"`` (BERT).
+
+    Extra keyword arguments go to :class:`Attention` (``method``, its config, ``rope``, ``causal``...)."""
+
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, mlp_dim: int | None = None,
+                 mlp: str = "swiglu", norm: str = "rms", norm_position: str = "pre", norm_eps: float = 1e-6,
+                 use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32, **attention_kwargs):
+        checks.check_choice("norm_position", norm_position, ("pre", "post"))
+        self.norm_position = norm_position
+        self.attention = Attention(dim, num_heads, rngs=rngs, use_bias=use_bias, dtype=dtype,
+                                   param_dtype=param_dtype, **attention_kwargs)
+        self.mlp = MLP(dim, 4 * dim if mlp_dim is None else _positive_int("mlp_dim", mlp_dim), kind=mlp,
+                       use_bias=use_bias, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.attn_norm = make_norm(norm, dim, rngs=rngs, eps=norm_eps, param_dtype=param_dtype)
+        self.mlp_norm = make_norm(norm, dim, rngs=rngs, eps=norm_eps, param_dtype=param_dtype)
+
+    def __call__(self, x, *, mask=None, positions=None, return_probs: bool = False, decode: bool = False):
+        pre = self.norm_position == "pre"
+        result = self.attention(self.attn_norm(x) if pre else x, mask=mask, positions=positions,
+                                return_probs=return_probs, decode=decode)
+        attn_out, probs = result if return_probs else (result, None)
+        if pre:
+            x = x + attn_out
+            x = x + self.mlp(self.mlp_norm(x))
+        else:
+            x = self.attn_norm(x + attn_out)
+            x = self.mlp_norm(x + self.mlp(x))
+        return (x, probs) if return_probs else x
+
+
+def layer_method_configs(num_layers: int, method: str, method_config: dict | None,
+                         layer_methods: Sequence[tuple[str, dict]] | None) -> list[tuple[str, dict]]:
+    """One ``(method, config)`` per layer; layer-aware methods get ``layer_index`` and ``num_layers``."""
+    if layer_methods is None:
+        layer_methods = [(method, dict(method_config or {}))] * num_layers
+    elif len(layer_methods) != num_layers:
+        raise ValueError(f"layer_methods must have num_layers={num_layers} entries, got {len(layer_methods)}")
+    resolved = []
+    for index, (name, config) in enumerate(layer_methods):
+        config = dict(config)
+        if get_method(name).layer_aware:
+            config.update(layer_index=index, num_layers=num_layers)
+        resolved.append((name, config))
+    return resolved
+
+
+class DecoderLM(nnx.Module):
+    """A causal decoder-only LM (pre-norm, RoPE by default): ``tokens [B, T] int -> logits [B, T, V]``."""
+
+    def __init__(self, vocab_size: int, dim: int, num_layers: int, num_heads: int, *, rngs: nnx.Rngs,
+                 num_kv_heads: int | None = None, mlp_dim: int | None = None, mlp: str = "swiglu",
+                 norm: str = "rms", method: str = "softmax", method_config: dict | None = None,
+                 layer_methods: Sequence[tuple[str, dict]] | None = None, rope: bool = True,
+                 output_gate: bool = False, tie_embeddings: bool = True, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        self.vocab_size = _positive_int("vocab_size", vocab_size)
+        self.num_layers = _positive_int("num_layers", num_layers)
+        self.embed = nnx.Embed(vocab_size, dim, param_dtype=param_dtype, rngs=rngs)
+        self.blocks = nnx.List([
+            TransformerBlock(dim, num_heads, rngs=rngs, num_kv_heads=num_kv_heads, mlp_dim=mlp_dim, mlp=mlp,
+                             norm=norm, rope=rope, causal=True, output_gate=output_gate, method=name,
+                             dtype=dtype, param_dtype=param_dtype, **config)
+            for name, config in layer_method_configs(num_layers, method, method_config, layer_methods)])
+        self.final_norm = make_norm(norm, dim, rngs=rngs, param_dtype=param_dtype)
+        self.head = None if tie_embeddings else nnx.Linear(dim, vocab_size, use_bias=False, dtype=dtype,
+                                                           param_dtype=param_dtype, rngs=rngs)
+        self.dtype = dtype
+
+    def init_cache(self, batch_size: int, max_length: int) -> None:
+        for block in self.blocks:
+            block.attention.init_cache(batch_size, max_length)
+
+    def __call__(self, tokens, *, return_probs: bool = False, decode: bool = False):
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be an int array [B, T], got {checks.describe(tokens)}")
+        x = self.embed(tokens).astype(self.dtype)
+        maps = []
+        for block in self.blocks:
+            result = block(x, return_probs=return_probs, decode=decode)
+            x, probs = result if return_probs else (result, None)
+            maps.append(probs)
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.head is None else self.head(x)
+        logits = logits.astype(jnp.float32)
+        return (logits, maps) if return_probs else logits
+
+
+class ViT(nnx.Module):
+    """Vision transformer: ``images [B, H, W, C] -> logits [B, num_classes]`` (class token, learned positions)."""
+
+    def __init__(self, image_size: int, patch_size: int, channels: int, num_classes: int, dim: int,
+                 num_layers: int, num_heads: int, *, rngs: nnx.Rngs, mlp_dim: int | None = None,
+                 method: str = "softmax", method_config: dict | None = None, norm: str = "layer",
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        self.image_size, self.patch_size = _positive_int("image_size", image_size), _positive_int("patch_size", patch_size)
+        if image_size % patch_size:
+            raise ValueError(f"image_size={image_size} must be a multiple of patch_size={patch_size}")
+        self.channels = _positive_int("channels", channels)
+        num_patches = (image_size // patch_size) ** 2
+        self.patch_embed = nnx.Linear(patch_size * patch_size * channels, dim, dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs)
+        self.cls_token = nnx.Param(jax.random.normal(rngs.params(), (1, 1, dim), param_dtype) * 0.02)
+        self.pos_embed = nnx.Param(jax.random.normal(rngs.params(), (1, num_patches + 1, dim), param_dtype) * 0.02)
+        self.blocks = nnx.List([
+            TransformerBlock(dim, num_heads, rngs=rngs, mlp_dim=mlp_dim, mlp="gelu", norm=norm, causal=False,
+                             use_bias=True, method=name, dtype=dtype, param_dtype=param_dtype, **config)
+            for name, config in layer_method_configs(num_layers, method, method_config, None)])
+        self.final_norm = make_norm(norm, dim, rngs=rngs, param_dtype=param_dtype)
+        self.head = nnx.Linear(dim, num_classes, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def patchify(self, images):
+        B, Hi, Wi, C = images.shape
+        p = self.patch_size
+        x = images.reshape(B, Hi // p, p, Wi // p, p, C).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(B, (Hi // p) * (Wi // p), p * p * C)
+
+    def __call__(self, images, *, return_probs: bool = False):
+        checks.check_float_array("images", images, 4)
+        want = (self.image_size, self.image_size, self.channels)
+        if tuple(images.shape[1:]) != want:
+            raise ValueError(f"images must be [B, {want[0]}, {want[1]}, {want[2]}], got shape {images.shape}")
+        x = self.patch_embed(self.patchify(images))
+        cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
+        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...]
+        maps = []
+        for block in self.blocks:
+            result = block(x, return_probs=return_probs)
+            x, probs = result if return_probs else (result, None)
+            maps.append(probs)
+        logits = self.head(self.final_norm(x)[:, 0])
+        return (logits, maps) if return_probs else logits
+
+
+class BertEncoder(nnx.Module):
+    """BERT-style encoder (post-norm, GELU, learned absolute positions, token types).
+
+    ``input_ids [B, T]``, ``attention_mask [B, T]`` (1 = token, 0 = padding) -> hidden ``[B, T, dim]``
+    (+ per-layer attention maps ``[B, H, T, T]`` with ``return_probs``)."""
+
+    def __init__(self, vocab_size: int, dim: int, num_layers: int, num_heads: int, *, rngs: nnx.Rngs,
+                 mlp_dim: int | None = None, max_position: int = 512, type_vocab_size: int = 2,
+                 norm_eps: float = 1e-12, method: str = "softmax", method_config: dict | None = None,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        self.word_embed = nnx.Embed(_positive_int("vocab_size", vocab_size), dim, param_dtype=param_dtype, rngs=rngs)
+        self.max_position = _positive_int("max_position", max_position)
+        self.position_embed = nnx.Embed(max_position, dim, param_dtype=param_dtype, rngs=rngs)
+        self.type_embed = nnx.Embed(_positive_int("type_vocab_size", type_vocab_size), dim,
+                                    param_dtype=param_dtype, rngs=rngs)
+        self.embed_norm = nnx.LayerNorm(dim, epsilon=norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.blocks = nnx.List([
+            TransformerBlock(dim, num_heads, rngs=rngs, mlp_dim=mlp_dim, mlp="gelu", norm="layer",
+                             norm_position="post", norm_eps=norm_eps, use_bias=True, causal=False,
+                             method=name, dtype=dtype, param_dtype=param_dtype, **config)
+            for name, config in layer_method_configs(num_layers, method, method_config, None)])
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, return_probs: bool = False):
+        input_ids = jnp.asarray(input_ids)
+        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(f"input_ids must be an int array [B, T], got {checks.describe(input_ids)}")
+        B, T = input_ids.shape
+        if T > self.max_position:
+            raise ValueError(f"input_ids has T={T} tokens, more than max_position={self.max_position}")
+        for name, extra in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            if extra is not None and tuple(jnp.shape(extra)) != (B, T):
+                raise ValueError(f"{name} must have shape {(B, T)} like input_ids, got {checks.describe(extra)}")
+        token_type_ids = jnp.zeros_like(input_ids) if token_type_ids is None else jnp.asarray(token_type_ids)
+        x = (self.word_embed(input_ids) + self.position_embed(jnp.arange(T)[None])
+             + self.type_embed(token_type_ids))
+        x = self.embed_norm(x)
+        key_mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
+        maps = []
+        for block in self.blocks:
+            result = block(x, mask=key_mask, return_probs=return_probs)
+            x, probs = result if return_probs else (result, None)
+            maps.append(probs)
+        return (x, maps) if return_probs else x
+
+
+def mean_pool(hidden, attention_mask):
+    """Mean of ``hidden [B, T, D]`` over the tokens where ``attention_mask [B, T]`` is 1 (sentence-transformers)."""
+    weights = jnp.asarray(attention_mask).astype(jnp.float32)[..., None]
+    return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1e-9)
+
+
+def l2_normalize(x, eps: float = 1e-12):
+    """``x / max(||x||, eps)`` along the last axis (torch.nn.functional.normalize)."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)

@@ -1,0 +1,78 @@
+"""``jattn.attention``: one entry point for softmax attention with every impl behind it.
+
+``impl="reference"`` is the dense fp32 oracle, ``"xla"`` the blockwise O(T)-memory pure-JAX path (the
+CPU fast path), ``"pallas"`` the flash kernel in ``pallas_kernels.flash`` (compiled on GPU/TPU,
+interpreted on CPU), ``"auto"`` picks pallas on GPU/TPU and xla on CPU. Every impl takes every argument
+of the reference and follows its semantics (see ``jattn.core.reference``).
+"""
+from __future__ import annotations
+
+import jax
+
+from jattn.core import checks
+from jattn.core.reference import reference_attention
+from jattn.ops.attention_xla import flash_attention_xla
+
+# Tile sizes that measured fastest on a 2-core CPU (benchmarks/cpu.py) and on GPU (benchmarks/gpu_suite.py).
+DEFAULT_BLOCKS = {"xla": (512, 512), "pallas": (128, 128)}
+MIN_BLOCK = 16
+
+
+def resolve_impl(impl: str) -> str:
+    """Maps "auto" to the fastest impl for the default backend."""
+    checks.check_choice("impl", impl, checks.IMPLS)
+    if impl != "auto":
+        return impl
+    return "xla" if jax.default_backend() == "cpu" else "pallas"
+
+
+def _fit_block(block: int | None, default: int, length: int) -> int:
+    """The requested block, or the default shrunk to the smallest power of two covering `length`."""
+    if block is not None:
+        return block
+    fitted = MIN_BLOCK
+    while fitted < min(default, length):
+        fitted *= 2
+    return fitted
+
+
+def attention(q, k, v, *, bias=None, mask=None, causal: bool = False, window=None, segment_ids=None,
+              scale=None, softcap=None, sinks=None, return_lse: bool = False, impl: str = "auto",
+              block_q: int | None = None, block_k: int | None = None):
+    """Softmax attention ``softmax(q k^T * scale + bias, masked) v``.
+
+    Args:
+      q: ``[B, T, H, D]``; k, v: ``[B, S, Hkv, D]`` with H a multiple of Hkv (GQA/MQA).
+      bias: float, broadcastable to ``[B, H, T, S]``, added to the logits (after softcap).
+      mask: bool, broadcastable to ``[B, H, T, S]``; True = attend.
+      causal: key j visible to query i only if ``j <= i``.
+      window: ``(left, right)``: query i sees keys ``i - left <= j <= i + right``.
+      segment_ids: ``[B, T]`` (needs T == S) or a pair ``(q_ids [B, T], kv_ids [B, S])``.
+      scale: logit scale, default ``D ** -0.5``. softcap: ``s -> softcap * tanh(s / softcap)``.
+      sinks: ``[H]`` logits of one value-less extra term per row's softmax (GPT-OSS).
+      return_lse: also return the float32 log-sum-exp ``[B, T, H]``.
+      impl: "auto" | "xla" | "pallas" | "reference". block_q, block_k: tile sizes (powers of two >= 16).
+
+    Returns ``out [B, T, H, D]`` in q's dtype, and ``lse`` when asked.
+    """
+    (B, T, S, H, Hkv, D), window, segments, scale = checks.check_attention_args(
+        q, k, v, bias=bias, mask=mask, window=window, segment_ids=segment_ids, scale=scale, softcap=softcap,
+        sinks=sinks)
+    block_q = checks.check_block_size("block_q", block_q, minimum=MIN_BLOCK)
+    block_k = checks.check_block_size("block_k", block_k, minimum=MIN_BLOCK)
+    impl = resolve_impl(impl)
+    if impl == "reference":
+        return reference_attention(q, k, v, bias=bias, mask=mask, causal=causal, window=window,
+                                   segment_ids=segment_ids, scale=scale, softcap=softcap, sinks=sinks,
+                                   return_lse=return_lse)
+    default_q, default_k = DEFAULT_BLOCKS[impl]
+    kwargs = dict(bias=bias, mask=mask, q_segment_ids=None if segments is None else segments[0],
+                  kv_segment_ids=None if segments is None else segments[1], sinks=sinks, causal=bool(causal),
+                  window=window, scale=scale, softcap=softcap, block_q=_fit_block(block_q, default_q, T),
+                  block_k=_fit_block(block_k, default_k, S))
+    if impl == "xla":
+        out, lse = flash_attention_xla(q, k, v, **kwargs)
+    else:
+        from pallas_kernels.flash import flash_attention as flash_attention_pallas
+        out, lse = flash_attention_pallas(q, k, v, **kwargs)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,497 @@
+"""Blockwise online-softmax attention in pure JAX: the CPU fast path and the portable fallback.
+
+Memory is O(T): no ``[T, S]`` matrix is ever formed, only ``[block_q, block_k]`` tiles. For each query
+block the kv blocks split into three runs: tiles that no query of the block can see are never visited
+(their range is skipped by the loop bounds), tiles every query sees in full skip mask evaluation, and
+only the edge tiles evaluate masks. Dynamic masks (a mask array or segment ids) additionally skip tiles
+with nothing visible at run time. The backward pass is a custom VJP that recomputes tiles
+(FlashAttention-2 style) so it is O(T) in memory too: one sweep over query blocks for dq (and the
+bias gradient), one over kv blocks for dk and dv.
+
+Internal layout: q ``[B, Hkv, G, T, D]``, k and v ``[B, Hkv, S, D]``; per-head arrays split H as
+``(Hkv, G)`` so that GQA needs no copies of k and v.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jattn.core.softmax import MASK_VALUE, OnlineSoftmax
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Static description of one call: sizes, blocks and which features are present."""
+    T: int
+    S: int
+    block_q: int
+    block_k: int
+    scale: float
+    causal: bool
+    window: Optional[tuple[int, int]]
+    softcap: Optional[float]
+    has_mask: bool
+    has_bias: bool
+    has_segments: bool
+    has_sinks: bool
+
+    @property
+    def num_q_blocks(self) -> int:
+        return -(-self.T // self.block_q)
+
+    @property
+    def num_k_blocks(self) -> int:
+        return -(-self.S // self.block_k)
+
+    @property
+    def dynamic_mask(self) -> bool:
+        return self.has_mask or self.has_segments
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout helpers
+
+
+def _split_heads(x, Hkv: int):
+    """[..., H|1, T|1, S|1] per-head array -> [..., Hkv|1, G|1, T|1, S|1]."""
+    B_, H_ = x.shape[0], x.shape[1]
+    if H_ == 1:
+        return x.reshape(B_, 1, 1, *x.shape[2:])
+    return x.reshape(B_, Hkv, H_ // Hkv, *x.shape[2:])
+
+
+def _as_4d(x):
+    return x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
+
+
+def _pad_axis(x, axis: int, size: int, value=0, *, broadcast_dim: bool = False):
+    """Pads `axis` to `size`; a length-1 axis of a broadcast operand (`broadcast_dim`) stays as it is."""
+    pad = size - x.shape[axis]
+    if pad <= 0 or (broadcast_dim and x.shape[axis] == 1):
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _slice_axis(x, axis: int, start, size: int):
+    """Dynamic slice along `axis` unless that axis is broadcast (length 1)."""
+    if x.shape[axis] == 1:
+        return x
+    return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tile bounds
+
+
+def _kv_block_ranges(cfg: TileConfig, qi):
+    """For query block ``qi``: (lo, full_lo, full_hi, hi) kv-block indices.
+
+    Tiles in [lo, hi) may hold visible entries; tiles in [full_lo, full_hi) are fully visible and need
+    no mask evaluation. Everything else is skipped.
+    """
+    bq, bk = cfg.block_q, cfg.block_k
+    q_first = qi * bq
+    q_last = jnp.minimum(q_first + bq, cfg.T) - 1
+    lo_key, hi_key = jnp.int32(0), jnp.int32(cfg.S - 1)
+    full_lo_key, full_hi_key = jnp.int32(0), jnp.int32(cfg.S - 1)
+    if cfg.causal:
+        hi_key = jnp.minimum(hi_key, q_last)
+        full_hi_key = jnp.minimum(full_hi_key, q_first)
+    if cfg.window is not None:
+        left, right = cfg.window
+        lo_key = jnp.maximum(lo_key, q_first - left)
+        hi_key = jnp.minimum(hi_key, q_last + right)
+        full_lo_key = jnp.maximum(full_lo_key, q_last - left)
+        full_hi_key = jnp.minimum(full_hi_key, q_first + right)
+    empty = hi_key < lo_key
+    lo = jnp.where(empty, 0, jnp.maximum(lo_key, 0) // bk)
+    hi = jnp.where(empty, 0, hi_key // bk + 1)
+    if cfg.dynamic_mask:
+        return lo, lo, lo, hi
+    full_lo = jnp.clip(-(-full_lo_key // bk), lo, hi)
+    full_hi = jnp.clip((full_hi_key + 1) // bk, full_lo, hi)
+    return lo, full_lo, full_hi, hi
+
+
+def _q_block_ranges(cfg: TileConfig, kj):
+    """For kv block ``kj``: (lo, full_lo, full_hi, hi) query-block indices, the transpose of the above."""
+    bq, bk = cfg.block_q, cfg.block_k
+    k_first = kj * bk
+    k_last = jnp.minimum(k_first + bk, cfg.S) - 1
+    lo_q, hi_q = jnp.int32(0), jnp.int32(cfg.T - 1)
+    full_lo_q, full_hi_q = jnp.int32(0), jnp.int32(cfg.T - 1)
+    if cfg.causal:
+        lo_q = jnp.maximum(lo_q, k_first)
+        full_lo_q = jnp.maximum(full_lo_q, k_last)
+    if cfg.window is not None:
+        left, right = cfg.window
+        lo_q = jnp.maximum(lo_q, k_first - right)
+        hi_q = jnp.minimum(hi_q, k_last + left)
+        full_lo_q = jnp.maximum(full_lo_q, k_last - right)
+        full_hi_q = jnp.minimum(full_hi_q, k_first + left)
+    empty = hi_q < lo_q
+    lo = jnp.where(empty, 0, jnp.maximum(lo_q, 0) // bq)
+    hi = jnp.where(empty, 0, hi_q // bq + 1)
+    # A kv block holding padded keys is never full: its tail must be masked.
+    tail_partial = k_first + bk > cfg.S
+    if cfg.dynamic_mask:
+        return lo, lo, lo, hi
+    full_lo = jnp.clip(-(-full_lo_q // bq), lo, hi)
+    full_hi = jnp.clip((full_hi_q + 1) // bq, full_lo, hi)
+    # The last q block may hold padded rows; those rows are discarded, so it can still be full.
+    full_hi = jnp.where(tail_partial, full_lo, full_hi)
+    return lo, full_lo, full_hi, hi
+
+
+# ----------------------------------------------------------------------------------------------
+# One tile
+
+
+def _tile_visible(cfg: TileConfig, ops, qi, kj):
+    """Bool visibility of tile (qi, kj), broadcastable to [B, Hkv, G, bq, bk]."""
+    bq, bk = cfg.block_q, cfg.block_k
+    q_pos = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    k_pos = kj * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    visible = k_pos < cfg.S
+    if cfg.causal:
+        visible &= k_pos <= q_pos
+    if cfg.window is not None:
+        left, right = cfg.window
+        visible &= (k_pos >= q_pos - left) & (k_pos <= q_pos + right)
+    visible = visible[None, None, None]
+    if cfg.has_segments:
+        q_ids = lax.dynamic_slice_in_dim(ops["q_segments"], qi * bq, bq, axis=1)
+        kv_ids = lax.dynamic_slice_in_dim(ops["kv_segments"], kj * bk, bk, axis=1)
+        visible = visible & (q_ids[:, None, None, :, None] == kv_ids[:, None, None, None, :])
+    if cfg.has_mask:
+        mask = _slice_axis(_slice_axis(ops["mask"], 3, qi * bq, bq), 4, kj * bk, bk)
+        visible = visible & mask
+    return visible
+
+
+def _tile_logits(cfg: TileConfig, ops, q_blk, qi, kj):
+    """float32 logits of tile (qi, kj) after scale, softcap and bias; also returns tanh for softcap's VJP."""
+    k_blk = lax.dynamic_slice_in_dim(ops["k"], kj * cfg.block_k, cfg.block_k, axis=2)
+    s = jnp.einsum("bkgqd,bkcd->bkgqc", q_blk, k_blk, preferred_element_type=F32) * cfg.scale
+    capped = None
+    if cfg.softcap is not None:
+        capped = jnp.tanh(s / cfg.softcap)
+        s = cfg.softcap * capped
+    if cfg.has_bias:
+        bias = _slice_axis(_slice_axis(ops["bias"], 3, qi * cfg.block_q, cfg.block_q), 4, kj * cfg.block_k,
+                           cfg.block_k)
+        s = s + bias.astype(F32)
+    return s, capped, k_blk
+
+
+def _tile_has_visible(cfg: TileConfig, ops, qi, kj):
+    return ops["tile_any"][qi, kj] if cfg.dynamic_mask else True
+
+
+def _run(lo, hi, body, carry):
+    return lax.fori_loop(lo, hi, body, carry)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+
+
+def _forward_q_block(cfg: TileConfig, ops, qi):
+    q_blk = lax.dynamic_slice_in_dim(ops["q"], qi * cfg.block_q, cfg.block_q, axis=3)
+    B, Hkv, G, bq, _ = q_blk.shape
+    state = OnlineSoftmax.init((B, Hkv, G, bq), ops["v"].shape[-1])
+
+    def step(kj, state, masked: bool):
+        s, _, _ = _tile_logits(cfg, ops, q_blk, qi, kj)
+        if masked:
+            s = jnp.where(_tile_visible(cfg, ops, qi, kj), s, MASK_VALUE)
+        v_blk = lax.dynamic_slice_in_dim(ops["v"], kj * cfg.block_k, cfg.block_k, axis=2)
+        return _online_update(state, s, v_blk)
+
+    def masked_step(kj, state):
+        if cfg.dynamic_mask:
+            return lax.cond(_tile_has_visible(cfg, ops, qi, kj), lambda st: step(kj, st, True), lambda st: st,
+                            state)
+        return step(kj, state, True)
+
+    lo, full_lo, full_hi, hi = _kv_block_ranges(cfg, qi)
+    state = _run(lo, full_lo, masked_step, state)
+    state = _run(full_lo, full_hi, lambda kj, st: step(kj, st, False), state)
+    state = _run(full_hi, hi, masked_step, state)
+    # A row whose every logit was masked has m == MASK_VALUE: its l counts masked entries, so zero it.
+    seen = state.m > MASK_VALUE * 0.5
+    state = state._replace(l=jnp.where(seen, state.l, 0.0), acc=jnp.where(seen[..., None], state.acc, 0.0))
+    if cfg.has_sinks:
+        state = state.add_sink(ops["sinks"][None, :, :, None])
+    out, lse = state.finalize()
+    return out.astype(ops["v"].dtype), lse
+
+
+def _online_update(state: OnlineSoftmax, s, v_blk):
+    m_new = jnp.maximum(state.m, jnp.max(s, axis=-1))
+    correction = jnp.exp(state.m - m_new)
+    p = jnp.exp(s - m_new[..., None])
+    l_new = state.l * correction + jnp.sum(p, axis=-1)
+    pv = jnp.einsum("bkgqc,bkcd->bkgqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=F32)
+    return OnlineSoftmax(m_new, l_new, state.acc * correction[..., None] + pv)
+
+
+def _forward(cfg: TileConfig, ops):
+    outs, lses = lax.map(functools.partial(_forward_q_block, cfg, ops), jnp.arange(cfg.num_q_blocks))
+    # [nQ, B, Hkv, G, bq, ...] -> [B, Hkv, G, nQ*bq, ...]
+    out = jnp.moveaxis(outs, 0, 3)
+    out = out.reshape(*out.shape[:3], -1, out.shape[-1])
+    lse = jnp.moveaxis(lses, 0, 3).reshape(*lses.shape[1:4], -1)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+
+
+def _tile_probs_and_dlogits(cfg, ops, res, q_blk, do_blk, lse_blk, delta_blk, qi, kj, masked: bool):
+    """Recomputes tile (qi, kj): probabilities p and the logit gradient before softcap (ds)."""
+    s, capped, k_blk = _tile_logits(cfg, ops, q_blk, qi, kj)
+    p = jnp.exp(s - lse_blk[..., None])
+    if masked:
+        p = jnp.where(_tile_visible(cfg, ops, qi, kj), p, 0.0)
+    v_blk = lax.dynamic_slice_in_dim(ops["v"], kj * cfg.block_k, cfg.block_k, axis=2)
+    dp = jnp.einsum("bkgqd,bkcd->bkgqc", do_blk, v_blk, preferred_element_type=F32)
+    ds_final = p * (dp - delta_blk[..., None])  # gradient w.r.t. logits after softcap and bias
+    ds = ds_final if capped is None else ds_final * (1.0 - capped * capped)
+    return p, ds, ds_final, k_blk, v_blk
+
+
+def _q_side_inputs(cfg, ops, res, qi):
+    bq = cfg.block_q
+    q_blk = lax.dynamic_slice_in_dim(ops["q"], qi * bq, bq, axis=3)
+    do_blk = lax.dynamic_slice_in_dim(res["do"], qi * bq, bq, axis=3)
+    lse_blk = lax.dynamic_slice_in_dim(res["lse"], qi * bq, bq, axis=3)
+    delta_blk = lax.dynamic_slice_in_dim(res["delta"], qi * bq, bq, axis=3)
+    return q_blk, do_blk, lse_blk, delta_blk
+
+
+def _reduce_to_shape(x, shape):
+    axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
+    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def _dq_q_block(cfg: TileConfig, ops, res, qi):
+    """dq for query block qi, and this block's rows of the bias gradient."""
+    q_blk, do_blk, lse_blk, delta_blk = _q_side_inputs(cfg, ops, res, qi)
+    dq = jnp.zeros(q_blk.shape, F32)
+    dbias = None
+    if cfg.has_bias:
+        b_shape = ops["bias"].shape
+        dbias = jnp.zeros((*b_shape[:3], cfg.block_q if b_shape[3] != 1 else 1, b_shape[4]), F32)
+
+    def step(kj, carry, masked: bool):
+        dq, dbias = carry
+        _, ds, ds_final, k_blk, _ = _tile_probs_and_dlogits(cfg, ops, res, q_blk, do_blk, lse_blk, delta_blk,
+                                                            qi, kj, masked)
+        dq = dq + jnp.einsum("bkgqc,bkcd->bkgqd", ds, k_blk.astype(F32), preferred_element_type=F32)
+        if dbias is not None:
+            tile = _reduce_to_shape(ds_final, (*dbias.shape[:4], 1 if dbias.shape[4] == 1 else cfg.block_k))
+            if dbias.shape[4] == 1:
+                dbias = dbias + tile
+            else:
+                start = (0, 0, 0, 0, kj * cfg.block_k)
+                dbias = lax.dynamic_update_slice(dbias, lax.dynamic_slice(dbias, start, tile.shape) + tile, start)
+        return dq, dbias
+
+    def masked_step(kj, carry):
+        if cfg.dynamic_mask:
+            return lax.cond(_tile_has_visible(cfg, ops, qi, kj), lambda c: step(kj, c, True), lambda c: c, carry)
+        return step(kj, carry, True)
+
+    lo, full_lo, full_hi, hi = _kv_block_ranges(cfg, qi)
+    carry = (dq, dbias)
+    carry = _run(lo, full_lo, masked_step, carry)
+    carry = _run(full_lo, full_hi, lambda kj, c: step(kj, c, False), carry)
+    dq, dbias = _run(full_hi, hi, masked_step, carry)
+    return dq * cfg.scale, dbias
+
+
+def _dkv_k_block(cfg: TileConfig, ops, res, kj):
+    """dk and dv for kv block kj (summed over the query heads of each group)."""
+    bk = cfg.block_k
+    k_shape = (*ops["k"].shape[:2], bk, ops["k"].shape[-1])
+    dk = jnp.zeros(k_shape, F32)
+    dv = jnp.zeros((*k_shape[:3], ops["v"].shape[-1]), F32)
+
+    def step(qi, carry, masked: bool):
+        dk, dv = carry
+        q_blk, do_blk, lse_blk, delta_blk = _q_side_inputs(cfg, ops, res, qi)
+        p, ds, _, _, _ = _tile_probs_and_dlogits(cfg, ops, res, q_blk, do_blk, lse_blk, delta_blk, qi, kj, masked)
+        dv = dv + jnp.einsum("bkgqc,bkgqd->bkcd", p, do_blk.astype(F32), preferred_element_type=F32)
+        dk = dk + jnp.einsum("bkgqc,bkgqd->bkcd", ds, q_blk.astype(F32), preferred_element_type=F32)
+        return dk, dv
+
+    def masked_step(qi, carry):
+        if cfg.dynamic_mask:
+            return lax.cond(_tile_has_visible(cfg, ops, qi, kj), lambda c: step(qi, c, True), lambda c: c, carry)
+        return step(qi, carry, True)
+
+    lo, full_lo, full_hi, hi = _q_block_ranges(cfg, kj)
+    carry = (dk, dv)
+    carry = _run(lo, full_lo, masked_step, carry)
+    carry = _run(full_lo, full_hi, lambda qi, c: step(qi, c, False), carry)
+    dk, dv = _run(full_hi, hi, masked_step, carry)
+    return dk * cfg.scale, dv
+
+
+def _stack_blocks(x, axis: int):
+    """[n, ..., blk, ...] stacked over blocks -> blocks concatenated along `axis` (counted without n)."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2:])
+
+
+def _backward(cfg: TileConfig, ops, res):
+    dq, dbias_rows = lax.map(functools.partial(_dq_q_block, cfg, ops, res), jnp.arange(cfg.num_q_blocks))
+    dq = _stack_blocks(dq, 3)
+    dbias = None
+    if cfg.has_bias:
+        dbias = jnp.sum(dbias_rows, axis=0) if ops["bias"].shape[3] == 1 else _stack_blocks(dbias_rows, 3)
+    dk, dv = lax.map(functools.partial(_dkv_k_block, cfg, ops, res), jnp.arange(cfg.num_k_blocks))
+    dk, dv = _stack_blocks(dk, 2), _stack_blocks(dv, 2)
+    dsinks = None
+    if cfg.has_sinks:
+        p_sink = jnp.exp(ops["sinks"][None, :, :, None] - res["lse"])
+        dsinks = -jnp.sum(p_sink * res["delta"], axis=(0, 3))
+    return dq, dk, dv, dbias, dsinks
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _prepare(cfg: TileConfig, q, k, v, bias, mask, q_segments, kv_segments, sinks):
+    """Pads to whole blocks and moves everything into the internal layout."""
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    Tp, Sp = cfg.num_q_blocks * cfg.block_q, cfg.num_k_blocks * cfg.block_k
+    ops = {
+        "q": _pad_axis(jnp.transpose(q, (0, 2, 1, 3)).reshape(B, Hkv, H // Hkv, T, D), 3, Tp),
+        "k": _pad_axis(jnp.transpose(k, (0, 2, 1, 3)), 2, Sp),
+        "v": _pad_axis(jnp.transpose(v, (0, 2, 1, 3)), 2, Sp),
+    }
+    if bias is not None:
+        ops["bias"] = _pad_axis(_pad_axis(_split_heads(_as_4d(bias), Hkv), 3, Tp, broadcast_dim=True), 4, Sp,
+                                broadcast_dim=True)
+    if mask is not None:
+        ops["mask"] = _pad_axis(_pad_axis(_split_heads(_as_4d(mask), Hkv), 3, Tp, False, broadcast_dim=True), 4,
+                                Sp, False, broadcast_dim=True)
+    if q_segments is not None:
+        ops["q_segments"] = _pad_axis(q_segments, 1, Tp, -1)
+        ops["kv_segments"] = _pad_axis(kv_segments, 1, Sp, -2)
+    if sinks is not None:
+        ops["sinks"] = sinks.astype(F32).reshape(Hkv, H // Hkv)
+    if cfg.dynamic_mask:
+        ops["tile_any"] = _tile_any_visible(cfg, ops)
+    return ops
+
+
+def _tile_any_visible(cfg: TileConfig, ops):
+    """[nQ, nK] bool: does any (b, h) see anything in the tile? Computed from the dynamic masks."""
+    nq, nk, bq, bk = cfg.num_q_blocks, cfg.num_k_blocks, cfg.block_q, cfg.block_k
+    any_visible = jnp.ones((nq, nk), bool)
+    if cfg.has_segments:
+        # Segment ids are per token; a tile is visible if any q id of the block equals any kv id.
+        q_ids = ops["q_segments"].reshape(-1, nq, bq)
+        kv_ids = ops["kv_segments"].reshape(-1, nk, bk)
+        q_min, q_max = q_ids.min(-1), q_ids.max(-1)
+        k_min, k_max = kv_ids.min(-1), kv_ids.max(-1)
+        # Interval overlap is a cheap, conservative test (exact for sorted/packed segment ids).
+        overlap = (q_min[:, :, None] <= k_max[:, None, :]) & (k_min[:, None, :] <= q_max[:, :, None])
+        any_visible &= jnp.any(overlap, axis=0)
+    if cfg.has_mask:
+        m = ops["mask"]
+        q_tiles = (nq, bq) if m.shape[3] > 1 else (1, 1)
+        k_tiles = (nk, bk) if m.shape[4] > 1 else (1, 1)
+        m = m.reshape(*m.shape[:3], *q_tiles, *k_tiles)
+        tiles = jnp.any(m, axis=(0, 1, 2, 4, 6))
+        any_visible &= jnp.broadcast_to(tiles, (nq, nk))
+    return any_visible
+
+
+def _unprepare_out(out, lse, B, T, H):
+    out = out[:, :, :, :T].reshape(B, H, T, -1).transpose(0, 2, 1, 3)
+    lse = lse[:, :, :, :T].reshape(B, H, T).transpose(0, 2, 1)
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg: TileConfig, q, k, v, bias, mask, q_segments, kv_segments, sinks):
+    return _flash_fwd(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks)[0]
+
+
+def _flash_fwd(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks):
+    B, T, H, _ = q.shape
+    ops = _prepare(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks)
+    out_i, lse_i = _forward(cfg, ops)
+    out, lse = _unprepare_out(out_i, lse_i, B, T, H)
+    out = out.astype(q.dtype)
+    residuals = (q, k, v, bias, mask, q_segments, kv_segments, sinks, out, lse)
+    return (out, lse), residuals
+
+
+def _flash_bwd(cfg, residuals, cotangents):
+    q, k, v, bias, mask, q_segments, kv_segments, sinks, out, lse = residuals
+    d_out, d_lse = cotangents
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    ops = _prepare(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks)
+    delta = jnp.sum(d_out.astype(F32) * out.astype(F32), axis=-1)
+    # d lse / d logits = p, so an lse cotangent enters like a shift of delta (ds = p * (dp - delta + dlse)).
+    delta = delta - d_lse.astype(F32)
+    masked_lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
+
+    def internal(x, pad_value=0):  # [B, T, H(, D)] -> [B, Hkv, G, Tp(, D)]
+        x = jnp.moveaxis(x, 2, 1)
+        x = x.reshape(B, Hkv, H // Hkv, *x.shape[2:])
+        return _pad_axis(x, 3, cfg.num_q_blocks * cfg.block_q, pad_value)
+
+    # lse = +inf makes p = exp(s - lse) exactly 0 on fully masked and padded rows.
+    res = {"do": internal(d_out.astype(v.dtype)), "lse": internal(masked_lse, jnp.inf), "delta": internal(delta)}
+    dq, dk, dv, dbias, dsinks = _backward(cfg, ops, res)
+    dq = dq[:, :, :, :T].reshape(B, H, T, D).transpose(0, 2, 1, 3).astype(q.dtype)
+    S = k.shape[1]
+    dk = dk[:, :, :S].transpose(0, 2, 1, 3).astype(k.dtype)
+    dv = dv[:, :, :S].transpose(0, 2, 1, 3).astype(v.dtype)
+    if bias is not None:
+        Tp, Sp = cfg.num_q_blocks * cfg.block_q, cfg.num_k_blocks * cfg.block_k
+        dbias = dbias[:, :, :, :T if dbias.shape[3] == Tp else 1, :S if dbias.shape[4] == Sp else 1]
+        b4 = _as_4d(bias).shape
+        dbias = dbias.reshape(b4[0], b4[1], dbias.shape[3], dbias.shape[4]).reshape(bias.shape).astype(bias.dtype)
+    if sinks is not None:
+        dsinks = dsinks.reshape(H).astype(sinks.dtype)
+    return dq, dk, dv, dbias, None, None, None, dsinks
+
+
+def _flash_fwd_rule(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks):
+    return _flash_fwd(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks)
+
+
+_flash.defvjp(_flash_fwd_rule, _flash_bwd)
+
+
+def flash_attention_xla(q, k, v, *, bias=None, mask=None, q_segment_ids=None, kv_segment_ids=None, sinks=None,
+                        causal=False, window=None, scale: float, softcap=None, block_q: int = 512,
+                        block_k: int = 512):
+    """Blockwise attention with the reference's semantics; returns ``(out, lse)``. Arguments are
+    assumed validated (see ``jattn.ops.attention``)."""
+    cfg = TileConfig(T=q.shape[1], S=k.shape[1], block_q=block_q, block_k=block_k, scale=float(scale),
+                     causal=bool(causal), window=None if window is None else tuple(window),
+                     softcap=None if softcap is None else float(softcap), has_mask=mask is not None,
+                     has_bias=bias is not None, has_segments=q_segment_ids is not None,
+                     has_sinks=sinks is not None)
+    return _flash(cfg, q, k, v, bias, mask, q_segment_ids, kv_segment_ids, sinks)

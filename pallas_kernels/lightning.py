@@ -1,0 +1,253 @@
+"""Lightning attention (P74 Lightning Attention-2; the P58 algorithm): the chunked decayed-linear kernel.
+
+Kernel layout (the policy — padding, head folding, scale — lives in ``jattn.ops.linear``):
+``q, k [BH, T, D]``, ``v [BH, T, E]``, per-token log-decays ``a [BH, T]`` (float32, ``<= 0``),
+initial state ``s0 [BH, D, E]`` (float32); T a multiple of the chunk, D and the value tile powers of two.
+
+Forward, one program per (batch*head, value tile), looping over chunks with the state ``S [D, E_tile]``
+carried in float32 (Lightning-2's intra/inter split, decays relative to the chunk start ``b``):
+
+    O_t = scale * ( ((Q_t K_t^T) * M) V_t + (Q_t * exp(b)) S )        M[i, j] = exp(b_i - b_j), j <= i
+    S   = exp(b_last) S + (K_t * exp(b_last - b))^T V_t
+
+Backward (P74 Alg. 2, the intra part folded into the two sweeps):
+* the dq sweep (forward over chunks, recomputing S): ``dQ_t = ((dO_t V_t^T) * M) K_t + (dO_t S^T) * exp(b)``;
+* the reverse sweep with ``dS`` (from the final-state cotangent):
+  ``dK_t = ((dO_t V_t^T) * M)^T Q_t + (V_t dS^T) * exp(b_last - b)``,
+  ``dV_t = ((Q_t K_t^T) * M)^T dO_t + (K_t dS) * exp(b_last - b)``,
+  ``dS = exp(b_last) dS + (Q_t * exp(b))^T dO_t``; what is left of dS is the initial state's gradient.
+The log-decay gradient needs no kernel: with ``c`` the cumulative log-decay, the function depends on
+``c`` only through ``q e^c`` and ``k e^-c`` (and ``S_T = e^{c_T}(...)``), so
+``dc_i = q_i.dq_i - k_i.dk_i (+ <dS_T, S_T> at the end)`` and ``da`` is its reverse cumulative sum.
+
+All exponents are ``<= 0`` when every log-decay is ``<= 0``. Dots use ``lax.dot_general`` (``pl.dot`` is
+gone in current JAX); every block is loaded through ``pl.ds`` slices of power-of-two length.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.common import default_interpret
+
+F32 = jnp.float32
+MIN_DIM = 16
+
+
+# ----------------------------------------------------------------------------------------------------
+# In-kernel helpers
+
+
+def _mm(a, b):  # a @ b
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=F32)
+
+
+def _mm_tn(a, b):  # a^T @ b
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=F32)
+
+
+def _mm_nt(a, b):  # a @ b^T
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+
+
+class ChunkDecay(NamedTuple):
+    intra: jax.Array  # [C, C]  exp(b_i - b_j) for j <= i, else 0
+    q: jax.Array      # [C, 1]  exp(b_i): decay from the chunk start to row i
+    k: jax.Array      # [C, 1]  exp(b_last - b_j): decay from row j to the chunk end
+    chunk: jax.Array  # []      exp(b_last): decay across the whole chunk
+
+
+def _chunk_decay(b, chunk: int) -> ChunkDecay:
+    """Decay factors of one chunk from its chunk-local cumulative log-decays ``b [C]``."""
+    index = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+    b_last = jnp.sum(jnp.where(index == chunk - 1, b, 0.0))  # a reduction: portable scalar extraction
+    row = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
+    inside = row >= col
+    diff = jnp.where(inside, b[:, None] - b[None, :], 0.0)  # masked before exp: no overflow above
+    return ChunkDecay(jnp.where(inside, jnp.exp(diff), 0.0), jnp.exp(b)[:, None],
+                      jnp.exp(b_last - b)[:, None], jnp.exp(b_last))
+
+
+def _load(ref, rows, *lead):
+    return ref[lead + (rows, slice(None))].astype(F32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, o_ref, state_ref, *, chunk, num_chunks, scale):
+    def body(n, state):
+        rows = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
+        q, k, v = _load(q_ref, rows, 0), _load(k_ref, rows, 0), _load(v_ref, rows, 0)
+        decay = _chunk_decay(b_ref[0, 0, rows], chunk)
+        out = _mm(_mm_nt(q, k) * decay.intra, v) + _mm(q * decay.q, state)
+        o_ref[0, rows, :] = (scale * out).astype(o_ref.dtype)
+        return decay.chunk * state + _mm_tn(k * decay.k, v)
+
+    state_ref[0] = jax.lax.fori_loop(0, num_chunks, body, s0_ref[0].astype(F32))
+
+
+def _dq_kernel(k_ref, v_ref, b_ref, s0_ref, do_ref, dq_ref, *, chunk, num_chunks, scale):
+    def body(n, state):
+        rows = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
+        k, v = _load(k_ref, rows, 0), _load(v_ref, rows, 0)
+        do = scale * _load(do_ref, rows, 0)
+        decay = _chunk_decay(b_ref[0, 0, rows], chunk)
+        dq = _mm(_mm_nt(do, v) * decay.intra, k) + _mm_nt(do, state) * decay.q
+        dq_ref[0, 0, rows, :] = dq
+        return decay.chunk * state + _mm_tn(k * decay.k, v)
+
+    jax.lax.fori_loop(0, num_chunks, body, s0_ref[0].astype(F32))
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dstate_ref, dk_ref, dv_ref, ds0_ref, *, chunk,
+                num_chunks, scale):
+    def body(i, dstate):
+        n = num_chunks - 1 - i
+        rows = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
+        q, k, v = _load(q_ref, rows, 0), _load(k_ref, rows, 0), _load(v_ref, rows, 0)
+        do = scale * _load(do_ref, rows, 0)
+        decay = _chunk_decay(b_ref[0, 0, rows], chunk)
+        scores = _mm_nt(q, k) * decay.intra
+        dscores = _mm_nt(do, v) * decay.intra
+        dk_ref[0, 0, rows, :] = _mm_tn(dscores, q) + _mm_nt(v, dstate) * decay.k
+        dv_ref[0, rows, :] = _mm_tn(scores, do) + _mm(k, dstate) * decay.k
+        return decay.chunk * dstate + _mm_tn(q * decay.q, do)
+
+    ds0_ref[0] = jax.lax.fori_loop(0, num_chunks, body, dstate_ref[0].astype(F32))
+
+
+# ----------------------------------------------------------------------------------------------------
+# pallas_call plumbing
+
+
+def _call(kernel, inputs, in_specs, out_shapes, out_specs, grid, interpret, poison):
+    """``pallas_call``; with ``poison`` every output starts as NaN (aliased), so an unwritten tile shows."""
+    aliases = {}
+    if poison:
+        nan_inputs = [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shapes]
+        aliases = {len(inputs) + i: i for i in range(len(out_shapes))}
+        inputs, in_specs = list(inputs) + nan_inputs, list(in_specs) + list(out_specs)
+        n_real = len(inputs) - len(out_shapes)
+        body = kernel
+
+        def kernel(*refs):  # noqa: F811 - drops the aliased NaN refs the kernel never reads
+            body(*refs[:n_real], *refs[n_real + len(out_shapes):])
+
+    return pl.pallas_call(kernel, out_shape=out_shapes, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                          input_output_aliases=aliases, interpret=interpret)(*inputs)
+
+
+def _specs(T, D, block_e):
+    """BlockSpecs over grid (batch*head i, value tile j)."""
+    return dict(
+        qk=pl.BlockSpec((1, T, D), lambda i, j: (i, 0, 0)),
+        v=pl.BlockSpec((1, T, block_e), lambda i, j: (i, 0, j)),
+        b=pl.BlockSpec((1, 1, T), lambda i, j: (i, 0, 0)),
+        state=pl.BlockSpec((1, D, block_e), lambda i, j: (i, 0, j)),
+        per_tile_qk=pl.BlockSpec((1, 1, T, D), lambda i, j: (i, j, 0, 0)),
+    )
+
+
+def _chunk_local(a, chunk):
+    """``a [BH, T]`` -> chunk-local cumulative log-decays ``[BH, 1, T]``."""
+    BH, T = a.shape
+    return jnp.cumsum(a.reshape(BH, T // chunk, chunk), axis=-1).reshape(BH, 1, T)
+
+
+def _forward(q, k, v, a, s0, *, scale, chunk, block_e, interpret, poison):
+    BH, T, D = q.shape
+    E = v.shape[2]
+    s = _specs(T, D, block_e)
+    grid = (BH, E // block_e)
+    kernel = functools.partial(_forward_kernel, chunk=chunk, num_chunks=T // chunk, scale=scale)
+    out_shapes = (jax.ShapeDtypeStruct((BH, T, E), q.dtype), jax.ShapeDtypeStruct((BH, D, E), F32))
+    return _call(kernel, (q, k, v, _chunk_local(a, chunk), s0), (s["qk"], s["qk"], s["v"], s["b"], s["state"]),
+                 out_shapes, (s["v"], s["state"]), grid, interpret, poison)
+
+
+def _backward(q, k, v, a, s0, do, dstate, *, scale, chunk, block_e, interpret, poison):
+    BH, T, D = q.shape
+    E = v.shape[2]
+    tiles = E // block_e
+    s = _specs(T, D, block_e)
+    b = _chunk_local(a, chunk)
+    static = dict(chunk=chunk, num_chunks=T // chunk, scale=scale)
+    partial_qk = jax.ShapeDtypeStruct((BH, tiles, T, D), F32)  # one partial per value tile, summed below
+    (dq,) = _call(functools.partial(_dq_kernel, **static), (k, v, b, s0, do),
+                  (s["qk"], s["v"], s["b"], s["state"], s["v"]), (partial_qk,), (s["per_tile_qk"],),
+                  (BH, tiles), interpret, poison)
+    dk, dv, ds0 = _call(functools.partial(_dkv_kernel, **static), (q, k, v, b, do, dstate),
+                        (s["qk"], s["qk"], s["v"], s["b"], s["v"], s["state"]),
+                        (partial_qk, jax.ShapeDtypeStruct((BH, T, E), F32), jax.ShapeDtypeStruct((BH, D, E), F32)),
+                        (s["per_tile_qk"], s["v"], s["state"]), (BH, tiles), interpret, poison)
+    return dq.sum(axis=1), dk.sum(axis=1), dv, ds0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _lightning(q, k, v, a, s0, scale, chunk, block_e, interpret, poison):
+    return _forward(q, k, v, a, s0, scale=scale, chunk=chunk, block_e=block_e, interpret=interpret,
+                    poison=poison)
+
+
+def _lightning_fwd(q, k, v, a, s0, scale, chunk, block_e, interpret, poison):
+    out, final = _lightning(q, k, v, a, s0, scale, chunk, block_e, interpret, poison)
+    return (out, final), (q, k, v, a, s0, final)
+
+
+def _lightning_bwd(scale, chunk, block_e, interpret, poison, residuals, cotangents):
+    q, k, v, a, s0, final = residuals
+    do, dfinal = cotangents
+    dq, dk, dv, ds0 = _backward(q, k, v, a, s0, do, dfinal.astype(F32), scale=scale, chunk=chunk,
+                                block_e=block_e, interpret=interpret, poison=poison)
+    dc = (jnp.sum(q.astype(F32) * dq, axis=-1) - jnp.sum(k.astype(F32) * dk, axis=-1))
+    dc = dc.at[:, -1].add(jnp.sum(dfinal.astype(F32) * final, axis=(-2, -1)))
+    da = jnp.flip(jnp.cumsum(jnp.flip(dc, axis=-1), axis=-1), axis=-1)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), da.astype(a.dtype),
+            ds0.astype(s0.dtype))
+
+
+_lightning.defvjp(_lightning_fwd, _lightning_bwd)
+
+
+def _check_pow2(name, value, minimum=MIN_DIM):
+    if not isinstance(value, int) or value < minimum or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= {minimum}, got {value!r}")
+
+
+def lightning_attention(q, k, v, a, s0, *, scale: float = 1.0, chunk_size: int = 64, block_e: int | None = None,
+                        interpret: bool | None = None, debug_poison: bool = False):
+    """Causal decayed linear attention in kernel layout; differentiable in every array argument.
+
+    Args: ``q, k [BH, T, D]``, ``v [BH, T, E]`` (one dtype), ``a [BH, T]`` float32 log-decays,
+    ``s0 [BH, D, E]`` float32 initial state; ``scale`` multiplies the output; ``chunk_size`` and
+    ``block_e`` (value tile, default ``min(E, 64)``) powers of two >= 16 with ``T % chunk_size == 0``
+    and ``E % block_e == 0``; ``interpret`` defaults to True on CPU; ``debug_poison`` NaN-fills every
+    output before the kernels run (tests).
+    Returns ``(out [BH, T, E] in q's dtype, final state [BH, D, E] float32)``.
+    """
+    for name, x, ndim in (("q", q, 3), ("k", k, 3), ("v", v, 3), ("a", a, 2), ("s0", s0, 3)):
+        if getattr(x, "ndim", None) != ndim:
+            raise ValueError(f"{name} must be a rank-{ndim} array, got {getattr(x, 'shape', x)!r}")
+    BH, T, D = q.shape
+    E = v.shape[2]
+    if k.shape != q.shape or v.shape[:2] != (BH, T) or a.shape != (BH, T) or s0.shape != (BH, D, E):
+        raise ValueError(f"expected q, k [BH, T, D], v [BH, T, E], a [BH, T], s0 [BH, D, E]; got q {q.shape}, "
+                         f"k {k.shape}, v {v.shape}, a {a.shape}, s0 {s0.shape}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    block_e = min(E, 64) if block_e is None else block_e
+    _check_pow2("chunk_size", chunk_size)
+    _check_pow2("D (head dim)", D)
+    _check_pow2("block_e", block_e)
+    if T % chunk_size or E % block_e:
+        raise ValueError(f"T={T} must be a multiple of chunk_size={chunk_size} and E={E} of block_e={block_e}")
+    interpret = default_interpret() if interpret is None else bool(interpret)
+    return _lightning(q, k, v, a.astype(F32), s0.astype(F32), float(scale), int(chunk_size), int(block_e),
+                      interpret, bool(debug_poison))

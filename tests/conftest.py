@@ -1,0 +1,45 @@
+"""Shared test configuration: deterministic hypothesis profile, random-input helpers, tolerances."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+
+settings.register_profile("ci", max_examples=8, deadline=None, derandomize=True, print_blob=True,
+                          phases=[p for p in Phase if p is not Phase.shrink],
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# Tolerances relative to the reference's scale (DESIGN.md); gradients get twice as much.
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
+if jax.default_backend() == "gpu":  # f32 dots run as TF32 on GPU
+    TOLERANCE[jnp.float32] = 2e-3
+
+
+def random_qkv(seed: int, B: int, T: int, S: int, H: int, Hkv: int, D: int, dtype=jnp.float32):
+    """Fresh normal q [B,T,H,D], k, v [B,S,Hkv,D] (never zeros)."""
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q = jax.random.normal(kq, (B, T, H, D), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (B, S, Hkv, D), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (B, S, Hkv, D), jnp.float32).astype(dtype)
+    return q, k, v
+
+
+def assert_close(actual, expected, dtype=jnp.float32, factor: float = 1.0, what: str = ""):
+    """|actual - expected| <= tol * max(1, max|expected|), with tol from TOLERANCE[dtype]."""
+    actual = np.asarray(jnp.asarray(actual, jnp.float32))
+    expected = np.asarray(jnp.asarray(expected, jnp.float32))
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    assert np.all(np.isfinite(actual) == np.isfinite(expected)), f"{what}: finiteness differs"
+    finite = np.isfinite(expected)
+    scale = max(1.0, float(np.max(np.abs(expected[finite]), initial=0.0)))
+    err = float(np.max(np.abs(actual[finite] - expected[finite]), initial=0.0))
+    tol = TOLERANCE[dtype] * factor * scale
+    assert err <= tol, f"{what}: max error {err:.3g} > tolerance {tol:.3g}"
+
+
+@pytest.fixture
+def qkv_factory():
+    return random_qkv

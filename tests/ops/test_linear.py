@@ -1,0 +1,289 @@
+"""linear_attention: the parallel, recurrent and chunked forms agree; decode, state handoff, decay
+constructors, gradients and argument errors (P58, P74)."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from jattn.ops.linear import (alibi_log_decay, linear_attention, linear_attention_step, linear_log_decay)
+
+F32_TOL = 1e-5
+
+
+def assert_close(x, ref, tol=F32_TOL):
+    x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
+    assert x.shape == ref.shape
+    assert np.all(np.isfinite(x))
+    scale = max(1.0, float(np.max(np.abs(ref))))
+    err = float(np.max(np.abs(x - ref)))
+    assert err <= tol * scale, f"max error {err} > {tol} * {scale}"
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(static_items):
+    static = dict(static_items)
+    return jax.jit(lambda q, k, v, a, s0: linear_attention(q, k, v, log_decay=a, initial_state=s0, **static))
+
+
+def run(q, k, v, log_decay=None, initial_state=None, **static):
+    """linear_attention under jit (eager dispatch compiles op by op: far slower on CPU)."""
+    return _jitted(tuple(sorted(static.items())))(q, k, v, log_decay, initial_state)
+
+
+def make_inputs(seed, B=2, T=37, H=3, D=8, E=5, dtype=jnp.float32):
+    """Fresh random q, k, v, per-token log-decays (< 0) and an initial state (numpy RNG: no compiles)."""
+    rng = np.random.default_rng(seed)
+    q, k = (jnp.asarray(rng.standard_normal((B, T, H, D)), dtype) for _ in range(2))
+    v = jnp.asarray(rng.standard_normal((B, T, H, E)), dtype)
+    per_token = jnp.asarray(-np.log1p(np.exp(rng.standard_normal((B, T, H)))), jnp.float32)
+    state = jnp.asarray(rng.standard_normal((B, H, D, E)), jnp.float32)
+    return q, k, v, per_token, state
+
+
+def decay_of(kind, per_token):
+    return {"none": None, "head": per_token[0, 0], "token": per_token}[kind]
+
+
+@pytest.mark.parametrize("kind", ["none", "head", "token"])
+def test_chunked_recurrent_and_parallel_forms_agree(kind):
+    q, k, v, per_token, s0 = make_inputs(0)
+    decay = decay_of(kind, per_token)
+    common = dict(log_decay=decay, scale=0.7, initial_state=s0, return_final_state=True)
+    ref_out, ref_state = run(q, k, v, impl="reference", **common)
+    for impl in ("recurrent", "xla"):
+        out, state = run(q, k, v, impl=impl, chunk_size=8, **common)
+        assert_close(out, ref_out)
+        assert_close(state, ref_state)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16, 64])  # 64 > T: one padded chunk
+def test_every_chunk_size_gives_the_same_result(chunk):
+    q, k, v, per_token, s0 = make_inputs(0)
+    common = dict(log_decay=per_token, scale=0.7, initial_state=s0, return_final_state=True)
+    ref_out, ref_state = run(q, k, v, impl="reference", **common)
+    out, state = run(q, k, v, impl="xla", chunk_size=chunk, **common)
+    assert_close(out, ref_out)
+    assert_close(state, ref_state)
+
+
+@pytest.mark.parametrize("T", [64, 37])  # 64: no padding (per-head fast path); 37: padded
+def test_segmented_scan_with_per_head_decay(T):
+    """chunk 2 -> segments of 16 chunks: several scanned segments carrying the state."""
+    q, k, v, per_token, s0 = make_inputs(14, B=1, T=T, H=2, D=4, E=3)
+    common = dict(log_decay=per_token[0, 0], initial_state=s0, return_final_state=True)
+    ref_out, ref_state = run(q, k, v, impl="reference", **common)
+    out, state = run(q, k, v, impl="xla", chunk_size=2, **common)
+    assert_close(out, ref_out)
+    assert_close(state, ref_state)
+
+
+def test_reference_matches_explicit_loop():
+    """The oracle itself against a literal Python loop of S_t = lambda_t S_{t-1} + k_t^T v_t."""
+    q, k, v, per_token, s0 = make_inputs(1, B=1, T=6, H=2, D=3, E=4)
+    out, final = run(q, k, v, log_decay=per_token, initial_state=s0, scale=0.5,
+                                  return_final_state=True, impl="reference")
+    q, k, v, a, s = map(np.asarray, (q, k, v, per_token, s0))
+    expected = np.zeros(out.shape)
+    for t in range(6):
+        s = np.exp(a[:, t])[:, :, None, None] * s + k[:, t, :, :, None] * v[:, t, :, None, :]
+        expected[:, t] = 0.5 * np.einsum("bhd,bhde->bhe", q[:, t], s)
+    assert_close(out, expected)
+    assert_close(final, s)
+
+
+@pytest.mark.parametrize("impl", ["reference", "recurrent", "xla", "pallas"])
+def test_noncausal_form(impl):
+    q, k, v, _, s0 = make_inputs(2, T=11)
+    out, state = run(q, k, v, causal=False, scale=0.3, initial_state=s0,
+                                  return_final_state=True, impl=impl, chunk_size=16)
+    kv = np.einsum("bthd,bthe->bhde", k, v) + np.asarray(s0)
+    assert_close(out, 0.3 * np.einsum("bthd,bhde->bthe", q, kv))
+    assert_close(state, kv)
+
+
+def test_no_decay_equals_cumsum_form():
+    q, k, v, _, _ = make_inputs(3)
+    cumulative_kv = np.cumsum(np.einsum("bthd,bthe->bthde", k, v), axis=1)
+    expected = np.einsum("bthd,bthde->bthe", q, cumulative_kv)
+    assert_close(run(q, k, v, impl="xla", chunk_size=8), expected)
+
+
+def test_large_decay_keeps_only_the_diagonal():
+    """log_decay -> -inf: o_t = (q_t . k_t) v_t; the chunked form must stay finite (no exp overflow)."""
+    q, k, v, _, _ = make_inputs(4, T=70)
+    huge = jnp.full((3,), -80.0)
+    expected = np.einsum("bthd,bthd->bth", q, k)[..., None] * np.asarray(v)
+    for impl in ("xla", "recurrent", "reference"):
+        assert_close(run(q, k, v, log_decay=huge, impl=impl, chunk_size=32), expected)
+
+
+def test_long_sequence_per_token_decay_is_numerically_safe():
+    """Cumulative log-decay reaches -20000: the chunked form's exponents stay relative to chunk starts."""
+    q, k, v, _, _ = make_inputs(5, B=1, T=500, H=2, D=4, E=4)
+    decay = jnp.full((1, 500, 2), -40.0).at[:, ::7].set(-0.01)
+    out = run(q, k, v, log_decay=decay, impl="xla", chunk_size=64)
+    assert_close(out, run(q, k, v, log_decay=decay, impl="recurrent"))
+
+
+@pytest.mark.parametrize("kind", ["head", "token"])
+def test_decode_steps_continue_a_prefill_exactly(kind):
+    q, k, v, per_token, _ = make_inputs(6, T=21)
+    decay = decay_of(kind, per_token)
+    full = run(q, k, v, log_decay=decay, scale=0.9, impl="reference")
+    prefix = 13
+    prefill_decay = decay if kind == "head" else decay[:, :prefix]
+    out, state = run(q[:, :prefix], k[:, :prefix], v[:, :prefix], log_decay=prefill_decay,
+                                  scale=0.9, return_final_state=True, impl="xla", chunk_size=4)
+    assert_close(out, full[:, :prefix])
+    step = jax.jit(lambda q, k, v, s, a: linear_attention_step(q, k, v, s, log_decay=a, scale=0.9))
+    for t in range(prefix, 21):
+        step_decay = decay if kind == "head" else decay[:, t]
+        o_t, state = step(q[:, t], k[:, t], v[:, t], state, step_decay)
+        assert_close(o_t, full[:, t])
+
+
+def test_prefill_with_state_composes():
+    """Processing [x1; x2] equals processing x2 starting from x1's final state."""
+    q, k, v, per_token, s0 = make_inputs(7, T=30)
+    whole, whole_state = run(q, k, v, log_decay=per_token, initial_state=s0,
+                                          return_final_state=True, impl="xla", chunk_size=8)
+    cut = 17
+    first, state = run(q[:, :cut], k[:, :cut], v[:, :cut], log_decay=per_token[:, :cut],
+                                    initial_state=s0, return_final_state=True, impl="xla", chunk_size=8)
+    second, final = run(q[:, cut:], k[:, cut:], v[:, cut:], log_decay=per_token[:, cut:],
+                                     initial_state=state, return_final_state=True, impl="xla", chunk_size=8)
+    assert_close(jnp.concatenate([first, second], axis=1), whole)
+    assert_close(final, whole_state)
+
+
+def test_feature_split_additivity():
+    """q k^T is additive over feature chunks: splitting D and summing outputs is exact (P74's d > 128 split)."""
+    q, k, v, per_token, _ = make_inputs(8, D=8)
+    whole = run(q, k, v, log_decay=per_token, impl="xla", chunk_size=8)
+    parts = sum(run(q[..., s], k[..., s], v, log_decay=per_token, impl="xla", chunk_size=8)
+                for s in (slice(0, 3), slice(3, 8)))
+    assert_close(parts, whole)
+
+
+@pytest.mark.parametrize("kind", ["head", "token"])
+def test_gradients_of_chunked_form_match_reference(kind):
+    q, k, v, per_token, s0 = make_inputs(9, T=19)
+    decay = decay_of(kind, per_token)
+
+    def loss(impl):
+        def f(q, k, v, decay, s0):
+            out, state = run(q, k, v, log_decay=decay, initial_state=s0, scale=0.8,
+                                          return_final_state=True, impl=impl, chunk_size=8)
+            return jnp.sum(out * jnp.cos(out)) + jnp.sum(state ** 2)
+        return jax.grad(f, argnums=(0, 1, 2, 3, 4))(q, k, v, decay, s0)
+
+    want = loss("reference")
+    for got, expected in zip(loss("xla" if kind == "head" else "recurrent"), want):
+        assert_close(got, expected, 2 * F32_TOL)
+    if kind == "token":
+        for got, expected in zip(loss("xla"), want):
+            assert_close(got, expected, 2 * F32_TOL)
+
+
+def test_bfloat16_inputs_give_bfloat16_outputs_close_to_float32():
+    q, k, v, per_token, _ = make_inputs(10, D=16, E=16)
+    bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    out = run(*bf, log_decay=per_token, scale=0.25, impl="xla", chunk_size=16)
+    assert out.dtype == jnp.bfloat16
+    ref = run(*[x.astype(jnp.float32) for x in bf], log_decay=per_token, scale=0.25,
+                           impl="reference")
+    assert_close(out, ref, 2e-2)
+
+
+def test_jit_and_determinism():
+    q, k, v, per_token, s0 = make_inputs(11)
+    f = jax.jit(lambda q, k, v, a: run(q, k, v, log_decay=a, impl="xla", chunk_size=8))
+    first, second = f(q, k, v, per_token), f(q, k, v, per_token)
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+
+
+@settings(max_examples=5, deadline=None)
+@given(T=st.integers(1, 40), D=st.integers(1, 9), E=st.integers(1, 9), chunk=st.integers(1, 17),
+       kind=st.sampled_from(["none", "head", "token"]), seed=st.integers(0, 2 ** 16))
+def test_chunked_equals_reference_property(T, D, E, chunk, kind, seed):
+    q, k, v, per_token, s0 = make_inputs(seed, B=1, T=T, H=2, D=D, E=E)
+    decay = decay_of(kind, per_token)
+    ref = run(q, k, v, log_decay=decay, initial_state=s0, impl="reference")
+    out = run(q, k, v, log_decay=decay, initial_state=s0, impl="xla", chunk_size=chunk)
+    assert_close(out, ref)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decay constructors
+
+
+def test_alibi_log_decay_matches_alibi_slopes():
+    np.testing.assert_allclose(alibi_log_decay(8), -(2.0 ** -np.arange(1, 9)), rtol=1e-6)
+    # non-power-of-two H: ALiBi's interleave of the next power's slopes
+    expected_6 = [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3]
+    np.testing.assert_allclose(alibi_log_decay(6), -np.asarray(expected_6), rtol=1e-6)
+    # TransNormerLLM's per-layer factor 1 - l/(L-1) + 1e-5: the last layer barely decays
+    np.testing.assert_allclose(alibi_log_decay(8, layer=3, num_layers=4), -(2.0 ** -np.arange(1, 9)) * 1e-5,
+                               rtol=1e-5)
+    np.testing.assert_allclose(alibi_log_decay(8, layer=0, num_layers=4), alibi_log_decay(8) * (1 + 1e-5),
+                               rtol=1e-6)
+
+
+def test_linear_log_decay_is_linear_in_head_index():
+    decay = np.asarray(linear_log_decay(8, layer=1, num_layers=4))
+    np.testing.assert_allclose(decay, -(8.0 * np.arange(8) / 8) * 0.75, rtol=1e-6)
+    assert np.allclose(np.diff(decay), decay[1] - decay[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argument errors: raised before any kernel runs, naming the argument
+
+
+def _errors():
+    q, k, v, per_token, s0 = make_inputs(12, B=1, T=4, H=2, D=3, E=5)
+    return [
+        (dict(q=q[0]), ValueError, "q must have rank 4"),
+        (dict(q=q.astype(jnp.int32)), TypeError, "q must have a floating dtype"),
+        (dict(k=k[:, :3]), ValueError, "k must have the shape of q"),
+        (dict(v=v[:, :, :1]), ValueError, "v must have shape"),
+        (dict(v=v.astype(jnp.bfloat16)), TypeError, "share one dtype"),
+        (dict(log_decay=per_token[..., :1]), ValueError, "log_decay must have shape"),
+        (dict(log_decay=jnp.zeros((2,), jnp.int32)), TypeError, "log_decay must have a floating dtype"),
+        (dict(log_decay=per_token[0, 0], causal=False), ValueError, "log_decay needs causal=True"),
+        (dict(initial_state=s0[..., :2]), ValueError, "initial_state must have shape"),
+        (dict(scale="big"), TypeError, "scale"),
+        (dict(scale=math.inf), ValueError, "scale must be finite"),
+        (dict(chunk_size=0), ValueError, "chunk_size must be >= 1"),
+        (dict(chunk_size=2.0), TypeError, "chunk_size must be an int"),
+        (dict(chunk_size=24, impl="pallas"), ValueError, "chunk_size must be a power of two"),
+        (dict(impl="cuda"), ValueError, "impl must be one of"),
+        (dict(causal=1), TypeError, "causal must be a bool"),
+        (dict(return_final_state="yes"), TypeError, "return_final_state must be a bool"),
+    ], (q, k, v)
+
+
+def test_argument_errors_name_the_argument():
+    cases, (q, k, v) = _errors()
+    for overrides, error, message in cases:
+        args = dict(q=q, k=k, v=v)
+        args.update({name: overrides.pop(name) for name in ("q", "k", "v") if name in overrides})
+        with pytest.raises(error, match=message):
+            linear_attention(args["q"], args["k"], args["v"], **overrides)
+
+
+def test_step_and_constructor_errors():
+    q, k, v, _, s0 = make_inputs(13, B=1, T=2, H=2, D=3, E=5)
+    with pytest.raises(ValueError, match="state must have shape"):
+        linear_attention_step(q[:, 0], k[:, 0], v[:, 0], s0[..., :1])
+    with pytest.raises(ValueError, match="k_t must have the shape"):
+        linear_attention_step(q[:, 0], k[:, 0, :1], v[:, 0], s0)
+    with pytest.raises(ValueError, match="log_decay must have shape"):
+        linear_attention_step(q[:, 0], k[:, 0], v[:, 0], s0, log_decay=jnp.zeros((3,)))
+    with pytest.raises(ValueError, match="num_heads"):
+        alibi_log_decay(0)
+    with pytest.raises(ValueError, match="layer"):
+        alibi_log_decay(8, layer=4, num_layers=4)

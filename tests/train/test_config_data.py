@@ -1,0 +1,76 @@
+"""Configs, schedules, the byte corpus and the synthetic tasks."""
+import glob
+
+import numpy as np
+import pytest
+
+from train.config import apply_overrides, load_config, parse_value
+from train.data import ByteCorpus
+from train.optim import make_schedule
+from train.tasks import MQAR, Copying, ICLRegression, NeedleInHaystack
+
+
+def test_every_shipped_config_loads():
+    paths = sorted(glob.glob("configs/*.py"))
+    assert paths
+    for path in paths:
+        config = load_config(path)
+        assert {"task", "model", "optim", "train"} <= set(config)
+
+
+def test_overrides_reach_nested_keys_and_parse_literals():
+    config = apply_overrides({"model": {"method_config": {}}, "train": {"steps": 1}},
+                             ["train.steps=7", "model.method_config.window=16", "model.method=sliding_window"])
+    assert config["train"]["steps"] == 7 and config["model"]["method_config"] == {"window": 16}
+    assert config["model"]["method"] == "sliding_window" and parse_value("3e-4") == 3e-4
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides(config, ["train.steps"])
+
+
+def test_warmup_cosine_and_wsd_schedules():
+    cosine = make_schedule("cosine", peak_lr=1.0, total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert float(cosine(0)) == 0.0 and abs(float(cosine(10)) - 1.0) < 1e-6
+    assert abs(float(cosine(100)) - 0.1) < 1e-6 and float(cosine(55)) < float(cosine(20))
+    wsd = make_schedule("wsd", peak_lr=1.0, total_steps=100, warmup_steps=10, decay_fraction=0.2,
+                        min_lr_ratio=0.0)
+    assert float(wsd(50)) == 1.0 and float(wsd(79)) == 1.0
+    assert abs(float(wsd(90)) - 0.5) < 1e-6 and abs(float(wsd(100))) < 1e-6
+    with pytest.raises(ValueError, match="schedule"):
+        make_schedule("linear", peak_lr=1.0, total_steps=10)
+
+
+def test_byte_corpus_batches_are_deterministic_shifted_python_source():
+    corpus = ByteCorpus(32, max_bytes=50_000)
+    a, b = corpus.batch(0, 5, 3), corpus.batch(0, 5, 3)
+    np.testing.assert_array_equal(a["inputs"], b["inputs"])
+    assert not np.array_equal(a["inputs"], corpus.batch(0, 6, 3)["inputs"])
+    np.testing.assert_array_equal(a["inputs"][:, 1:], a["targets"][:, :-1])
+    assert b"def " in corpus.splits["train"].tobytes()
+
+
+def test_mqar_answers_are_the_values_bound_to_the_query_keys():
+    task = MQAR(num_pairs=4, num_queries=3, vocab_size=32)
+    batch = task.batch(0, 0, 5)
+    seq = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
+    assert seq.shape == (5, 2 * (4 + 3))
+    for row, mask in zip(seq, np.concatenate([[0], batch["loss_mask"][0]])[None].repeat(5, 0)):
+        binding = dict(zip(row[0:8:2], row[1:8:2]))
+        for position in np.flatnonzero(mask):
+            assert row[position] == binding[row[position - 1]]
+    assert batch["loss_mask"].sum() == 5 * 3
+
+
+def test_needle_copy_and_icl_regression_tasks():
+    needle = NeedleInHaystack(seq_len=32, vocab_size=16).batch(0, 0, 4)
+    seq = np.concatenate([needle["inputs"], needle["targets"][:, -1:]], axis=1)
+    for row in seq:
+        marker_positions = np.flatnonzero(row[:-3] == NeedleInHaystack.MARKER)
+        assert any(row[p + 1] == row[-2] and row[p + 2] == row[-1] for p in marker_positions)
+    copy = Copying(length=5, vocab_size=10).batch(0, 0, 2)
+    seq = np.concatenate([copy["inputs"], copy["targets"][:, -1:]], axis=1)
+    np.testing.assert_array_equal(seq[:, :5], seq[:, 6:])
+    icl = ICLRegression(dim=3, num_context=10).batch(0, 0, 4)
+    tokens = icl["tokens"]
+    np.testing.assert_allclose(tokens[:, :-1, -1], np.einsum("bld,bd->bl", tokens[:, :-1, :3], icl["beta"]), atol=1e-5)
+    np.testing.assert_allclose(icl["target"], np.einsum("bd,bd->b", tokens[:, -1, :3], icl["beta"]), atol=1e-5)
+    assert np.all(tokens[:, -1, -1] == 0)

@@ -1,0 +1,50 @@
+"""Command line: load a config, apply overrides, train, run the config's analysis, print a summary."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from train.build import build_model, build_task, count_params
+from train.config import apply_overrides, load_config
+from train.loop import train
+
+
+def run_config(config: dict, *, quiet: bool = False) -> dict:
+    """Trains what ``config`` describes and returns a summary (final train/eval metrics, analysis)."""
+    task = build_task(config["task"])
+    model = build_model(config["model"], task, int(config["seed"]))
+    result = train(config, model, task, quiet=quiet)
+    summary = {"name": config.get("name"), "params": count_params(model), "steps": result.step,
+               "seconds": round(result.seconds, 2), "tokens_per_second": result.tokens_per_second,
+               "step_memory_bytes": result.step_memory_bytes,
+               "final_train": next((r for r in reversed(result.history) if r["split"] == "train"), None),
+               "final_eval": next((r for r in reversed(result.history) if r["split"] == "eval"), None)}
+    analysis = config.get("analysis")
+    if analysis:
+        from train.experiments import run_analysis
+        summary["analysis"] = run_analysis(analysis, result.model(), task, config)
+        if analysis.get("kind") == "icl" and config["train"].get("out_dir"):
+            from train.experiments import save_icl_pattern_plot
+            os.makedirs(config["train"]["out_dir"], exist_ok=True)
+            save_icl_pattern_plot(result.model(), os.path.join(config["train"]["out_dir"], "kq_ov.png"))
+    out_dir = config["train"].get("out_dir")
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=float)
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    parser.add_argument("--config", required=True, help="path to a config file, e.g. configs/demo_lm.py")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    config = apply_overrides(load_config(args.config), args.overrides)
+    if config["train"].get("out_dir") is None:
+        config["train"]["out_dir"] = os.path.join("runs", config.get("name", "run"))
+    summary = run_config(config, quiet=args.quiet)
+    print(json.dumps(summary, indent=2, default=float))
+    return 0
