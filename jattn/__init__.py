@@ -1,6 +1,14 @@
 """jattn: attention methods in JAX. Users import only this module; everything public is re-exported here."""
-from jattn.core.reference import reference_attention
-from jattn.core.softmax import merge_partials, OnlineSoftmax
 from jattn.core import masks
+from jattn.core.block_mask import BlockMask
+from jattn.core.masks import materialize
+from jattn.core.reference import reference_attention
+from jattn.core.softmax import OnlineSoftmax, merge_partials
+from jattn.ops.attention import attention
+from jattn.ops.block_sparse import block_sparse_attention
+from jattn.ops.linear import alibi_log_decay, linear_attention, linear_attention_step, linear_log_decay
 
-__all__ = ["reference_attention", "merge_partials", "OnlineSoftmax", "masks"]
+__all__ = [
+    "BlockMask", "OnlineSoftmax", "alibi_log_decay", "attention", "block_sparse_attention", "linear_attention",
+    "linear_attention_step", "linear_log_decay", "masks", "materialize", "merge_partials", "reference_attention",
+]

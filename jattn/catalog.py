@@ -1,0 +1,174 @@
+"""The 75 papers jattn implements: one honest row each (``jattn papers`` prints them).
+
+``status``: ``planned`` (nothing yet), ``partial`` (the core computation exists and is tested; parts of
+the paper's deliverable are missing, see ``note``), ``works`` (the spec's deliverable, tested). A test
+(tests/test_catalog.py) checks that every non-planned row's entry points import and its tests exist.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+
+@dataclasses.dataclass(frozen=True)
+class Paper:
+    id: str
+    name: str
+    title: str
+    family: str
+    entry_points: tuple[str, ...] = ()
+    tests: tuple[str, ...] = ()
+    status: str = "planned"
+    note: str = ""
+
+
+_BASE = [
+    ("P00", 'DAAM-Speech', 'Density Adaptive Attention-based Speech Network (depression detection)', "vision-module"),
+    ("P01", 'GAAM', 'Gaussian Adaptive Attention is All You Need', "vision-module"),
+    ("P02", 'MoH', 'Multi-Head Attention as Mixture-of-Head Attention', "head-routing"),
+    ("P03", 'Infinite-LLM', 'DistAttention and Distributed KVCache', "dense"),
+    ("P04", 'Radial Attention', 'O(n log n) sparse attention with energy decay', "static-sparse"),
+    ("P05", 'VMoBA', 'Mixture-of-Block Attention for Video Diffusion Models', "dynamic-sparse"),
+    ("P06", 'ULSAM', 'Ultra-Lightweight Subspace Attention Module', "vision-module"),
+    ("P07", 'HeadHunter + SoftPAG', 'Fine-Grained Perturbation Guidance via Attention Head Selection', "score-modifier"),
+    ("P08", 'Kinetics', 'Rethinking Test-Time Scaling Laws', "dynamic-sparse"),
+    ("P09", 'HiP', 'Hierarchically Pruned Attention', "dynamic-sparse"),
+    ("P10", 'PIDray / SDANet', 'Towards Real-World Prohibited Item Detection', "vision-module"),
+    ("P11", 'MoA', 'Mixture of Sparse Attention', "static-sparse"),
+    ("P12", 'ELA', 'Efficient Local Attention', "vision-module"),
+    ("P13", 'ZipVL', 'Dynamic Token Sparsification (and KV cache compression) for LVLMs', "dynamic-sparse"),
+    ("P14", 'VAR', 'Visual Attention Sink / Visual Attention Redistribution', "score-modifier"),
+    ("P15", 'S2-Attention', 'Heterogeneous Context Sharding among Attention Heads (DKernel)', "static-sparse"),
+    ("P16", 'AttentionInfluence', 'Head Influence for Weak-to-Strong Data Selection', "score-modifier"),
+    ("P17", 'ACAM-KD', 'Adaptive and Cooperative Attention Masking for KD', "training-objective"),
+    ("P18", 'VAN', 'Visual Attention Network (Large Kernel Attention)', "linear"),
+    ("P19", 'X-EcoMLA', 'Upcycling Pre-trained Attention into MLA', "kv-decode"),
+    ("P20", 'LinFusion', 'Generalized Linear Attention for Diffusion UNets', "linear"),
+    ("P21", 'EntropyGuided', 'Entropy-Guided Attention for Private LLMs', "training-objective"),
+    ("P22", 'Duplex', 'Device for LLMs with MoE, GQA and Continuous Batching', "kv-decode"),
+    ("P23", 'DCAL', 'Dual Cross-Attention Learning (GLCA + PWCA)', "vision-module"),
+    ("P24", 'ZipCache', 'KV Cache Quantization with Salient Token Identification', "kv-decode"),
+    ("P25", 'DEFT', 'From PEFT to DEFT: Parameter Efficient Finetuning for Reducing Activation Density in Transformers', "training-objective"),
+    ("P26", 'vAttention', 'Dynamic Memory Management for Serving LLMs without PagedAttention', "kv-decode"),
+    ("P27", 'ACT', 'Unveiling and Harnessing Hidden Attention Sinks (Attention Calibration Technique)', "score-modifier"),
+    ("P28", 'Entropy-scaled attention', 'Training-free Diffusion Model Adaptation for Variable-Sized Text-to-Image Synthesis', "score-modifier"),
+    ("P29", 'Agent Attention', 'On the Integration of Softmax and Linear Attention', "linear"),
+    ("P30", 'AFA', 'Ensembling Diffusion Models via Adaptive Feature Aggregation', "vision-module"),
+    ("P31", 'RCMHA', 'Relative Convolutional Multi-Head Attention for Natural Language Modelling', "vision-module"),
+    ("P32", 'SALE', 'Low-bit Estimation for Efficient Sparse Attention in Long-context LLM Prefilling', "dynamic-sparse"),
+    ("P33", 'AnchorAttention', 'Difference-Aware Sparse Attention with Stripe Granularity', "dynamic-sparse"),
+    ("P34", 'Attentive Eraser', 'Self-Attention Redirection Guidance for object removal', "score-modifier"),
+    ("P35", 'DEIM', 'DETR with Improved Matching for Fast Convergence', "training-objective"),
+    ("P36", 'BAM', 'Simple and Efficient Parameter Upcycling for Mixture of Experts', "head-routing"),
+    ("P37", 'AdaSpa', 'Training-free and Adaptive Sparse Attention for Efficient Long Video Generation', "dynamic-sparse"),
+    ("P38", 'FlexPrefill', 'A Context-Aware Sparse Attention Mechanism for Efficient Long-Sequence Inference', "dynamic-sparse"),
+    ("P39", 'PAINT', 'Fixing Imbalanced Attention to Mitigate In-Context Hallucination of LVLMs', "score-modifier"),
+    ("P40", 'ACMIL', 'Attention-Challenging Multiple Instance Learning for WSI Classification', "training-objective"),
+    ("P41", 'Focus-DETR', 'Less is More: Focus Attention for Efficient DETR', "dynamic-sparse"),
+    ("P42", 'PSA', 'Polarized Self-Attention: Towards High-quality Pixel-wise Regression', "vision-module"),
+    ("P43", 'SAISA', 'Towards MLLMs with Both Training and Inference Efficiency (NAAViT)', "static-sparse"),
+    ("P44", 'TokenSelect', 'Dynamic Token-Level KV Cache Selection', "kv-decode"),
+    ("P45", 'DuoAttention', 'Efficient Long-Context LLM Inference with Retrieval and Streaming Heads', "kv-decode"),
+    ("P46", 'AdaInf', 'Do Generated Data Always Help Contrastive Learning?', "training-objective"),
+    ("P47", 'FDConv', 'Frequency Dynamic Convolution for Dense Image Prediction', "vision-module"),
+    ("P48", 'GNA', 'Generalized Neighborhood Attention: Multi-dimensional Sparse Attention at the Speed of Light', "static-sparse"),
+    ("P49", 'Task-KV', 'Task-aware KV Cache Optimization via Semantic Differentiation of Attention Heads', "kv-decode"),
+    ("P50", 'AttnSink', 'When Attention Sink Emerges in Language Models: An Empirical View', "linear"),
+    ("P51", 'MeningiomaAttnUNet', 'Meningioma segmentation in T1-weighted MRI leveraging global context and attention mechanisms', "vision-module"),
+    ("P52", 'DaViT', 'DaViT: Dual Attention Vision Transformers', "static-sparse"),
+    ("P53", 'GraphOfTokensMoE', 'Improving Routing in Sparse Mixture of Experts with Graph of Tokens', "head-routing"),
+    ("P54", 'FOD', 'Focus the Discrepancy: Intra- and Inter-Correlation Learning for Image Anomaly Detection', "training-objective"),
+    ("P55", 'FuseMax', 'FuseMax: Leveraging Extended Einsums to Optimize Attention Accelerator Design', "dense"),
+    ("P56", 'HMoDE', 'Redesigning Multi-Scale Neural Network for Crowd Counting', "vision-module"),
+    ("P57", 'DSF', 'Understanding the differences in Foundation Models: Attention, State Space Models, and Recurrent Neural Networks', "linear"),
+    ("P58", 'Lightning-1/TNL', 'Various Lengths, Constant Speed: Efficient Language Modeling with Lightning Attention', "linear"),
+    ("P59", 'AEM', 'AEM: Attention Entropy Maximization for Multiple Instance Learning based Whole Slide Image Classification', "training-objective"),
+    ("P60", 'FasterNA', 'Faster Neighborhood Attention: Reducing the O(n^2) Cost of Self Attention at the Threadblock Level', "static-sparse"),
+    ("P61", 'BiFormer', 'BiFormer: Vision Transformer with Bi-Level Routing Attention', "static-sparse"),
+    ("P62", 'ICL-MHA', 'In-Context Linear Regression Demystified: Training Dynamics and Mechanistic Interpretability of Multi-Head Softmax Attention', "training-objective"),
+    ("P63", 'CLEAR', 'CLEAR: Conv-Like Linearization Revs Pre-Trained Diffusion Transformers Up', "static-sparse"),
+    ("P64", 'PARO', 'PAROAttention: Pattern-Aware ReOrdering for Efficient Sparse and Quantized Attention in Visual Generation Models', "static-sparse"),
+    ("P65", 'LeanAttention', 'Lean Attention: Hardware-Aware Scalable Attention Mechanism for the Decode-Phase of Transformers', "dense"),
+    ("P66", 'VL-SAM', 'Training-Free Open-Ended Object Detection and Segmentation via Attention as Prompts', "score-modifier"),
+    ("P67", 'DyMU', 'DyMU: Dynamic Merging and Virtual Unmerging for Efficient VLMs', "score-modifier"),
+    ("P68", 'A-SDM', 'A-SDM: Accelerating Stable Diffusion through Redundancy Removal and Performance Optimization', "vision-module"),
+    ("P69", 'DDRNet', 'Deep Dual-resolution Networks for Real-time and Accurate Semantic Segmentation of Road Scenes', "vision-module"),
+    ("P70", 'SinkLoRA', 'SinkLoRA: Enhanced Efficiency and Chat Capabilities for Long-Context Large Language Models', "static-sparse"),
+    ("P71", 'TidalDecode', 'TidalDecode: Fast and Accurate LLM Decoding with Position Persistent Sparse Attention', "kv-decode"),
+    ("P72", 'DiffUHaul', 'DiffUHaul: A Training-Free Method for Object Dragging in Images', "score-modifier"),
+    ("P73", 'NiNformer', 'NiNformer: A Network in Network Transformer with Token Mixing Generated Gating Function', "linear"),
+    ("P74", 'Lightning-2', 'Lightning Attention-2: A Free Lunch for Handling Unlimited Sequence Lengths in Large Language Models', "linear"),
+]
+
+_LINEAR = "jattn.methods.linear."
+# id -> (entry points, tests, status, note) for every paper with code in the tree.
+_PROGRESS = {
+    "P03": (("jattn.merge_partials", "jattn.core.softmax.merge_two", "jattn.reference_attention"),
+            ("tests/core/test_softmax.py",), "partial",
+            "exact partitioned softmax + LSE merge; no paged decode kernel or sharded decode yet"),
+    "P65": (("jattn.merge_partials",), ("tests/core/test_softmax.py",), "partial",
+            "split-K LSE merge only; the decode (stream-K) kernel is not written yet"),
+    "P18": (tuple(_LINEAR + n for n in ("lka.lka", "lka.lka_gate", "lka.LKA", "lka.VANAttention")),
+            ("tests/methods/linear/test_lka.py",), "partial", "LKA and VAN attention; no VAN-B0..B2 models"),
+    "P20": (tuple(_LINEAR + n for n in ("linfusion.generalized_linear_attention", "linfusion.LinFusionAttention")),
+            ("tests/methods/linear/test_linfusion.py",), "partial", "no distillation run, no Pallas two-pass kernel"),
+    "P29": (tuple(_LINEAR + n for n in ("agent.agent_attention", "agent.agent_attention_as_linear",
+                                        "agent.pool_agents", "agent.AgentAttention")),
+            ("tests/methods/linear/test_agent.py",), "partial", "no class token, no AgentSD, no training run"),
+    "P50": ((_LINEAR + "sigmoid.sigmoid_attention", _LINEAR + "sigmoid.kernel_attention",
+             _LINEAR + "sigmoid.kv_bias_attention", "jattn.nn.sink_metric"),
+            ("tests/methods/linear/test_sigmoid.py", "tests/nn/test_attention_maps.py"), "partial",
+            "sink metric, sigmoid/kernel variants and KV-bias slot; sink emergence is a null result at CPU scale"),
+    "P57": (tuple(_LINEAR + n for n in ("dsf.DSF", "dsf.dsf_recurrent", "dsf.dsf_attention_matrix",
+                                        "dsf.linear_attention_dsf", "dsf.s6_dsf", "dsf.dsf_to_linear_attention")),
+            ("tests/methods/linear/test_dsf.py",), "partial", "no MQAR comparison run"),
+    "P58": (("jattn.linear_attention", "jattn.alibi_log_decay", _LINEAR + "transnormer.TNLBlock",
+             _LINEAR + "transnormer.TNLGatedLinearAttention", _LINEAR + "transnormer.srms_norm"),
+            ("tests/methods/linear/test_transnormer.py", "tests/ops/test_linear.py"), "partial",
+            "TNL block and decays; small LM run in docs/experiments.md; no GPU constant-speed measurement"),
+    "P62": (("jattn.nn.icl.OneLayerMHSoftmax", "jattn.nn.icl.debiased_gd_predictor", "jattn.nn.icl.kq_diagonality",
+             "train.tasks.ICLRegression"),
+            ("tests/nn/test_icl.py",), "works", "trained model reproduces the KQ/OV patterns (docs/experiments.md)"),
+    "P73": (tuple(_LINEAR + n for n in ("ninformer.MixerGatingUnit", "ninformer.NiNBlock", "ninformer.NiNformer")),
+            ("tests/methods/linear/test_ninformer.py",), "partial", "no CIFAR run"),
+    "P74": (("jattn.linear_attention", "jattn.linear_attention_step", "pallas_kernels.lightning.lightning_attention",
+             _LINEAR + "lightning2.lightning_attention"),
+            ("tests/ops/test_linear.py", "tests/kernels/test_lightning.py"), "partial",
+            "exact and tested on CPU (interpret mode); GPU speed not measured"),
+}
+
+
+def _build():
+    papers = []
+    for pid, name, title, family in _BASE:
+        entry_points, tests, status, note = _PROGRESS.get(pid, ((), (), "planned", ""))
+        papers.append(Paper(pid, name, title, family, tuple(entry_points), tuple(tests), status, note))
+    return tuple(papers)
+
+
+PAPERS: tuple[Paper, ...] = _build()
+STATUSES = ("planned", "partial", "works")
+
+
+def resolve(dotted: str):
+    """Imports a dotted name such as ``jattn.methods.linear.lka.lka``."""
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:split]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[split:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(dotted)
+
+
+def format_table(papers=PAPERS) -> str:
+    header = f"{'id':4}  {'name':18}  {'family':18}  {'status':8}  note"
+    lines = [header, "-" * len(header)]
+    for p in papers:
+        lines.append(f"{p.id:4}  {p.name[:18]:18}  {p.family:18}  {p.status:8}  {p.note}")
+    counts = {s: sum(p.status == s for p in papers) for s in STATUSES}
+    lines.append(f"{len(papers)} papers: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    return "\n".join(lines)
