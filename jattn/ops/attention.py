@@ -12,10 +12,11 @@ import jax
 from jattn.core import checks
 from jattn.core.reference import reference_attention
 from jattn.ops.attention_xla import flash_attention_xla
+from pallas_kernels.common import MIN_DOT_DIM, fit_block
 
 # Tile sizes that measured fastest on a 2-core CPU (benchmarks/cpu.py) and on GPU (benchmarks/gpu_suite.py).
 DEFAULT_BLOCKS = {"xla": (512, 512), "pallas": (128, 128)}
-MIN_BLOCK = 16
+MIN_BLOCK = MIN_DOT_DIM
 
 
 def resolve_impl(impl: str) -> str:
@@ -24,16 +25,6 @@ def resolve_impl(impl: str) -> str:
     if impl != "auto":
         return impl
     return "xla" if jax.default_backend() == "cpu" else "pallas"
-
-
-def _fit_block(block: int | None, default: int, length: int) -> int:
-    """The requested block, or the default shrunk to the smallest power of two covering `length`."""
-    if block is not None:
-        return block
-    fitted = MIN_BLOCK
-    while fitted < min(default, length):
-        fitted *= 2
-    return fitted
 
 
 def attention(q, k, v, *, bias=None, mask=None, causal: bool = False, window=None, segment_ids=None,
@@ -66,10 +57,11 @@ def attention(q, k, v, *, bias=None, mask=None, causal: bool = False, window=Non
                                    segment_ids=segment_ids, scale=scale, softcap=softcap, sinks=sinks,
                                    return_lse=return_lse)
     default_q, default_k = DEFAULT_BLOCKS[impl]
+    block_q = fit_block(default_q, T) if block_q is None else block_q
+    block_k = fit_block(default_k, S) if block_k is None else block_k
     kwargs = dict(bias=bias, mask=mask, q_segment_ids=None if segments is None else segments[0],
                   kv_segment_ids=None if segments is None else segments[1], sinks=sinks, causal=bool(causal),
-                  window=window, scale=scale, softcap=softcap, block_q=_fit_block(block_q, default_q, T),
-                  block_k=_fit_block(block_k, default_k, S))
+                  window=window, scale=scale, softcap=softcap, block_q=block_q, block_k=block_k)
     if impl == "xla":
         out, lse = flash_attention_xla(q, k, v, **kwargs)
     else:

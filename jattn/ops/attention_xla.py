@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jattn.core.softmax import MASK_VALUE, OnlineSoftmax
+from pallas_kernels.common import pad_axis
 
 F32 = jnp.float32
 
@@ -73,12 +74,9 @@ def _as_4d(x):
 
 def _pad_axis(x, axis: int, size: int, value=0, *, broadcast_dim: bool = False):
     """Pads `axis` to `size`; a length-1 axis of a broadcast operand (`broadcast_dim`) stays as it is."""
-    pad = size - x.shape[axis]
-    if pad <= 0 or (broadcast_dim and x.shape[axis] == 1):
+    if broadcast_dim and x.shape[axis] == 1:
         return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths, constant_values=value)
+    return pad_axis(x, axis, size, value)
 
 
 def _slice_axis(x, axis: int, start, size: int):
