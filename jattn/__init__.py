@@ -7,8 +7,10 @@ from jattn.core.softmax import OnlineSoftmax, merge_partials
 from jattn.ops.attention import attention
 from jattn.ops.block_sparse import block_sparse_attention
 from jattn.ops.linear import alibi_log_decay, linear_attention, linear_attention_step, linear_log_decay
+from jattn.ops.neighborhood import neighborhood_attention, neighborhood_mask
 
 __all__ = [
     "BlockMask", "OnlineSoftmax", "alibi_log_decay", "attention", "block_sparse_attention", "linear_attention",
-    "linear_attention_step", "linear_log_decay", "masks", "materialize", "merge_partials", "reference_attention",
+    "linear_attention_step", "linear_log_decay", "masks", "materialize", "merge_partials", "neighborhood_attention",
+    "neighborhood_mask", "reference_attention",
 ]
