@@ -58,7 +58,7 @@ for path in (ROOT, HERE):
 
 from pallas_kernels.flash import flash_attention  # noqa: E402
 
-CASE_MODULES = ("sparse_cases", "linear_cases", "decode_cases")
+CASE_MODULES = ("sparse_cases", "linear_cases", "neighborhood_cases", "decode_cases")
 TIME_BUDGET_S = 7.5 * 60  # stop starting new cases after this (the suite must finish in 8 minutes)
 PER_CASE_TIMING_S = 2.0   # timed iterations per case stop after this much time (at least 3)
 

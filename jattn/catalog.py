@@ -101,6 +101,7 @@ _BASE = [
 ]
 
 _LINEAR = "jattn.methods.linear."
+_SPARSE = "jattn.methods.sparse."
 # id -> (entry points, tests, status, note) for every paper with code in the tree.
 _PROGRESS = {
     "P03": (("jattn.merge_partials", "jattn.core.softmax.merge_two", "jattn.reference_attention"),
@@ -135,6 +136,14 @@ _PROGRESS = {
              _LINEAR + "lightning2.lightning_attention"),
             ("tests/ops/test_linear.py", "tests/kernels/test_lightning.py"), "partial",
             "exact and tested on CPU (interpret mode); GPU speed not measured"),
+    "P48": (("jattn.neighborhood_attention", _SPARSE + "gna.gna_attention", _SPARSE + "gna.gna_mask",
+             _SPARSE + "gna.gna_tile_map", _SPARSE + "gna.gna_cost_model", _SPARSE + "gna.token_permute"),
+            ("tests/methods/sparse/test_gna.py", "tests/ops/test_neighborhood.py"), "works",
+            "stride/dilation/causal 1-3-D, token permutation on the block-sparse kernel, cost model; "
+            "matches NATTEN's flex backend to 6e-7; GPU speed not measured"),
+    "P60": (("jattn.neighborhood_attention", _SPARSE + "fna.na_attention", _SPARSE + "fna.neighborhood_mask"),
+            ("tests/methods/sparse/test_fna.py", "tests/ops/test_neighborhood.py"), "partial",
+            "tiled NA (xla) and token-permuted block-sparse (pallas), fwd+bwd; no RPB; GPU scaling not measured"),
 }
 
 
