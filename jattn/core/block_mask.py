@@ -57,22 +57,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.core.checks import describe
+from jattn.core.checks import check_int, describe
 
 
 # ----------------------------------------------------------------------------------------- helpers
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value!r}")
-    return int(value)
-
-
 def _check_geometry(block_q, block_k, seq_q, seq_k) -> tuple[int, int, int, int]:
-    return (_check_positive_int("block_q", block_q), _check_positive_int("block_k", block_k),
-            _check_positive_int("seq_q", seq_q), _check_positive_int("seq_k", seq_k))
+    return (check_int("block_q", block_q), check_int("block_k", block_k),
+            check_int("seq_q", seq_q), check_int("seq_k", seq_k))
 
 
 def _concrete(x) -> np.ndarray | None:
@@ -375,8 +367,8 @@ class BlockMask:
         by default the mask keeps the BlockMask's own ``[Bm, Hm]``. Meant for tests and small shapes.
         """
         Bm, Hm, _, _ = self.shape
-        B = Bm if batch is None else _check_positive_int("batch", batch)
-        H = Hm if heads is None else _check_positive_int("heads", heads)
+        B = Bm if batch is None else check_int("batch", batch)
+        H = Hm if heads is None else check_int("heads", heads)
         for name, want, have in (("batch", B, Bm), ("heads", H, Hm)):
             if have not in (1, want):
                 raise ValueError(f"{name}={want} does not match the BlockMask's {name} dim {have}")
@@ -434,7 +426,7 @@ class BlockMask:
         """
         if not callable(mask_fn):
             raise TypeError(f"mask_fn must be a callable mask_fn(b, h, q_idx, kv_idx), got {mask_fn!r}")
-        B, H = _check_positive_int("B", B), _check_positive_int("H", H)
+        B, H = check_int("B", B), check_int("H", H)
         block_q, block_k, seq_q, seq_k = _check_geometry(block_q, block_k, seq_q, seq_k)
         nQ, nK = math.ceil(seq_q / block_q), math.ceil(seq_k / block_k)
         block_map, full_map = _mask_fn_tile_maps(mask_fn, B, H, seq_q, seq_k, block_q, block_k)

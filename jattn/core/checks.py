@@ -152,3 +152,12 @@ def check_attention_args(q, k, v, *, bias=None, mask=None, window=None, segment_
     check_positive_float("softcap", softcap)
     check_sinks(sinks, H)
     return (B, T, S, H, Hkv, D), window, segments, (D ** -0.5 if scale is None else scale)
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """A Python or NumPy int (not a bool) that is at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
