@@ -8,9 +8,10 @@ from jattn.ops.attention import attention
 from jattn.ops.block_sparse import block_sparse_attention
 from jattn.ops.linear import alibi_log_decay, linear_attention, linear_attention_step, linear_log_decay
 from jattn.ops.neighborhood import neighborhood_attention, neighborhood_mask
+from jattn.viz import plot_mask
 
 __all__ = [
     "BlockMask", "OnlineSoftmax", "alibi_log_decay", "attention", "block_sparse_attention", "linear_attention",
     "linear_attention_step", "linear_log_decay", "masks", "materialize", "merge_partials", "neighborhood_attention",
-    "neighborhood_mask", "reference_attention",
+    "neighborhood_mask", "plot_mask", "reference_attention",
 ]

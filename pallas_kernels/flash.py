@@ -91,75 +91,27 @@ class _Spec:
 # Tile ranges: which kv blocks a q block can see (and which it sees completely), and vice versa.
 # ----------------------------------------------------------------------------------------------
 
-def _div(a, b: int):
-    """Division of non-negative traced ints: ``lax.div`` truncates, which lowers everywhere, where
-    ``//`` emits floor-correction ops that the Triton lowering has rejected on program ids."""
-    return lax.div(a, jnp.int32(b)) if not isinstance(a, int) else a // b
-
-
-def _clip(x, lo, hi):
-    return jnp.minimum(jnp.maximum(x, lo), hi)
-
-
-def _block_ranges(block, num_blocks, vis_lo, vis_hi, full_lo, full_hi):
-    """Turns column (or row) bounds into block ranges ``lo <= full_lo <= full_hi <= hi``.
-
-    ``[vis_lo, vis_hi]`` is what some row of the tile can see, ``[full_lo, full_hi]`` what every row
-    sees; blocks in ``[full_lo, full_hi)`` need no position mask, the rest of ``[lo, hi)`` do.
-    """
-    lo = _div(vis_lo, block)
-    hi = jnp.where(vis_hi >= vis_lo, _div(vis_hi, block) + 1, lo)
-    hi = jnp.minimum(hi, num_blocks)
-    lo = jnp.minimum(lo, hi)
-    f_lo = _clip(_div(full_lo + block - 1, block), lo, hi)
-    f_hi = _clip(_div(full_hi + 1, block), f_lo, hi)
-    return lo, f_lo, f_hi, hi
-
-
 def _kv_ranges(spec: _Spec, q_block, block_q: int, block_k: int, *, cover_all: bool = False):
-    """kv-block ranges for q block ``q_block``: ``(lo, full_lo, full_hi, hi)``."""
+    """kv-block ranges ``(lo, full_lo, full_hi, hi)`` for q block ``q_block`` (see ``common.tile_ranges``).
+
+    Without a position mask every tile is full and the bounds are static. ``cover_all`` visits every
+    tile (masked where needed), e.g. to write every dS tile for the bias gradient.
+    """
     num_k = spec.S_pad // block_k
     if not spec.position_masked:
         return 0, 0, num_k, num_k
-    row_first = q_block * block_q
-    row_last = jnp.minimum(row_first + block_q - 1, spec.T - 1)
-    vis_lo, vis_hi = jnp.int32(0), jnp.int32(spec.S - 1)
-    full_lo, full_hi = jnp.int32(0), jnp.int32(spec.S - 1)
-    if spec.causal:
-        vis_hi = jnp.minimum(vis_hi, row_last)
-        full_hi = jnp.minimum(full_hi, row_first)
-    if spec.window is not None:
-        left, right = spec.window
-        vis_lo = jnp.maximum(vis_lo, row_first - left)
-        vis_hi = jnp.minimum(vis_hi, row_last + right)
-        full_lo = jnp.maximum(full_lo, row_last - left)
-        full_hi = jnp.minimum(full_hi, row_first + right)
-    lo, f_lo, f_hi, hi = _block_ranges(block_k, num_k, vis_lo, vis_hi, full_lo, full_hi)
-    if cover_all:  # every tile gets visited (and masked where needed), e.g. to write every dS tile
+    lo, f_lo, f_hi, hi = common.tile_ranges(q_block, over="kv", causal=spec.causal, window=spec.window,
+                                            block_q=block_q, block_k=block_k, seq_q=spec.T, seq_k=spec.S,
+                                            num_blocks=num_k)
+    if cover_all:
         return 0, f_lo, f_hi, num_k
     return lo, f_lo, f_hi, hi
 
 
 def _q_ranges(spec: _Spec, kv_block, block_q: int, block_k: int):
-    """q-block ranges for kv block ``kv_block``: ``(lo, full_lo, full_hi, hi)`` (padded rows skipped)."""
-    num_q = spec.T_pad // block_q
-    col_first = kv_block * block_k
-    col_last = jnp.minimum(col_first + block_k - 1, spec.S - 1)
-    block_end = col_first + block_k - 1
-    vis_lo, vis_hi = jnp.int32(0), jnp.int32(spec.T - 1)
-    full_lo, full_hi = jnp.int32(0), jnp.int32(spec.T - 1)
-    if spec.causal:
-        vis_lo = jnp.maximum(vis_lo, col_first)
-        full_lo = jnp.maximum(full_lo, block_end)
-    if spec.window is not None:
-        left, right = spec.window
-        vis_lo = jnp.maximum(vis_lo, col_first - right)
-        vis_hi = jnp.minimum(vis_hi, col_last + left)
-        full_lo = jnp.maximum(full_lo, block_end - right)
-        full_hi = jnp.minimum(full_hi, col_first + left)
-    # A kv block holding padded keys is never "full": the key tail must be masked.
-    full_hi = jnp.where(block_end >= spec.S, -1, full_hi)
-    return _block_ranges(block_q, num_q, vis_lo, vis_hi, full_lo, full_hi)
+    """q-block ranges ``(lo, full_lo, full_hi, hi)`` for kv block ``kv_block``; padded q blocks are skipped."""
+    return common.tile_ranges(kv_block, over="q", causal=spec.causal, window=spec.window, block_q=block_q,
+                              block_k=block_k, seq_q=spec.T, seq_k=spec.S, num_blocks=spec.T_pad // block_q)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,8 +259,8 @@ def _forward(spec: _Spec, q, k, v, bias, sinks, mask, q_seg, kv_seg):
     table = _visibility_table(spec, mask, q_seg, kv_seg, bq, bk)
     in_specs = [
         pl.BlockSpec((None, bq, None, spec.D), lambda i, b, h: (b, i, h, 0)),
-        pl.BlockSpec((None, spec.S_pad, None, spec.D), lambda i, b, h: (b, 0, _div(h, G), 0)),
-        pl.BlockSpec((None, spec.S_pad, None, spec.D), lambda i, b, h: (b, 0, _div(h, G), 0)),
+        pl.BlockSpec((None, spec.S_pad, None, spec.D), lambda i, b, h: (b, 0, common.trunc_div(h, G), 0)),
+        pl.BlockSpec((None, spec.S_pad, None, spec.D), lambda i, b, h: (b, 0, common.trunc_div(h, G), 0)),
         None if bias is None else _broadcast_spec(spec.bias_full, (None, None, bq, spec.S_pad),
                                                   lambda i, b, h: (b, h, i, 0)),
         None if mask is None else _broadcast_spec(spec.mask_full, (None, None, bq, spec.S_pad),
@@ -474,8 +426,8 @@ def _backward(spec: _Spec, needs, residuals, d_out, d_lse):
     if need_dq or need_dbias:
         in_specs = [
             pl.BlockSpec((None, bq, None, spec.D), lambda i, b, h: (b, i, h, 0)),
-            pl.BlockSpec((None, spec.S_pad, None, spec.D), lambda i, b, h: (b, 0, _div(h, G), 0)),
-            pl.BlockSpec((None, spec.S_pad, None, spec.D), lambda i, b, h: (b, 0, _div(h, G), 0)),
+            pl.BlockSpec((None, spec.S_pad, None, spec.D), lambda i, b, h: (b, 0, common.trunc_div(h, G), 0)),
+            pl.BlockSpec((None, spec.S_pad, None, spec.D), lambda i, b, h: (b, 0, common.trunc_div(h, G), 0)),
             None if bias is None else _broadcast_spec(spec.bias_full, (None, None, bq, spec.S_pad),
                                                       lambda i, b, h: (b, h, i, 0)),
             None if mask is None else _broadcast_spec(spec.mask_full, (None, None, bq, spec.S_pad),

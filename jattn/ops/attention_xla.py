@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jattn.core.softmax import MASK_VALUE, OnlineSoftmax
-from pallas_kernels.common import pad_axis
+from pallas_kernels.common import pad_axis, tile_ranges
 
 F32 = jnp.float32
 
@@ -90,63 +90,19 @@ def _slice_axis(x, axis: int, start, size: int):
 # Tile bounds
 
 
-def _kv_block_ranges(cfg: TileConfig, qi):
-    """For query block ``qi``: (lo, full_lo, full_hi, hi) kv-block indices.
+def _block_ranges(cfg: TileConfig, block_index, over: str):
+    """``(lo, full_lo, full_hi, hi)``: kv blocks of q block ``block_index`` (``over="kv"``) or q blocks
+    of kv block ``block_index`` (``over="q"``); see ``pallas_kernels.common.tile_ranges``.
 
     Tiles in [lo, hi) may hold visible entries; tiles in [full_lo, full_hi) are fully visible and need
-    no mask evaluation. Everything else is skipped.
+    no mask evaluation. Everything else is skipped. With a dynamic mask no tile is known to be full.
     """
-    bq, bk = cfg.block_q, cfg.block_k
-    q_first = qi * bq
-    q_last = jnp.minimum(q_first + bq, cfg.T) - 1
-    lo_key, hi_key = jnp.int32(0), jnp.int32(cfg.S - 1)
-    full_lo_key, full_hi_key = jnp.int32(0), jnp.int32(cfg.S - 1)
-    if cfg.causal:
-        hi_key = jnp.minimum(hi_key, q_last)
-        full_hi_key = jnp.minimum(full_hi_key, q_first)
-    if cfg.window is not None:
-        left, right = cfg.window
-        lo_key = jnp.maximum(lo_key, q_first - left)
-        hi_key = jnp.minimum(hi_key, q_last + right)
-        full_lo_key = jnp.maximum(full_lo_key, q_last - left)
-        full_hi_key = jnp.minimum(full_hi_key, q_first + right)
-    empty = hi_key < lo_key
-    lo = jnp.where(empty, 0, jnp.maximum(lo_key, 0) // bk)
-    hi = jnp.where(empty, 0, hi_key // bk + 1)
+    num_blocks = cfg.num_k_blocks if over == "kv" else cfg.num_q_blocks
+    lo, full_lo, full_hi, hi = tile_ranges(block_index, over=over, causal=cfg.causal, window=cfg.window,
+                                           block_q=cfg.block_q, block_k=cfg.block_k, seq_q=cfg.T, seq_k=cfg.S,
+                                           num_blocks=num_blocks)
     if cfg.dynamic_mask:
         return lo, lo, lo, hi
-    full_lo = jnp.clip(-(-full_lo_key // bk), lo, hi)
-    full_hi = jnp.clip((full_hi_key + 1) // bk, full_lo, hi)
-    return lo, full_lo, full_hi, hi
-
-
-def _q_block_ranges(cfg: TileConfig, kj):
-    """For kv block ``kj``: (lo, full_lo, full_hi, hi) query-block indices, the transpose of the above."""
-    bq, bk = cfg.block_q, cfg.block_k
-    k_first = kj * bk
-    k_last = jnp.minimum(k_first + bk, cfg.S) - 1
-    lo_q, hi_q = jnp.int32(0), jnp.int32(cfg.T - 1)
-    full_lo_q, full_hi_q = jnp.int32(0), jnp.int32(cfg.T - 1)
-    if cfg.causal:
-        lo_q = jnp.maximum(lo_q, k_first)
-        full_lo_q = jnp.maximum(full_lo_q, k_last)
-    if cfg.window is not None:
-        left, right = cfg.window
-        lo_q = jnp.maximum(lo_q, k_first - right)
-        hi_q = jnp.minimum(hi_q, k_last + left)
-        full_lo_q = jnp.maximum(full_lo_q, k_last - right)
-        full_hi_q = jnp.minimum(full_hi_q, k_first + left)
-    empty = hi_q < lo_q
-    lo = jnp.where(empty, 0, jnp.maximum(lo_q, 0) // bq)
-    hi = jnp.where(empty, 0, hi_q // bq + 1)
-    # A kv block holding padded keys is never full: its tail must be masked.
-    tail_partial = k_first + bk > cfg.S
-    if cfg.dynamic_mask:
-        return lo, lo, lo, hi
-    full_lo = jnp.clip(-(-full_lo_q // bq), lo, hi)
-    full_hi = jnp.clip((full_hi_q + 1) // bq, full_lo, hi)
-    # The last q block may hold padded rows; those rows are discarded, so it can still be full.
-    full_hi = jnp.where(tail_partial, full_lo, full_hi)
     return lo, full_lo, full_hi, hi
 
 
@@ -221,7 +177,7 @@ def _forward_q_block(cfg: TileConfig, ops, qi):
                             state)
         return step(kj, state, True)
 
-    lo, full_lo, full_hi, hi = _kv_block_ranges(cfg, qi)
+    lo, full_lo, full_hi, hi = _block_ranges(cfg, qi, "kv")
     state = _run(lo, full_lo, masked_step, state)
     state = _run(full_lo, full_hi, lambda kj, st: step(kj, st, False), state)
     state = _run(full_hi, hi, masked_step, state)
@@ -311,7 +267,7 @@ def _dq_q_block(cfg: TileConfig, ops, res, qi):
             return lax.cond(_tile_has_visible(cfg, ops, qi, kj), lambda c: step(kj, c, True), lambda c: c, carry)
         return step(kj, carry, True)
 
-    lo, full_lo, full_hi, hi = _kv_block_ranges(cfg, qi)
+    lo, full_lo, full_hi, hi = _block_ranges(cfg, qi, "kv")
     carry = (dq, dbias)
     carry = _run(lo, full_lo, masked_step, carry)
     carry = _run(full_lo, full_hi, lambda kj, c: step(kj, c, False), carry)
@@ -339,7 +295,7 @@ def _dkv_k_block(cfg: TileConfig, ops, res, kj):
             return lax.cond(_tile_has_visible(cfg, ops, qi, kj), lambda c: step(qi, c, True), lambda c: c, carry)
         return step(qi, carry, True)
 
-    lo, full_lo, full_hi, hi = _q_block_ranges(cfg, kj)
+    lo, full_lo, full_hi, hi = _block_ranges(cfg, kj, "q")
     carry = (dk, dv)
     carry = _run(lo, full_lo, masked_step, carry)
     carry = _run(full_lo, full_hi, lambda qi, c: step(qi, c, False), carry)

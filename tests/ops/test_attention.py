@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jattn.core.reference import reference_attention
-from jattn.ops import attention_xla
 from jattn.ops.attention import attention, resolve_impl
+from pallas_kernels import common
 from tests.conftest import assert_close, random_qkv
 
 GROUPINGS = [(1, 1), (4, 1), (8, 4), (6, 2)]
@@ -147,24 +147,24 @@ def brute_force_tiles(T, S, bq, bk, causal, window):
 
 
 @given(T=st.integers(1, 90), S=st.integers(1, 90), bq=st.sampled_from([16, 32]), bk=st.sampled_from([16, 32]),
-       causal=st.booleans(), window=st.one_of(st.none(), st.tuples(st.integers(0, 50), st.integers(0, 50))))
-def test_tile_ranges_skip_exactly_the_empty_tiles(T, S, bq, bk, causal, window):
-    cfg = attention_xla.TileConfig(T=T, S=S, block_q=bq, block_k=bk, scale=1.0, causal=causal, window=window,
-                                   softcap=None, has_mask=False, has_bias=False, has_segments=False,
-                                   has_sinks=False)
+       causal=st.booleans(), window=st.one_of(st.none(), st.tuples(st.integers(0, 50), st.integers(0, 50))),
+       extra_blocks=st.integers(0, 2))
+def test_tile_ranges_skip_exactly_the_empty_tiles(T, S, bq, bk, causal, window, extra_blocks):
+    """``common.tile_ranges`` (the xla path and the Pallas flash kernel, both sides); ``extra_blocks`` pads the
+    block count the way the Pallas kernel does when its other block size is larger."""
     any_visible, full = brute_force_tiles(T, S, bq, bk, causal, window)
-    for qi in range(cfg.num_q_blocks):
-        lo, full_lo, full_hi, hi = (int(x) for x in attention_xla._kv_block_ranges(cfg, qi))
-        visited = np.zeros(cfg.num_k_blocks, bool)
-        visited[lo:hi] = True
-        assert np.array_equal(visited, any_visible[qi]), (qi, lo, hi)
-        assert full[qi, full_lo:full_hi].all()
-    for kj in range(cfg.num_k_blocks):
-        lo, full_lo, full_hi, hi = (int(x) for x in attention_xla._q_block_ranges(cfg, kj))
-        visited = np.zeros(cfg.num_q_blocks, bool)
-        visited[lo:hi] = True
-        assert np.array_equal(visited, any_visible[:, kj]), (kj, lo, hi)
-        assert full[full_lo:full_hi, kj].all()
+    geometry = dict(causal=causal, window=window, block_q=bq, block_k=bk, seq_q=T, seq_k=S)
+    for over, visible, full_tiles in (("kv", any_visible, full), ("q", any_visible.T, full.T)):
+        n_rows, n_real = visible.shape
+        n_cols = n_real + extra_blocks
+        for row in range(n_rows):
+            ranges = common.tile_ranges(row, over=over, num_blocks=n_cols, **geometry)
+            lo, full_lo, full_hi, hi = (int(x) for x in ranges)
+            assert 0 <= lo <= full_lo <= full_hi <= hi <= n_cols, (over, row, ranges)
+            visited = np.zeros(n_cols, bool)
+            visited[lo:hi] = True
+            assert np.array_equal(visited[:n_real], visible[row]) and not visited[n_real:].any(), (over, row, lo, hi)
+            assert full_tiles[row, full_lo:full_hi].all(), (over, row, full_lo, full_hi)
 
 
 def test_auto_picks_xla_on_cpu_and_reference_impl_is_the_reference():
