@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m train.demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider -n auto --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/cpu.py
