@@ -141,8 +141,10 @@ _PROGRESS = {
             ("tests/methods/sparse/test_gna.py", "tests/ops/test_neighborhood.py"), "works",
             "stride/dilation/causal 1-3-D, token permutation on the block-sparse kernel, cost model; "
             "matches NATTEN's flex backend to 6e-7; GPU speed not measured"),
-    "P60": (("jattn.neighborhood_attention", _SPARSE + "fna.na_attention", _SPARSE + "fna.neighborhood_mask"),
-            ("tests/methods/sparse/test_fna.py", "tests/ops/test_neighborhood.py"), "partial",
+    "P60": (("jattn.neighborhood_attention", _SPARSE + "fna.na_attention", _SPARSE + "fna.neighborhood_mask",
+             "jattn.nn.NeighborhoodAttention"),
+            ("tests/methods/sparse/test_fna.py", "tests/ops/test_neighborhood.py", "tests/nn/test_neighborhood.py"),
+            "partial",
             "tiled NA (xla) and token-permuted block-sparse (pallas), fwd+bwd; no RPB; GPU scaling not measured"),
     "P04": (tuple(_SPARSE + n for n in ("radial.radial_attention", "radial.radial_block_mask", "radial.radial_mask_fn", "radial.radial_attention_mask",)),
             ("tests/methods/sparse/test_radial.py",), "partial",
