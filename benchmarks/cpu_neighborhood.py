@@ -12,27 +12,17 @@ its output and jattn's. Targets at 128 x 128, K=13: >= 15x vs jattn dense, >= 10
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cpu import best_time  # benchmarks/cpu.py (the script's folder is on sys.path)
 from jattn.ops.attention import attention
 from jattn.ops.neighborhood import neighborhood_attention
 
 B, H, D = 1, 8, 64
-
-
-def best_time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def jax_time(fn, args, reps: int) -> float:

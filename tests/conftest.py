@@ -43,3 +43,31 @@ def assert_close(actual, expected, dtype=jnp.float32, factor: float = 1.0, what:
 @pytest.fixture
 def qkv_factory():
     return random_qkv
+
+
+def outputs_and_grads(fn, q, k, v, weights):
+    """``(fn(q, k, v), d/d(q, k, v) of sum(weights * out))``, compiled once."""
+    def loss(q, k, v):
+        out = fn(q, k, v)
+        return jnp.sum(out.astype(jnp.float32) * weights), out
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return out, grads
+
+
+def assert_matches(fn, reference_fn, q, k, v, seed: int):
+    """``fn`` equals ``reference_fn`` forward and in the q/k/v gradients of a random-weighted sum of the
+    output; returns ``fn``'s output."""
+    weights = jax.random.normal(jax.random.PRNGKey(seed), q.shape)
+    out, grads = outputs_and_grads(fn, q, k, v, weights)
+    want, want_grads = outputs_and_grads(reference_fn, q, k, v, weights)
+    assert np.isfinite(np.asarray(out)).all()
+    assert_close(out, want, what="out")
+    for name, g, wg in zip("qkv", grads, want_grads):
+        assert_close(g, wg, factor=2, what=f"d{name}")
+    return out
+
+
+def masked_reference(mask):
+    """The fp32 oracle with a fixed boolean ``mask``, as a function of ``(q, k, v)``."""
+    from jattn.core.reference import reference_attention
+    return lambda q, k, v: reference_attention(q, k, v, mask=jnp.asarray(mask))

@@ -161,3 +161,24 @@ def check_int(name: str, value, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
+
+
+def check_grid_qkv(q, k, v, *, spatial_dims: int | None = None) -> tuple[int, ...]:
+    """``q [B, *spatial, H, D]``, ``k, v [B, *spatial, Hkv, D]`` with 1 to 3 spatial axes (exactly
+    ``spatial_dims`` when given); returns the spatial shape. Heads, GQA and dtypes as ``check_qkv``."""
+    ranks = (4, 5, 6) if spatial_dims is None else (spatial_dims + 3,)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_float_array(name, x)
+        if x.ndim not in ranks:
+            expected = "1 to 3 spatial axes (rank 4 to 6)" if spatial_dims is None else \
+                f"{spatial_dims} spatial axes (rank {ranks[0]})"
+            raise ValueError(f"{name} must have rank {ranks[0] if len(ranks) == 1 else '4 to 6'}: layout "
+                             f"[B, *spatial, H, D] with {expected}, got {describe(x)}")
+    if not (q.ndim == k.ndim == v.ndim):
+        raise ValueError(f"q, k and v must have the same rank, got {describe(q)}, {describe(k)}, {describe(v)}")
+    spatial = tuple(q.shape[1:-2])
+    for name, x in (("k", k), ("v", v)):
+        if tuple(x.shape[1:-2]) != spatial:
+            raise ValueError(f"{name} must have q's spatial shape {spatial}, got {describe(x)}")
+    check_qkv(*(x.reshape(x.shape[0], -1, *x.shape[-2:]) for x in (q, k, v)))
+    return spatial

@@ -151,25 +151,6 @@ class NAGeometry:
         return NAGeometry(tuple(sub_shape), self.kernel, self.stride, (1,) * self.ndim, self.causal)
 
 
-def check_grid_qkv(q, k, v):
-    """``q [B, *spatial, H, D]``, ``k, v [B, *spatial, Hkv, D]``; returns the spatial shape."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        checks.check_float_array(name, x)
-        if x.ndim not in (4, 5, 6):
-            raise ValueError(f"{name} must have layout [B, *spatial, H, D] with 1 to 3 spatial axes (rank 4 to 6), "
-                             f"got {checks.describe(x)}")
-    if not (q.ndim == k.ndim == v.ndim):
-        raise ValueError(f"q, k and v must have the same rank, got {checks.describe(q)}, {checks.describe(k)}, "
-                         f"{checks.describe(v)}")
-    spatial = tuple(q.shape[1:-2])
-    for name, x in (("k", k), ("v", v)):
-        if tuple(x.shape[1:-2]) != spatial:
-            raise ValueError(f"{name} must have q's spatial shape {spatial}, got {checks.describe(x)}")
-    flat = [x.reshape(x.shape[0], -1, *x.shape[-2:]) for x in (q, k, v)]
-    checks.check_qkv(*flat)  # batch, heads, GQA grouping, head dim, dtypes
-    return spatial
-
-
 # ---------------------------------------------------------------------------------- public API
 
 def neighborhood_attention(q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False, scale=None,
@@ -186,7 +167,7 @@ def neighborhood_attention(q, k, v, kernel_size, *, stride=1, dilation=1, is_cau
 
     Returns ``[B, *spatial, H, D]`` in q's dtype.
     """
-    spatial = check_grid_qkv(q, k, v)
+    spatial = checks.check_grid_qkv(q, k, v)
     geometry = NAGeometry.create(spatial, kernel_size, stride, dilation, is_causal)
     scale = checks.check_positive_float("scale", scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale

@@ -61,15 +61,8 @@ def _check_hw(hw) -> tuple[int, int]:
 
 def _check_image_qkv(q, k, v) -> tuple[int, int, int, int, int, int]:
     """``q [B, Hgt, Wid, H, D]``, ``k, v [B, Hgt, Wid, Hkv, D]``; returns ``(B, Hgt, Wid, H, Hkv, D)``."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        checks.check_float_array(name, x, 5)
-    if k.shape[:3] != q.shape[:3] or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q, k and v must share [B, Hgt, Wid], got q {checks.describe(q)}, k {checks.describe(k)} "
-                         f"and v {checks.describe(v)}")
-    B, Hgt, Wid, H, D = q.shape
-    flat = lambda x: x.reshape(B, Hgt * Wid, *x.shape[3:])
-    checks.check_qkv(flat(q), flat(k), flat(v))
-    return B, Hgt, Wid, H, k.shape[3], D
+    Hgt, Wid = checks.check_grid_qkv(q, k, v, spatial_dims=2)
+    return q.shape[0], Hgt, Wid, q.shape[3], k.shape[3], q.shape[4]
 
 
 # ---------------------------------------------------------------------------------------- windows

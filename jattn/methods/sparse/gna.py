@@ -20,7 +20,7 @@ import dataclasses
 import numpy as np
 
 from jattn.core import checks
-from jattn.ops.neighborhood import (NAGeometry, axis_tile_maps, check_grid_qkv, check_tile_shape, over_dilation_groups,
+from jattn.ops.neighborhood import (NAGeometry, axis_tile_maps, check_tile_shape, over_dilation_groups,
                                     per_axis, na_tile_maps, neighborhood_attention, neighborhood_mask,
                                     permuted_attention, token_permute, token_unpermute)
 
@@ -47,7 +47,7 @@ def gna_attention(q, k, v, window, stride=1, dilation=1, causal=False, *, scale=
     ``jattn.ops.neighborhood.DEFAULT_PALLAS_TILES``). ``impl`` picks the block-sparse kernel: "pallas",
     "xla" (its CPU gather path) or "auto". Dilation groups are split off first (each runs undilated).
     """
-    spatial = check_grid_qkv(q, k, v)
+    spatial = checks.check_grid_qkv(q, k, v)
     geometry = NAGeometry.create(spatial, window, stride, dilation, causal)
     checks.check_choice("impl", impl, ("auto", "pallas", "xla"))
     scale = checks.check_positive_float("scale", scale)

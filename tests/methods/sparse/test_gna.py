@@ -1,5 +1,4 @@
 """P48 GNA: token permutation on the block-sparse kernel, tile maps and the cost model."""
-import itertools
 import math
 
 import jax

@@ -14,7 +14,7 @@ from jattn.methods.sparse.paro import (PARO_ORDERS, calibrate_block_mask, dequan
                                        paro_attention, paro_block_mass, paro_inverse_permutation,
                                        paro_mask_to_original, paro_order_costs, paro_permutation, paro_permute,
                                        paro_unpermute, quantize_int8_per_block, select_paro_order)
-from tests.conftest import assert_close, random_qkv
+from tests.conftest import assert_close, assert_matches, masked_reference, random_qkv
 
 FHW, NUM_TEXT = (3, 4, 5), 5            # N = 65: not a multiple of the 16-token blocks
 
@@ -87,25 +87,6 @@ def test_mask_mapped_back_equals_literal_and_block_mask_expands_to_its_tiles():
                                   literal_mask_back(mask_perm, orders))
 
 
-def grads_and_out(fn, q, k, v, w):
-    def loss(q, k, v):
-        out = fn(q, k, v)
-        return jnp.sum(out.astype(jnp.float32) * w), out
-    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-    return out, grads
-
-
-def check_against_reference(fn, mask, q, k, v, seed):
-    w = jax.random.normal(jax.random.PRNGKey(seed), q.shape)
-    out, grads = jax.jit(lambda q, k, v: grads_and_out(fn, q, k, v, w))(q, k, v)
-    want, want_grads = jax.jit(lambda q, k, v: grads_and_out(
-        lambda q, k, v: reference_attention(q, k, v, mask=mask), q, k, v, w))(q, k, v)
-    assert np.isfinite(np.asarray(out)).all()
-    assert_close(out, want, what="out")
-    for name, g, wg in zip("qkv", grads, want_grads):
-        assert_close(g, wg, factor=2, what=f"d{name}")
-
-
 @pytest.mark.parametrize("impl,orders", [
     ("xla", ("hwf", "whf", "fhw", "wfh")),     # GQA group 2 mixes orders: k, v repeated per query head
     ("pallas", ("hwf", "hwf", "wfh", "wfh")),  # each GQA group shares its order: k, v permuted per kv head
@@ -117,7 +98,7 @@ def test_permuted_block_sparse_equals_dense_with_mask_mapped_back(impl, orders):
                                         full_map=jnp.asarray(block_map[None]))
     mask = jnp.asarray(literal_mask_back(expand_tiles(block_map, 16, 65), orders))
     fn = lambda q, k, v: paro_attention(q, k, v, bm, fhw=FHW, orders=orders, num_text=NUM_TEXT, impl=impl)
-    check_against_reference(fn, mask, q, k, v, seed=4)
+    assert_matches(fn, masked_reference(mask), q, k, v, seed=4)
 
 
 def test_full_mask_is_permutation_equivariant():
@@ -178,7 +159,7 @@ def test_calibrated_mask_runs_on_the_kernel_and_matches_dense():
     q, k, v = random_qkv(6, 1, 64, 64, 2, 1, 16)
     mask = paro_mask_to_original(bm.to_dense_mask(heads=2)[0], fhw, orders)
     fn = lambda q, k, v: paro_attention(q, k, v, bm, fhw=fhw, orders=orders, impl="xla")
-    check_against_reference(fn, mask, q, k, v, seed=7)
+    assert_matches(fn, masked_reference(mask), q, k, v, seed=7)
 
 
 def test_int8_quantization_and_int8_path_within_tolerance_of_fp():

@@ -13,7 +13,7 @@ from jattn.core.reference import reference_attention
 from jattn.methods.sparse.saisa import (SAISADecoderBlock, naavit_attention, naavit_block_mask,
                                         naavit_layer_flops, naavit_mask, naavit_mask_fn, naavit_query_positions,
                                         naavit_rows_mask, naavit_rows_mask_fn, saisa_attention)
-from tests.conftest import assert_close, random_qkv
+from tests.conftest import assert_close, assert_matches, random_qkv
 
 LAYOUTS = [(5, 20, 8), (0, 17, 9), (7, 40, 1)]
 
@@ -79,32 +79,13 @@ def test_block_mask_expands_to_the_mask_and_lists_only_live_tiles(layout, blocks
     np.testing.assert_array_equal(np.asarray(bm.kv_counts[0, 0, 1:4]), 0)
 
 
-def grads_and_out(fn, q, k, v, w):
-    def loss(q, k, v):
-        out = fn(q, k, v)
-        return jnp.sum(out.astype(jnp.float32) * w), out
-    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-    return out, grads
-
-
-def check_against(fn, ref, q, k, v, seed):
-    w = jax.random.normal(jax.random.PRNGKey(seed), q.shape)
-    out, grads = jax.jit(lambda q, k, v: grads_and_out(fn, q, k, v, w))(q, k, v)
-    want, want_grads = jax.jit(lambda q, k, v: grads_and_out(ref, q, k, v, w))(q, k, v)
-    assert np.isfinite(np.asarray(out)).all()
-    assert_close(out, want, what="out")
-    for name, g, wg in zip("qkv", grads, want_grads):
-        assert_close(g, wg, factor=2, what=f"d{name}")
-    return out
-
-
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_row_subset_attention_equals_dense_reference_gqa_odd(impl):
     P, V, T = 5, 37, 33                      # N = 75: not a multiple of the blocks
     q_full, k, v = random_qkv(1, 2, P + V + T, P + V + T, 4, 2, 16)
     q = jnp.concatenate([q_full[:, :P], q_full[:, P + V:]], axis=1)
     mask = jnp.asarray(spec_rows_mask(P, V, T))
-    check_against(lambda q, k, v: naavit_attention(q, k, v, num_prefix=P, num_visual=V, block_q=16, block_k=32,
+    assert_matches(lambda q, k, v: naavit_attention(q, k, v, num_prefix=P, num_visual=V, block_q=16, block_k=32,
                                                    impl=impl),
                   lambda q, k, v: reference_attention(q, k, v, mask=mask), q, k, v, seed=2)
 
@@ -114,7 +95,7 @@ def test_full_sequence_attention_equals_dense_reference_visual_rows_zero(impl):
     P, V, T = 6, 43, 22                      # N = 71, visual rows span several whole q blocks
     q, k, v = random_qkv(3, 1, P + V + T, P + V + T, 4, 2, 16)
     mask = jnp.asarray(spec_full_mask(P, V, T))
-    out = check_against(lambda q, k, v: saisa_attention(q, k, v, num_prefix=P, num_visual=V, block_q=16,
+    out = assert_matches(lambda q, k, v: saisa_attention(q, k, v, num_prefix=P, num_visual=V, block_q=16,
                                                         block_k=16, impl=impl),
                         lambda q, k, v: reference_attention(q, k, v, mask=mask), q, k, v, seed=4)
     np.testing.assert_array_equal(np.asarray(out[:, P:P + V]), 0.0)

@@ -13,7 +13,7 @@ from jattn.methods.sparse.sinklora import (group_causal_block_mask, group_causal
                                            shifted_sparse_attention, shifted_sparse_attention_mask,
                                            shifted_sparse_block_mask, shifted_sparse_mask_fn)
 from jattn.ops.block_sparse import block_sparse_attention
-from tests.conftest import assert_close, random_qkv
+from tests.conftest import assert_close, assert_matches, masked_reference, random_qkv
 
 
 def roll_mask(N, H, G):
@@ -108,33 +108,13 @@ def test_block_masks_expand_to_the_masks_and_list_only_live_tiles():
     assert sf_map[:, :, 0].all() and sf_map.sum() < sf_map.size
 
 
-def grads_and_out(fn, q, k, v, w):
-    def loss(q, k, v):
-        out = fn(q, k, v)
-        return jnp.sum(out.astype(jnp.float32) * w), out
-    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-    return out, grads
-
-
-def check_against_reference(fn, mask, q, k, v, seed):
-    w = jax.random.normal(jax.random.PRNGKey(seed), q.shape)
-    out, grads = jax.jit(lambda q, k, v: grads_and_out(fn, q, k, v, w))(q, k, v)
-    want, want_grads = jax.jit(lambda q, k, v: grads_and_out(
-        lambda q, k, v: reference_attention(q, k, v, mask=mask), q, k, v, w))(q, k, v)
-    assert np.isfinite(np.asarray(out)).all()
-    assert_close(out, want, what="out")
-    for name, g, wg in zip("qkv", grads, want_grads):
-        assert_close(g, wg, factor=2, what=f"d{name}")
-    return out
-
-
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_s2_attention_equals_official_forward_and_dense_reference(impl):
     N, H, Hkv, G = 64, 4, 2, 16
     q, k, v = random_qkv(11, 2, N, N, H, Hkv, 16)
     fn = lambda q, k, v: shifted_sparse_attention(q, k, v, block_q=16, block_k=16, impl=impl)   # G = N/4 by default
     assert shifted_group_size(N) == G
-    out = check_against_reference(fn, jnp.asarray(roll_mask(N, H, G)), q, k, v, seed=12)
+    out = assert_matches(fn, masked_reference(roll_mask(N, H, G)), q, k, v, seed=12)
     assert_close(out, official_s2_numpy(q, k, v, G), what="official roll forward")
 
 
@@ -142,7 +122,7 @@ def test_s2_attention_odd_length_odd_group_odd_heads_mqa_and_per_head_block_mask
     N, H, Hkv, G = 100, 3, 1, 25           # a kv head serves shifted and unshifted heads: k, v repeated
     q, k, v = random_qkv(13, 1, N, N, H, Hkv, 16)
     fn = lambda q, k, v: shifted_sparse_attention(q, k, v, group_size=G, block_q=16, block_k=32, impl="xla")
-    out = check_against_reference(fn, jnp.asarray(roll_mask(N, H, G)), q, k, v, seed=14)
+    out = assert_matches(fn, masked_reference(roll_mask(N, H, G)), q, k, v, seed=14)
     # The same attention without rolling: the per-head original-position mask on the kernel.
     bm, mask_fn = shifted_sparse_block_mask(N, H, G, block_q=16, block_k=32), shifted_sparse_mask_fn(N, H, G)
     direct = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, bm, mask_fn=mask_fn, impl="xla"))(q, k, v)
@@ -154,7 +134,7 @@ def test_sf_attention_equals_dense_reference_gqa_odd(impl):
     N, H, Hkv, G = 120, 4, 2, 30
     q, k, v = random_qkv(16, 1, N, N, H, Hkv, 16)
     fn = lambda q, k, v: sf_attention(q, k, v, block_q=16, block_k=32, impl=impl)   # G = N/4, 4 sinks
-    check_against_reference(fn, jnp.asarray(sf_literal_mask(N, H, G, 4)), q, k, v, seed=17)
+    assert_matches(fn, masked_reference(sf_literal_mask(N, H, G, 4)), q, k, v, seed=17)
 
 
 def test_group_equal_to_length_unshifted_heads_are_causal_shifted_heads_are_rolled_causal():
