@@ -71,3 +71,28 @@ def masked_reference(mask):
     """The fp32 oracle with a fixed boolean ``mask``, as a function of ``(q, k, v)``."""
     from jattn.core.reference import reference_attention
     return lambda q, k, v: reference_attention(q, k, v, mask=jnp.asarray(mask))
+
+
+def numpy_qkv(seed: int, B: int, T: int, S: int, H: int, Hkv: int, D: int):
+    """Like ``random_qkv`` but drawn with NumPy: no per-shape compile of a JAX RNG."""
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal(shape, np.float32))
+                 for shape in ((B, T, H, D), (B, S, Hkv, D), (B, S, Hkv, D)))
+
+
+def random_like(seed: int, x):
+    """A fresh normal array of ``x``'s shape (float32, NumPy-drawn)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(x.shape, np.float32))
+
+
+def vjp_run(fn, q, k, v, w):
+    """``fn(q, k, v)`` and the gradients of ``sum(w * fn(q, k, v))`` w.r.t. q, k, v."""
+    out, vjp = jax.vjp(fn, q, k, v)
+    return out, vjp(w)
+
+
+@jax.jit
+def dense_vjp_run(q, k, v, w, mask):
+    """The dense fp32 oracle with an explicit mask, forward and gradients (compiled once per shape)."""
+    from jattn.core.reference import reference_attention
+    return vjp_run(lambda q, k, v: reference_attention(q, k, v, mask=mask), q, k, v, w)

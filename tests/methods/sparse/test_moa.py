@@ -14,19 +14,10 @@ from jattn.core.masks import materialize
 from jattn.core.reference import reference_attention
 from jattn.methods.sparse.moa import (attention_influence, moa_attention, moa_attention_mask, moa_block_mask,
                                       moa_candidates, moa_density, moa_mask_fn, moa_plan, moa_profile)
-from tests.conftest import assert_close
+from tests.conftest import assert_close, dense_vjp_run, numpy_qkv, random_like, vjp_run
 
 reference = jax.jit(reference_attention, static_argnames=("causal",))
 
-
-def random_qkv(seed, B, T, H, Hkv, D=16):
-    rng = np.random.default_rng(seed)
-    return tuple(jnp.asarray(rng.standard_normal(shape, np.float32))
-                 for shape in ((B, T, H, D), (B, T, Hkv, D), (B, T, Hkv, D)))
-
-
-def random_like(seed, x):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(x.shape, np.float32))
 
 
 # ----------------------------------------------------------------------- literal transcription (spec)
@@ -99,26 +90,14 @@ def test_density_matches_mask_counts(alpha, beta, length, block):
 
 # ------------------------------------------------------------------------------------- exactness
 
-def run(fn, q, k, v, w):
-    """``fn(q, k, v)`` and the gradients of ``sum(w * fn(q, k, v))`` w.r.t. q, k, v."""
-    out, vjp = jax.vjp(fn, q, k, v)
-    return out, vjp(w)
-
-
-@jax.jit
-def dense_run(q, k, v, w, mask):
-    """The dense oracle with an explicit mask, forward and gradients (compiled once per shape)."""
-    return run(lambda q, k, v: reference_attention(q, k, v, mask=mask), q, k, v, w)
-
-
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_attention_equals_dense_masked_reference(impl):
-    q, k, v = random_qkv(31, 2, N, 4, 2)
+    q, k, v = numpy_qkv(31, 2, N, N, 4, 2, 16)
     w = random_like(32, q)
     mask = jnp.asarray(literal_token_mask(ALPHAS, BETAS, N, BLOCK))[None]
-    sparse = jax.jit(lambda q, k, v, w: run(lambda q, k, v: moa_attention(
+    sparse = jax.jit(lambda q, k, v, w: vjp_run(lambda q, k, v: moa_attention(
         q, k, v, alphas=ALPHAS, betas=BETAS, block=BLOCK, impl=impl), q, k, v, w))
-    (out, grads), (ref_out, ref_grads) = sparse(q, k, v, w), dense_run(q, k, v, w, jnp.asarray(mask))
+    (out, grads), (ref_out, ref_grads) = sparse(q, k, v, w), dense_vjp_run(q, k, v, w, jnp.asarray(mask))
     assert np.isfinite(np.asarray(out)).all()
     assert_close(out, ref_out, what="out")
     for name, g, r in zip("qkv", grads, ref_grads):
@@ -232,7 +211,7 @@ def test_profile_plan_mask_attention_pipeline():
     moa_attention equals dense attention with that mask; the plan is optimal and no worse than any
     uniform plan that fits the budget."""
     B, T, H, Hkv, block = 2, 128, 4, 2, 16
-    q, k, v = random_qkv(41, B, T, H, Hkv)
+    q, k, v = numpy_qkv(41, B, T, T, H, Hkv, 16)
     W = random_like(42, q)
     candidates = moa_candidates(64, 128, 256, alpha_interval=32, num_betas=5)       # 16 candidates
     losses, densities = [], []
@@ -275,6 +254,6 @@ def test_profile_plan_mask_attention_pipeline():
     (lambda q, k, v: moa_density(0.0, 0.5, 64, 16, mode="flops"), ValueError, "mode"),
 ])
 def test_validation_errors_name_the_argument(call, error, word):
-    q, k, v = random_qkv(0, 1, 32, 4, 2)
+    q, k, v = numpy_qkv(0, 1, 32, 32, 4, 2, 16)
     with pytest.raises(error, match=word):
         call(q, k, v)

@@ -13,21 +13,10 @@ from jattn.core.masks import materialize
 from jattn.core.reference import reference_attention
 from jattn.methods.sparse.radial import (radial_attention, radial_attention_mask, radial_block_mask,
                                          radial_mask_fn)
-from tests.conftest import assert_close
-
-
-def random_qkv(seed, B, T, S, H, Hkv, D):
-    """Fresh normal q [B,T,H,D], k, v [B,S,Hkv,D] from NumPy (no per-shape compile of a JAX RNG)."""
-    rng = np.random.default_rng(seed)
-    return tuple(jnp.asarray(rng.standard_normal(shape, np.float32))
-                 for shape in ((B, T, H, D), (B, S, Hkv, D), (B, S, Hkv, D)))
+from tests.conftest import assert_close, dense_vjp_run, numpy_qkv, random_like, vjp_run
 
 
 reference = jax.jit(reference_attention, static_argnames=("causal",))   # one compile per shape
-
-
-def random_like(seed, x):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(x.shape, np.float32))
 
 
 # ----------------------------------------------------------------------- literal transcriptions (spec)
@@ -149,34 +138,22 @@ def test_block_masks_expand_exactly(config):
 
 # ------------------------------------------------------------------------------------- exactness
 
-def run(fn, q, k, v, w):
-    """``fn(q, k, v)`` and the gradients of ``sum(w * fn(q, k, v))`` w.r.t. q, k, v."""
-    out, vjp = jax.vjp(fn, q, k, v)
-    return out, vjp(w)
-
-
-@jax.jit
-def dense_run(q, k, v, w, mask):
-    """The dense oracle with an explicit mask, forward and gradients (compiled once per shape)."""
-    return run(lambda q, k, v: reference_attention(q, k, v, mask=mask), q, k, v, w)
-
-
 @pytest.mark.parametrize("granularity", ["block", "token"])
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_attention_equals_dense_masked_reference(granularity, impl):
     F, S, n_text, block, model = 7, 15, 5, 16, "wan"     # odd frame size, T = 110, GQA 4:2
     T = F * S + n_text
-    q, k, v = random_qkv(11, 1, T, T, 4, 2, 16)
+    q, k, v = numpy_qkv(11, 1, T, T, 4, 2, 16)
     w = random_like(12, q)
     if granularity == "token":
         mask = literal_token_mask(F, S, n_text, block, 0.2, model)
     else:
         mask = expand_tiles(literal_block_mask(F, S, n_text, block, 0.2, model), block, T)
     assert 0.2 < mask.mean() < 0.5
-    sparse = jax.jit(lambda q, k, v, w: run(
+    sparse = jax.jit(lambda q, k, v, w: vjp_run(
         lambda q, k, v: radial_attention(q, k, v, num_frames=F, tokens_per_frame=S, n_text=n_text, block=block,
                                          model=model, granularity=granularity, impl=impl), q, k, v, w))
-    (out, grads), (ref_out, ref_grads) = sparse(q, k, v, w), dense_run(q, k, v, w, jnp.asarray(mask))
+    (out, grads), (ref_out, ref_grads) = sparse(q, k, v, w), dense_vjp_run(q, k, v, w, jnp.asarray(mask))
     assert np.isfinite(np.asarray(out)).all()
     assert_close(out, ref_out, what="out")
     for name, g, r in zip("qkv", grads, ref_grads):
@@ -189,7 +166,7 @@ def test_huge_decay_without_thinning_is_dense():
     assert dense_mask_of(radial_mask_fn(F, S, block=block, decay_factor=1e6, model="hunyuan"), T).all()
     for model in ("wan", "hunyuan"):
         assert radial_block_mask(F, S, block=block, decay_factor=1e6, model=model).all()
-    q, k, v = random_qkv(3, 1, T, T, 2, 2, 16)
+    q, k, v = numpy_qkv(3, 1, T, T, 2, 2, 16)
     got = jax.jit(lambda q, k, v: radial_attention(q, k, v, num_frames=F, tokens_per_frame=S, block=block,
                                                    decay_factor=1e6, model="hunyuan", impl="xla"))(q, k, v)
     assert_close(got, reference(q, k, v), what="dense limit")
@@ -225,10 +202,10 @@ def test_frames_much_smaller_than_a_tile_drop_rows_to_zero_not_nan():
     """tokens_per_frame < block / 3: no pair reaches 1/3 column density, every tile is dropped; the rows
     then output 0 with finite gradients (the documented fully-masked-row behaviour)."""
     assert not radial_block_mask(8, 4, block=16, model="hunyuan").any()
-    q, k, v = random_qkv(7, 1, 32, 32, 2, 2, 16)
+    q, k, v = numpy_qkv(7, 1, 32, 32, 2, 2, 16)
     fn = lambda q, k, v: radial_attention(q, k, v, num_frames=8, tokens_per_frame=4, block=16, model="hunyuan",
                                           impl="xla")
-    out, grads = jax.jit(lambda q, k, v, w: run(fn, q, k, v, w))(q, k, v, random_like(8, q))
+    out, grads = jax.jit(lambda q, k, v, w: vjp_run(fn, q, k, v, w))(q, k, v, random_like(8, q))
     np.testing.assert_array_equal(np.asarray(out), 0.0)
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
@@ -236,7 +213,7 @@ def test_frames_much_smaller_than_a_tile_drop_rows_to_zero_not_nan():
 def test_dense_schedule():
     F, S, block = 7, 15, 16
     T = F * S
-    q, k, v = random_qkv(5, 1, T, T, 2, 1, 16)
+    q, k, v = numpy_qkv(5, 1, T, T, 2, 1, 16)
     kw = dict(num_frames=F, tokens_per_frame=S, block=block, model="wan", impl="xla")
     radial = jax.jit(functools.partial(radial_attention, **kw),
                      static_argnames=("layer_idx", "timestep", "dense_timesteps"))
@@ -260,6 +237,6 @@ def test_dense_schedule():
     (dict(num_frames=3, tokens_per_frame=16, n_text=1.5), TypeError, "n_text"),
 ])
 def test_validation_errors_name_the_argument(kwargs, error, word):
-    q, k, v = random_qkv(0, 1, 48, 48, 2, 2, 16)
+    q, k, v = numpy_qkv(0, 1, 48, 48, 2, 2, 16)
     with pytest.raises(error, match=word):
         radial_attention(q, k, v, **kwargs)

@@ -12,21 +12,10 @@ from jattn.core.masks import materialize
 from jattn.core.reference import reference_attention
 from jattn.methods.sparse.s2 import s2_attention, s2_attention_mask, s2_block_mask, s2_coverage, s2_mask_fn
 from jattn.ops.block_sparse import block_sparse_attention
-from tests.conftest import assert_close
-
-
-def random_qkv(seed, B, T, S, H, Hkv, D):
-    """Fresh normal q [B,T,H,D], k, v [B,S,Hkv,D] from NumPy (no per-shape compile of a JAX RNG)."""
-    rng = np.random.default_rng(seed)
-    return tuple(jnp.asarray(rng.standard_normal(shape, np.float32))
-                 for shape in ((B, T, H, D), (B, S, Hkv, D), (B, S, Hkv, D)))
+from tests.conftest import assert_close, dense_vjp_run, numpy_qkv, random_like, vjp_run
 
 
 reference = jax.jit(reference_attention, static_argnames=("causal",))   # one compile per shape
-
-
-def random_like(seed, x):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(x.shape, np.float32))
 
 
 # ----------------------------------------------------------------------- literal transcription (spec)
@@ -114,29 +103,17 @@ def test_block_mask_expands_to_token_mask(config):
 
 # ------------------------------------------------------------------------------------- exactness
 
-def run(fn, q, k, v, w):
-    """``fn(q, k, v)`` and the gradients of ``sum(w * fn(q, k, v))`` w.r.t. q, k, v."""
-    out, vjp = jax.vjp(fn, q, k, v)
-    return out, vjp(w)
-
-
-@jax.jit
-def dense_run(q, k, v, w, mask):
-    """The dense oracle with an explicit mask, forward and gradients (compiled once per shape)."""
-    return run(lambda q, k, v: reference_attention(q, k, v, mask=mask), q, k, v, w)
-
-
 @pytest.mark.parametrize("impl, config", [("xla", CONFIGS[0]), ("pallas", CONFIGS[0]), ("xla", CONFIGS[3])],
                          ids=["xla-causal", "pallas-causal", "xla-bidirectional"])
 def test_attention_equals_dense_masked_reference(impl, config):
     H, Hkv, T, block, local, vs, dense, offset, causal = config
-    q, k, v = random_qkv(21, 2, T, T, H, Hkv, 16)
+    q, k, v = numpy_qkv(21, 2, T, T, H, Hkv, 16)
     w = random_like(22, q)
     mask = jnp.asarray(literal_token_mask(H, Hkv, T, block, local, vs, dense, offset, causal))[None]
-    sparse = jax.jit(lambda q, k, v, w: run(lambda q, k, v: s2_attention(
+    sparse = jax.jit(lambda q, k, v, w: vjp_run(lambda q, k, v: s2_attention(
         q, k, v, block=block, local_blocks=local, vert_stride=vs, num_dense_heads=dense, head_offset=offset,
         causal=causal, impl=impl), q, k, v, w))
-    (out, grads), (ref_out, ref_grads) = sparse(q, k, v, w), dense_run(q, k, v, w, jnp.asarray(mask))
+    (out, grads), (ref_out, ref_grads) = sparse(q, k, v, w), dense_vjp_run(q, k, v, w, jnp.asarray(mask))
     assert np.isfinite(np.asarray(out)).all()
     assert_close(out, ref_out, what="out")
     for name, g, r in zip("qkv", grads, ref_grads):
@@ -146,7 +123,7 @@ def test_attention_equals_dense_masked_reference(impl, config):
 def test_mask_fn_runs_inside_the_pallas_kernel():
     """Per-head arithmetic on the kernel's scalar head id: mask_fn on every tile equals the causal flag."""
     H, Hkv, T, block, local, vs, dense, offset, causal = CONFIGS[0]
-    q, k, v = random_qkv(23, 1, T, T, H, Hkv, 16)
+    q, k, v = numpy_qkv(23, 1, T, T, H, Hkv, 16)
     kw = kwargs_of(CONFIGS[0])
     bm = s2_attention_mask(H, T, block, **kw)
     got = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, bm, mask_fn=s2_mask_fn(H, block, **kw),
@@ -159,7 +136,7 @@ def test_vert_stride_one_is_dense_causal():
     T, block = 80, 16
     tiles = s2_block_mask(4, T, block, local_blocks=1, vert_stride=1)
     np.testing.assert_array_equal(tiles, np.broadcast_to(np.tril(np.ones((5, 5), bool)), tiles.shape))
-    q, k, v = random_qkv(24, 1, T, T, 4, 2, 16)
+    q, k, v = numpy_qkv(24, 1, T, T, 4, 2, 16)
     got = jax.jit(lambda q, k, v: s2_attention(q, k, v, block=block, local_blocks=1, vert_stride=1,
                                                impl="xla"))(q, k, v)
     assert_close(got, reference(q, k, v, causal=True), what="vert_stride=1")
@@ -216,14 +193,14 @@ def test_kv_cache_property_absolute_positions():
     (dict(local_blocks=1, vert_stride=2, impl="cuda"), ValueError, "impl"),
 ])
 def test_validation_errors_name_the_argument(kwargs, error, word):
-    q, k, v = random_qkv(0, 1, 32, 32, 4, 2, 16)
+    q, k, v = numpy_qkv(0, 1, 32, 32, 4, 2, 16)
     with pytest.raises(error, match=word):
         s2_attention(q, k, v, **{"block": 16, **kwargs})
 
 
 def test_length_mismatch_and_bad_coverage_input():
-    q, _, _ = random_qkv(0, 1, 32, 32, 4, 2, 16)
-    _, k, v = random_qkv(1, 1, 48, 48, 4, 2, 16)
+    q, _, _ = numpy_qkv(0, 1, 32, 32, 4, 2, 16)
+    _, k, v = numpy_qkv(1, 1, 48, 48, 4, 2, 16)
     with pytest.raises(ValueError, match="T == S"):
         s2_attention(q, k, v, block=16, local_blocks=1, vert_stride=2)
     with pytest.raises(ValueError, match="block_map"):
