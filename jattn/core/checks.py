@@ -182,3 +182,12 @@ def check_grid_qkv(q, k, v, *, spatial_dims: int | None = None) -> tuple[int, ..
             raise ValueError(f"{name} must have q's spatial shape {spatial}, got {describe(x)}")
     check_qkv(*(x.reshape(x.shape[0], -1, *x.shape[-2:]) for x in (q, k, v)))
     return spatial
+
+
+def check_self_attention_qkv(q, k, v, who: str) -> tuple[int, int, int, int, int]:
+    """``check_qkv`` plus ``T == S`` (one sequence attends to itself); returns ``(B, T, H, Hkv, D)``."""
+    B, T, S, H, Hkv, D = check_qkv(q, k, v)
+    if T != S:
+        raise ValueError(f"{who} is self-attention and needs T == S (q and k over the same sequence), got q "
+                         f"{describe(q)} and k {describe(k)}")
+    return B, T, H, Hkv, D

@@ -162,10 +162,7 @@ def moa_attention(q, k, v, *, alphas, betas, block: int = 64, scale: float | Non
     """Causal MoA attention: ``q [B, N, H, D]``, ``k, v [B, N, Hkv, D]``; query head ``h`` uses the window
     ``alphas[h] + betas[h] * N`` (a single number applies to every head). Exact on
     ``jattn.block_sparse_attention``; ``alphas, betas, block`` are static (``block`` a power of two >= 16)."""
-    B, T, S, H, Hkv, D = checks.check_qkv(q, k, v)
-    if T != S:
-        raise ValueError(f"moa_attention is causal self-attention and needs T == S, got q {checks.describe(q)} "
-                         f"and k {checks.describe(k)}")
+    B, T, H, Hkv, D = checks.check_self_attention_qkv(q, k, v, "moa_attention")
     checks.check_block_size("block", block, minimum=16)
     checks.check_choice("impl", impl, checks.IMPLS)
     alphas, betas = _alphas_betas(alphas, betas, H)

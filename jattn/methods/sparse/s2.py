@@ -167,10 +167,7 @@ def s2_attention(q, k, v, *, block: int = 64, local_blocks, vert_stride: int, nu
     """S2 attention: ``q [B, T, H, D]``, ``k, v [B, T, Hkv, D]``; each query head attends its KV head's
     shard (see the module docstring). Exact on ``jattn.block_sparse_attention``; all but q, k, v static.
     ``block`` is the pattern block and the kernel tile (a power of two >= 16)."""
-    B, T, S, H, Hkv, D = checks.check_qkv(q, k, v)
-    if T != S:
-        raise ValueError(f"s2_attention needs T == S (self-attention over one sequence), got q {checks.describe(q)} "
-                         f"and k {checks.describe(k)}")
+    B, T, H, Hkv, D = checks.check_self_attention_qkv(q, k, v, "s2_attention")
     checks.check_block_size("block", block, minimum=16)
     checks.check_choice("impl", impl, checks.IMPLS)
     block_mask = s2_attention_mask(H, T, block, local_blocks=local_blocks, vert_stride=vert_stride,

@@ -162,10 +162,7 @@ def saisa_attention(q, k, v, *, num_prefix: int, num_visual: int, block_q: int |
     Returns ``[B, N, H, D]``: non-visual rows get their causal attention output, visual rows are exactly
     0 (fully masked rows; their gradient is 0 too). Tiles of all-visual q blocks are never visited.
     """
-    B, N, S, H, Hkv, D = checks.check_qkv(q, k, v)
-    if N != S:
-        raise ValueError(f"saisa_attention needs q and k over the same sequence, got q {checks.describe(q)} "
-                         f"and k {checks.describe(k)}")
+    B, N, H, Hkv, D = checks.check_self_attention_qkv(q, k, v, "saisa_attention")
     P, V = checks.check_int("num_prefix", num_prefix, 0), checks.check_int("num_visual", num_visual, 0)
     if P + V > N:
         raise ValueError(f"num_prefix + num_visual = {P + V} exceeds the sequence length N={N} of q "

@@ -180,14 +180,6 @@ def _roll_heads(x, first: int, shift: int):
     return jnp.concatenate([x[:, :, :first], jnp.roll(x[:, :, first:], shift, axis=1)], axis=2)
 
 
-def _check_self_attention(q, k, v, who: str):
-    B, T, S, H, Hkv, D = checks.check_qkv(q, k, v)
-    if T != S:
-        raise ValueError(f"{who} is self-attention: q and k must share the sequence, got q "
-                         f"{checks.describe(q)} and k {checks.describe(k)}")
-    return B, T, H, Hkv, D
-
-
 def shifted_sparse_attention(q, k, v, *, group_size: int | None = None,
                              group_ratio: float = DEFAULT_GROUP_RATIO, block_q: int | None = None,
                              block_k: int | None = None, scale: float | None = None, impl: str = "auto"):
@@ -196,7 +188,7 @@ def shifted_sparse_attention(q, k, v, *, group_size: int | None = None,
     ``group_size`` (default ``int(N * group_ratio)``); heads ``h >= H // 2`` are shifted by
     ``group_size // 2``. Computed as in LongLoRA: roll, group-causal block-diagonal attention, roll back.
     """
-    B, N, H, Hkv, D = _check_self_attention(q, k, v, "shifted_sparse_attention")
+    B, N, H, Hkv, D = checks.check_self_attention_qkv(q, k, v, "shifted_sparse_attention")
     G = _resolve_group(N, group_size, group_ratio)
     shift, first = G // 2, H // 2
     per_kv = H // Hkv
@@ -219,7 +211,7 @@ def sf_attention(q, k, v, *, group_size: int | None = None, group_ratio: float =
 
     ``q [B, N, H, D]``, ``k, v [B, N, Hkv, D]`` -> ``[B, N, H, D]``. Every row sees at least itself.
     """
-    B, N, H, Hkv, D = _check_self_attention(q, k, v, "sf_attention")
+    B, N, H, Hkv, D = checks.check_self_attention_qkv(q, k, v, "sf_attention")
     G = _resolve_group(N, group_size, group_ratio)
     mask_fn = sf_mask_fn(H, G, num_sinks)
     block_mask = _tiles(mask_fn, H, N, block_q, block_k)
