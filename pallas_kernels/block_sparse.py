@@ -5,19 +5,30 @@ Kernels only, no policy: ``jattn.ops.block_sparse`` validates user input, builds
 
 Tables. Each row (one ``(b, h, q block)`` for the forward and dq passes, one ``(b, h, kv block)`` for the
 dk/dv pass) is an int32 vector ``[count, code_0, code_1, ...]`` padded to a power of two, with
-``code = 2 * block_id + full``. A kernel program reads ``count`` and loops over exactly that many
-tiles, so work is proportional to the listed tiles. The table travels as a regular blocked input (the
-portable form that interpret mode, Triton and Mosaic all accept); a TPU-tuned variant would move it to
-scalar prefetch (``PrefetchScalarGridSpec``) and put the tile loop on the grid.
+``code = 2 * block_id + full``.
+
+Layout: head-major, ``q [B, H, Tp, Dp]``, ``k, v [B, Hkv, Sp, D*]``; row statistics are ``[B, H, Tp, 1]``
+columns. Every block's last two dims are ``(tile, D)`` or ``(tile, 1)`` with D whole.
+
+Two structures over the same tile math (``dispatch`` picks one when the program is lowered):
+
+* ``"triton"`` (GPU, and the CPU interpreter): grid ``(B, H, row blocks)``; a program reads its table
+  row (a kernel input: Triton has no scalar prefetch) and loops over exactly ``count`` tiles with
+  ``lax.fori_loop``, loading each listed K/V tile by offset from the head's K/V.
+* ``"mosaic"`` (TPU, splash-style): grid ``(B, H, row blocks, width)``; the tables are scalar-prefetched
+  into SMEM and drive the K/V (or, for dk/dv, the Q/dO/lse/delta) ``index_map``, so each step DMAs only
+  the one listed tile; steps past ``count`` repeat the last listed block (no new DMA) and skip compute.
+  The online-softmax state lives in VMEM scratch across the sequential last grid axis.
 
 Masking inside a tile: ``causal`` (``kv <= q``) applies to every tile; on partial tiles (``full = 0``)
 the kernel also applies the sequence-end mask and ``mask_fn(b, h, q_idx, kv_idx)`` under a ``lax.cond``,
 so full tiles never evaluate the mask function. Masked logits are the finite ``MASK_VALUE``; a row that
-sees nothing keeps ``m = MASK_VALUE`` and finalises to ``out = 0, lse = -inf``.
+sees nothing keeps ``m = MASK_VALUE`` and finalises to ``out = 0, lse = -inf``; a NaN logit makes its
+row NaN (never silently zero).
 
-Passes: forward (grid ``B, H, nQ``; online softmax, writes out and lse), dq (grid ``B, H, nQ``, same
-tables) and dk/dv (grid ``B, H, nK``, transposed tables; per query head, summed over the GQA group
-afterwards). Every output tile is written by exactly one program: deterministic, no atomics.
+Passes: forward (online softmax, writes out and lse), dq (same tables) and dk/dv (transposed tables; per
+query head, summed over the GQA group afterwards). Every output tile is written by exactly one program:
+deterministic, no atomics.
 """
 from __future__ import annotations
 
@@ -30,11 +41,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jattn.core.softmax import MASK_VALUE
 from pallas_kernels import common
+from pallas_kernels.common import MASK_VALUE
 
 F32 = jnp.float32
-_SQ = pl.squeezed  # a squeezed block dim (the kernel sees the ref without it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +58,7 @@ class KernelConfig:
     causal: bool
     mask_fn: Optional[Callable]
     out_dtype: str
+    target: str
     interpret: bool
     poison_outputs: bool
 
@@ -69,15 +80,15 @@ def encode_table(indices, counts, full):
     return common.pad_axis(table, 3, common.next_power_of_two(table.shape[-1]))
 
 
-def _table_spec(table):
-    """BlockSpec selecting one table row; shared (size-1) batch/head dims always read row 0."""
-    Bm, Hm, _, width = table.shape
-    shared_b, shared_h = Bm == 1, Hm == 1
+def _decode(code):
+    """``(block id, is_full)`` of a table code; truncating ops (codes are >= 0) lower on every target,
+    where ``//`` and ``%`` emit sign corrections that Mosaic cannot lower from a CPU host."""
+    return lax.div(code, 2), lax.rem(code, 2) == 1
 
-    def index_map(b, h, r):
-        return (0 if shared_b else b, 0 if shared_h else h, r, 0)
 
-    return pl.BlockSpec((_SQ, _SQ, _SQ, width), index_map)
+def _table_row(table, b, h, r):
+    """Where a (b, h, row) entry lives: shared (size-1) batch/head dims of the table read index 0."""
+    return (b if table.shape[0] > 1 else 0, h if table.shape[1] > 1 else 0, r)
 
 
 # ---------------------------------------------------------------------------------------- tile math
@@ -112,92 +123,28 @@ def _mask_tile(cfg: KernelConfig, s, is_full, b, h, q_start, kv_start):
     return lax.cond(is_full, lambda s: s, partial, s)
 
 
-def _decode(code):
-    return code // 2, code % 2 == 1
+def _softmax_step(cfg, state, q_tile, k_tile, v_tile, is_full, b, h, q_start, kv_start):
+    """One online-softmax update of ``(m [bq, 1], l [bq, 1], acc [bq, Dv])`` with one kv tile."""
+    m, l, acc = state
+    s, _ = _tile_logits(cfg, q_tile, k_tile)
+    s = _mask_tile(cfg, s, is_full, b, h, q_start, kv_start)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    correction = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new)
+    l_new = l * correction + jnp.sum(p, axis=1, keepdims=True)
+    acc_new = acc * correction + common.dot_nn(p.astype(v_tile.dtype), v_tile)
+    return m_new, l_new, acc_new
 
 
-# ---------------------------------------------------------------------------------------- forward
+def _finalize(m, l, acc):
+    """``(out, lse)`` of a finished row block; rows that never met a visible key give 0 and -inf.
 
-def _forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, cfg: KernelConfig):
-    out_ref, lse_ref = rest[-2:]  # leading entries are the (unread) NaN buffers aliased to the outputs
-    b, h, qi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    bq, bk = cfg.block_q, cfg.block_k
-    q_tile = q_ref[...]
+    ``m <= threshold`` (not ``not m > threshold``) keeps NaN rows NaN.
+    """
+    unseen = m <= 0.5 * MASK_VALUE
+    safe_l = jnp.where(unseen, 1.0, l)
+    return jnp.where(unseen, 0.0, acc / safe_l), jnp.where(unseen, -jnp.inf, m + jnp.log(safe_l))
 
-    def visit(j, state):
-        m, l, acc = state
-        kv_block, is_full = _decode(table_ref[1 + j])
-        kv_start = pl.multiple_of(kv_block * bk, bk)
-        k_tile = k_ref[pl.ds(kv_start, bk), :]
-        v_tile = v_ref[pl.ds(kv_start, bk), :]
-        s, _ = _tile_logits(cfg, q_tile, k_tile)
-        s = _mask_tile(cfg, s, is_full, b, h, qi * bq, kv_start)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        correction = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[:, None])
-        l_new = l * correction + jnp.sum(p, axis=1)
-        acc_new = acc * correction[:, None] + common.dot_nn(p.astype(v_tile.dtype), v_tile)
-        return m_new, l_new, acc_new
-
-    init = (jnp.full((bq,), MASK_VALUE, F32), jnp.zeros((bq,), F32), jnp.zeros(out_ref.shape, F32))
-    m, l, acc = lax.fori_loop(0, table_ref[0], visit, init)
-    # A row that never met a visible key still has m == MASK_VALUE (its l, acc are junk from
-    # exp(MASK - MASK) = 1): it finalises to out 0, lse -inf.
-    seen = m > 0.5 * MASK_VALUE
-    safe_l = jnp.where(seen, l, 1.0)
-    out_ref[...] = jnp.where(seen[:, None], acc / safe_l[:, None], 0.0).astype(out_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(safe_l), -jnp.inf)
-
-
-def _poison_like(shape, dtype):
-    return jnp.full(shape, jnp.nan, dtype)
-
-
-def _call(kernel, cfg: KernelConfig, grid, in_specs, args, out_specs, out_shapes):
-    """``pallas_call`` with optional NaN-filled output buffers (aliased), so unwritten tiles show up."""
-    aliases = {}
-    if cfg.poison_outputs:
-        first = len(args)
-        args = tuple(args) + tuple(_poison_like(s.shape, s.dtype) for s in out_shapes)
-        in_specs = list(in_specs) + list(out_specs)
-        aliases = {first + i: i for i in range(len(out_shapes))}
-    return pl.pallas_call(
-        functools.partial(kernel, cfg=cfg), grid=grid, in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shapes, input_output_aliases=aliases, interpret=cfg.interpret,
-        compiler_params=common.gpu_compiler_params(interpret=cfg.interpret, num_warps=4, num_stages=2),
-    )(*args)
-
-
-def _row_specs(block_rows: int, head_of):
-    """BlockSpec of ``[B, L, Hx, Dp]`` selecting ``block_rows`` rows (block index r) of head ``head_of(h)``."""
-    def spec(dp):
-        return pl.BlockSpec((_SQ, block_rows, _SQ, dp), lambda b, h, r: (b, r, head_of(h), 0))
-    return spec
-
-
-def _whole_spec(length: int, head_of):
-    """BlockSpec of ``[B, L, Hx, Dp]`` selecting the whole sequence of head ``head_of(h)``."""
-    def spec(dp):
-        return pl.BlockSpec((_SQ, length, _SQ, dp), lambda b, h, r: (b, 0, head_of(h), 0))
-    return spec
-
-
-def _forward(cfg: KernelConfig, q, k, v, kv_table):
-    """Padded inputs -> ``(out [B, Tp, H, Dv], lse [B, H, Tp])``."""
-    B, Tp, H, Dp = q.shape
-    Sp, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
-    group = H // Hkv
-    q_spec = _row_specs(cfg.block_q, lambda h: h)
-    kv_spec = _whole_spec(Sp, lambda h: h // group)
-    out_shapes = (jax.ShapeDtypeStruct((B, Tp, H, Dv), jnp.dtype(cfg.out_dtype)),
-                  jax.ShapeDtypeStruct((B, H, Tp), F32))
-    out_specs = (q_spec(Dv), pl.BlockSpec((_SQ, _SQ, cfg.block_q), lambda b, h, r: (b, h, r)))
-    return _call(_forward_kernel, cfg, (B, H, cfg.num_q_blocks),
-                 [_table_spec(kv_table), q_spec(Dp), kv_spec(Dp), kv_spec(Dv)],
-                 (kv_table, q, k, v), out_specs, out_shapes)
-
-
-# ---------------------------------------------------------------------------------------- backward
 
 def _tile_dlogits(cfg: KernelConfig, q_tile, k_tile, v_tile, do_tile, lse_rows, delta_rows, is_full, b, h,
                   q_start, kv_start):
@@ -205,15 +152,35 @@ def _tile_dlogits(cfg: KernelConfig, q_tile, k_tile, v_tile, do_tile, lse_rows, 
     s, tanh = _tile_logits(cfg, q_tile, k_tile)
     s = _mask_tile(cfg, s, is_full, b, h, q_start, kv_start)
     # lse is +inf on rows that saw nothing (and on padding rows), so p = 0 there; masked s gives p = 0.
-    p = jnp.exp(s - lse_rows[:, None])
+    p = jnp.exp(s - lse_rows)
     dp = common.dot_nt(do_tile, v_tile)
-    ds = p * (dp - delta_rows[:, None])
+    ds = p * (dp - delta_rows)
     if tanh is not None:
         ds = ds * (1.0 - tanh * tanh)
     return p, ds * cfg.scale
 
 
-def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg: KernelConfig):
+# ------------------------------------------------------------------- GPU structure: loop inside a program
+
+def _gpu_forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, cfg: KernelConfig):
+    out_ref, lse_ref = rest[-2:]  # leading entries are the (unread) NaN buffers aliased to the outputs
+    b, h, qi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bq, bk = cfg.block_q, cfg.block_k
+    q_tile = q_ref[...]
+
+    def visit(j, state):
+        kv_block, is_full = _decode(table_ref[1 + j])
+        kv_start = pl.multiple_of(kv_block * bk, bk)
+        return _softmax_step(cfg, state, q_tile, k_ref[pl.ds(kv_start, bk), :], v_ref[pl.ds(kv_start, bk), :],
+                             is_full, b, h, qi * bq, kv_start)
+
+    init = (jnp.full((bq, 1), MASK_VALUE, F32), jnp.zeros((bq, 1), F32), jnp.zeros(out_ref.shape, F32))
+    out, lse = _finalize(*lax.fori_loop(0, table_ref[0], visit, init))
+    out_ref[...] = out.astype(out_ref.dtype)
+    lse_ref[...] = lse
+
+
+def _gpu_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg: KernelConfig):
     dq_ref = rest[-1]
     b, h, qi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bk = cfg.block_k
@@ -224,15 +191,14 @@ def _dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest
         kv_block, is_full = _decode(table_ref[1 + j])
         kv_start = pl.multiple_of(kv_block * bk, bk)
         k_tile = k_ref[pl.ds(kv_start, bk), :]
-        v_tile = v_ref[pl.ds(kv_start, bk), :]
-        _, ds = _tile_dlogits(cfg, q_tile, k_tile, v_tile, do_tile, lse_rows, delta_rows, is_full, b, h,
-                              qi * cfg.block_q, kv_start)
+        _, ds = _tile_dlogits(cfg, q_tile, k_tile, v_ref[pl.ds(kv_start, bk), :], do_tile, lse_rows, delta_rows,
+                              is_full, b, h, qi * cfg.block_q, kv_start)
         return dq + common.dot_nn(ds.astype(k_tile.dtype), k_tile)
 
     dq_ref[...] = lax.fori_loop(0, table_ref[0], visit, jnp.zeros(dq_ref.shape, F32))
 
 
-def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg: KernelConfig):
+def _gpu_dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg: KernelConfig):
     dk_ref, dv_ref = rest[-2:]
     b, h, ki = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bq = cfg.block_q
@@ -244,11 +210,10 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *res
         q_start = pl.multiple_of(q_block * bq, bq)
         q_tile = q_ref[pl.ds(q_start, bq), :]
         do_tile = do_ref[pl.ds(q_start, bq), :]
-        p, ds = _tile_dlogits(cfg, q_tile, k_tile, v_tile, do_tile, lse_ref[pl.ds(q_start, bq)],
-                              delta_ref[pl.ds(q_start, bq)], is_full, b, h, q_start, ki * cfg.block_k)
-        dv = dv + common.dot_tn(p.astype(do_tile.dtype), do_tile)
-        dk = dk + common.dot_tn(ds.astype(q_tile.dtype), q_tile)
-        return dk, dv
+        p, ds = _tile_dlogits(cfg, q_tile, k_tile, v_tile, do_tile, lse_ref[pl.ds(q_start, bq), :],
+                              delta_ref[pl.ds(q_start, bq), :], is_full, b, h, q_start, ki * cfg.block_k)
+        return dk + common.dot_tn(ds.astype(q_tile.dtype), q_tile), dv + common.dot_tn(p.astype(do_tile.dtype),
+                                                                                       do_tile)
 
     init = (jnp.zeros(dk_ref.shape, F32), jnp.zeros(dv_ref.shape, F32))
     dk, dv = lax.fori_loop(0, table_ref[0], visit, init)
@@ -256,42 +221,241 @@ def _dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *res
     dv_ref[...] = dv
 
 
-def _backward(cfg: KernelConfig, q, k, v, kv_table, q_table, d_out, lse_rows, delta):
-    """Padded inputs -> ``dq [B, Tp, H, Dp]``, per-query-head ``dk, dv [B, Sp, H, D*]`` (float32)."""
-    B, Tp, H, Dp = q.shape
-    Sp, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
-    group = H // Hkv
-    row_spec = pl.BlockSpec((_SQ, _SQ, cfg.block_q), lambda b, h, r: (b, h, r))
-    whole_rows = pl.BlockSpec((_SQ, _SQ, Tp), lambda b, h, r: (b, h, 0))
-    q_blocks, q_whole = _row_specs(cfg.block_q, lambda h: h), _whole_spec(Tp, lambda h: h)
-    kv_blocks, kv_whole = _row_specs(cfg.block_k, lambda h: h // group), _whole_spec(Sp, lambda h: h // group)
+def _gpu_table_spec(table):
+    """The table row of this program's (b, h, row block)."""
+    width = table.shape[-1]
 
-    dq = _call(_dq_kernel, cfg, (B, H, cfg.num_q_blocks),
-               [_table_spec(kv_table), q_blocks(Dp), kv_whole(Dp), kv_whole(Dv),
-                q_blocks(Dv), row_spec, row_spec],
-               (kv_table, q, k, v, d_out, lse_rows, delta), (q_blocks(Dp),),
-               (jax.ShapeDtypeStruct((B, Tp, H, Dp), F32),))[0]
-    per_head = _row_specs(cfg.block_k, lambda h: h)
-    dk, dv = _call(_dkv_kernel, cfg, (B, H, cfg.num_kv_blocks),
-                   [_table_spec(q_table), q_whole(Dp), kv_blocks(Dp), kv_blocks(Dv),
-                    q_whole(Dv), whole_rows, whole_rows],
-                   (q_table, q, k, v, d_out, lse_rows, delta), (per_head(Dp), per_head(Dv)),
-                   (jax.ShapeDtypeStruct((B, Sp, H, Dp), F32), jax.ShapeDtypeStruct((B, Sp, H, Dv), F32)))
+    def index_map(b, h, r):
+        return (*_table_row(table, b, h, r), 0)
+
+    return pl.BlockSpec((None, None, None, width), index_map)
+
+
+def _rows(length: int, head_of, dim: int):
+    """BlockSpec of a head-major ``[B, Hx, L, dim]`` array: ``length`` rows of block ``r`` of head ``head_of(h)``."""
+    return pl.BlockSpec((None, None, length, dim), lambda b, h, r: (b, head_of(h), r, 0))
+
+
+def _whole(length: int, head_of, dim: int):
+    return pl.BlockSpec((None, None, length, dim), lambda b, h, r: (b, head_of(h), 0, 0))
+
+
+def _gpu_forward(cfg, q, k, v, kv_table):
+    B, H, Tp, Dp = q.shape
+    Hkv, Sp, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = H // Hkv
+    kv_head = lambda h: common.trunc_div(h, group)  # noqa: E731
+    same = lambda h: h  # noqa: E731
+    return common.pallas_call(
+        functools.partial(_gpu_forward_kernel, cfg=cfg), out_shape=_forward_shapes(cfg, q, v),
+        target=cfg.target, interpret=cfg.interpret, name="jattn_block_sparse_forward",
+        grid=(B, H, cfg.num_q_blocks),
+        in_specs=[_gpu_table_spec(kv_table), _rows(cfg.block_q, same, Dp), _whole(Sp, kv_head, Dp),
+                  _whole(Sp, kv_head, Dv)],
+        out_specs=[_rows(cfg.block_q, same, Dv), _rows(cfg.block_q, same, 1)],
+        poison_outputs=cfg.poison_outputs)(kv_table, q, k, v)
+
+
+def _gpu_backward(cfg, q, k, v, kv_table, q_table, d_out, lse_rows, delta):
+    B, H, Tp, Dp = q.shape
+    Hkv, Sp, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = H // Hkv
+    kv_head = lambda h: common.trunc_div(h, group)  # noqa: E731
+    same = lambda h: h  # noqa: E731
+    call = functools.partial(common.pallas_call, target=cfg.target, interpret=cfg.interpret,
+                             poison_outputs=cfg.poison_outputs)
+    (dq,) = call(
+        functools.partial(_gpu_dq_kernel, cfg=cfg), out_shape=[jax.ShapeDtypeStruct(q.shape, F32)],
+        name="jattn_block_sparse_dq", grid=(B, H, cfg.num_q_blocks),
+        in_specs=[_gpu_table_spec(kv_table), _rows(cfg.block_q, same, Dp), _whole(Sp, kv_head, Dp),
+                  _whole(Sp, kv_head, Dv), _rows(cfg.block_q, same, Dv), _rows(cfg.block_q, same, 1),
+                  _rows(cfg.block_q, same, 1)],
+        out_specs=[_rows(cfg.block_q, same, Dp)])(kv_table, q, k, v, d_out, lse_rows, delta)
+    dk, dv = call(
+        functools.partial(_gpu_dkv_kernel, cfg=cfg), name="jattn_block_sparse_dkv", grid=(B, H, cfg.num_kv_blocks),
+        out_shape=[jax.ShapeDtypeStruct((B, H, Sp, Dp), F32), jax.ShapeDtypeStruct((B, H, Sp, Dv), F32)],
+        in_specs=[_gpu_table_spec(q_table), _whole(Tp, same, Dp), _rows(cfg.block_k, kv_head, Dp),
+                  _rows(cfg.block_k, kv_head, Dv), _whole(Tp, same, Dv), _whole(Tp, same, 1), _whole(Tp, same, 1)],
+        out_specs=[_rows(cfg.block_k, same, Dp), _rows(cfg.block_k, same, Dv)])(
+            q_table, q, k, v, d_out, lse_rows, delta)
     return dq, dk, dv
+
+
+# ------------------------------------------------------------- TPU structure: listed tiles on the grid
+
+def _listed_block(table_ref, b, h, r, j):
+    """Block id of the j-th listed tile of row r, clamped to the last listed one (no re-fetch past count)."""
+    bb, hh, rr = _table_row(table_ref, b, h, r)
+    count = table_ref[bb, hh, rr, 0]
+    slot = jnp.minimum(j, jnp.maximum(count - 1, 0))
+    return _decode(table_ref[bb, hh, rr, 1 + slot])[0]
+
+
+def _listed_entry(table_ref, b, h, r, j):
+    """``(count, block id, is_full)`` of the j-th listed tile of row r."""
+    bb, hh, rr = _table_row(table_ref, b, h, r)
+    count = table_ref[bb, hh, rr, 0]
+    block, is_full = _decode(table_ref[bb, hh, rr, 1 + jnp.minimum(j, table_ref.shape[-1] - 2)])
+    return count, block, is_full
+
+
+def _tpu_forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, cfg: KernelConfig):
+    out_ref, lse_ref, m_scratch, l_scratch, acc_scratch = rest[-5:]
+    b, h, qi, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _init():
+        m_scratch[...] = jnp.full(m_scratch.shape, MASK_VALUE, F32)
+        l_scratch[...] = jnp.zeros(l_scratch.shape, F32)
+        acc_scratch[...] = jnp.zeros(acc_scratch.shape, F32)
+
+    count, kv_block, is_full = _listed_entry(table_ref, b, h, qi, j)
+
+    @pl.when(j < count)
+    def _visit():
+        state = (m_scratch[...], l_scratch[...], acc_scratch[...])
+        m, l, acc = _softmax_step(cfg, state, q_ref[...], k_ref[...], v_ref[...], is_full, b, h,
+                                  qi * cfg.block_q, kv_block * cfg.block_k)
+        m_scratch[...], l_scratch[...], acc_scratch[...] = m, l, acc
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _write():
+        out, lse = _finalize(m_scratch[...], l_scratch[...], acc_scratch[...])
+        out_ref[...] = out.astype(out_ref.dtype)
+        lse_ref[...] = lse
+
+
+def _tpu_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg: KernelConfig):
+    dq_ref, dq_scratch = rest[-2:]
+    b, h, qi, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _init():
+        dq_scratch[...] = jnp.zeros(dq_scratch.shape, F32)
+
+    count, kv_block, is_full = _listed_entry(table_ref, b, h, qi, j)
+
+    @pl.when(j < count)
+    def _visit():
+        k_tile = k_ref[...]
+        _, ds = _tile_dlogits(cfg, q_ref[...], k_tile, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
+                              is_full, b, h, qi * cfg.block_q, kv_block * cfg.block_k)
+        dq_scratch[...] += common.dot_nn(ds.astype(k_tile.dtype), k_tile)
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _write():
+        dq_ref[...] = dq_scratch[...]
+
+
+def _tpu_dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg: KernelConfig):
+    dk_ref, dv_ref, dk_scratch, dv_scratch = rest[-4:]
+    b, h, ki, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _init():
+        dk_scratch[...] = jnp.zeros(dk_scratch.shape, F32)
+        dv_scratch[...] = jnp.zeros(dv_scratch.shape, F32)
+
+    count, q_block, is_full = _listed_entry(table_ref, b, h, ki, j)
+
+    @pl.when(j < count)
+    def _visit():
+        q_tile, do_tile = q_ref[...], do_ref[...]
+        p, ds = _tile_dlogits(cfg, q_tile, k_ref[...], v_ref[...], do_tile, lse_ref[...], delta_ref[...],
+                              is_full, b, h, q_block * cfg.block_q, ki * cfg.block_k)
+        dk_scratch[...] += common.dot_tn(ds.astype(q_tile.dtype), q_tile)
+        dv_scratch[...] += common.dot_tn(p.astype(do_tile.dtype), do_tile)
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _write():
+        dk_ref[...] = dk_scratch[...]
+        dv_ref[...] = dv_scratch[...]
+
+
+def _tpu_call(kernel, cfg, *, name, table, grid_rows, out_shape, in_specs, out_specs, scratch, inputs):
+    width = table.shape[-1] - 1
+    return common.pallas_call(
+        functools.partial(kernel, cfg=cfg), out_shape=out_shape, target=cfg.target, interpret=cfg.interpret,
+        name=name, grid=(*grid_rows, width), in_specs=in_specs, out_specs=out_specs,
+        poison_outputs=cfg.poison_outputs, num_scalar_prefetch=1, scratch_shapes=scratch,
+        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))(table, *inputs)
+
+
+def _tpu_forward(cfg, q, k, v, kv_table):
+    B, H, Tp, Dp = q.shape
+    Hkv, Dv = k.shape[1], v.shape[3]
+    group = H // Hkv
+    bq, bk = cfg.block_q, cfg.block_k
+    q_spec = pl.BlockSpec((None, None, bq, Dp), lambda b, h, i, j, t: (b, h, i, 0))
+
+    def kv_spec(dim):
+        return pl.BlockSpec((None, None, bk, dim), lambda b, h, i, j, t: (
+            b, common.trunc_div(h, group), _listed_block(t, b, h, i, j), 0))
+
+    return _tpu_call(
+        _tpu_forward_kernel, cfg, name="jattn_block_sparse_forward", table=kv_table,
+        grid_rows=(B, H, cfg.num_q_blocks), out_shape=_forward_shapes(cfg, q, v),
+        in_specs=[q_spec, kv_spec(Dp), kv_spec(Dv)],
+        out_specs=[pl.BlockSpec((None, None, bq, Dv), lambda b, h, i, j, t: (b, h, i, 0)),
+                   pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, t: (b, h, i, 0))],
+        scratch=[common.vmem_scratch((bq, 1), F32), common.vmem_scratch((bq, 1), F32),
+                 common.vmem_scratch((bq, Dv), F32)], inputs=(q, k, v))
+
+
+def _tpu_backward(cfg, q, k, v, kv_table, q_table, d_out, lse_rows, delta):
+    B, H, Tp, Dp = q.shape
+    Hkv, Sp, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = H // Hkv
+    bq, bk = cfg.block_q, cfg.block_k
+
+    def fixed(rows, dim, kv_head=False):
+        return pl.BlockSpec((None, None, rows, dim), lambda b, h, r, j, t: (
+            b, common.trunc_div(h, group) if kv_head else h, r, 0))
+
+    def listed(rows, dim, kv_head=False):
+        return pl.BlockSpec((None, None, rows, dim), lambda b, h, r, j, t: (
+            b, common.trunc_div(h, group) if kv_head else h, _listed_block(t, b, h, r, j), 0))
+
+    (dq,) = _tpu_call(
+        _tpu_dq_kernel, cfg, name="jattn_block_sparse_dq", table=kv_table, grid_rows=(B, H, cfg.num_q_blocks),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, F32)],
+        in_specs=[fixed(bq, Dp), listed(bk, Dp, True), listed(bk, Dv, True), fixed(bq, Dv), fixed(bq, 1),
+                  fixed(bq, 1)],
+        out_specs=[fixed(bq, Dp)], scratch=[common.vmem_scratch((bq, Dp), F32)],
+        inputs=(q, k, v, d_out, lse_rows, delta))
+    dk, dv = _tpu_call(
+        _tpu_dkv_kernel, cfg, name="jattn_block_sparse_dkv", table=q_table, grid_rows=(B, H, cfg.num_kv_blocks),
+        out_shape=[jax.ShapeDtypeStruct((B, H, Sp, Dp), F32), jax.ShapeDtypeStruct((B, H, Sp, Dv), F32)],
+        in_specs=[listed(bq, Dp), fixed(bk, Dp, True), fixed(bk, Dv, True), listed(bq, Dv), listed(bq, 1),
+                  listed(bq, 1)],
+        out_specs=[fixed(bk, Dp), fixed(bk, Dv)],
+        scratch=[common.vmem_scratch((bk, Dp), F32), common.vmem_scratch((bk, Dv), F32)],
+        inputs=(q, k, v, d_out, lse_rows, delta))
+    return dq, dk, dv
+
+
+def _forward_shapes(cfg, q, v):
+    B, H, Tp, _ = q.shape
+    return [jax.ShapeDtypeStruct((B, H, Tp, v.shape[3]), jnp.dtype(cfg.out_dtype)),
+            jax.ShapeDtypeStruct((B, H, Tp, 1), F32)]
+
+
+STRUCTURES = {"triton": (_gpu_forward, _gpu_backward), "mosaic": (_tpu_forward, _tpu_backward)}
 
 
 # ---------------------------------------------------------------------------------------- custom_vjp
 
 def _pad_inputs(cfg: KernelConfig, q, k, v):
-    """Pads sequences to whole blocks and head dims to a power of two >= 16 (zeros: exact)."""
+    """Head-major, sequences padded to whole blocks, head dims to a power of two >= 16 (zeros: exact)."""
     Tp = cfg.num_q_blocks * cfg.block_q
     Sp = cfg.num_kv_blocks * cfg.block_k
     Dp = common.padded_head_dim(q.shape[3])
     Dv = common.padded_head_dim(v.shape[3])
-    q = common.pad_axis(common.pad_axis(q, 1, Tp), 3, Dp)
-    k = common.pad_axis(common.pad_axis(k, 1, Sp), 3, Dp)
-    v = common.pad_axis(common.pad_axis(v, 1, Sp), 3, Dv)
-    return q, k, v
+
+    def heads_first(x, length, dim):
+        return jnp.swapaxes(common.pad_axis(common.pad_axis(x, 1, length), 3, dim), 1, 2)
+
+    return heads_first(q, Tp, Dp), heads_first(k, Sp, Dp), heads_first(v, Sp, Dv)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -301,9 +465,10 @@ def _core(cfg: KernelConfig, q, k, v, kv_table, q_table):
 
 def _core_fwd(cfg, q, k, v, kv_table, q_table):
     T, D_v = q.shape[1], v.shape[3]
-    qp, kp, vp = _pad_inputs(cfg, q, k, v)
-    out, lse = _forward(cfg, qp, kp, vp, kv_table)
-    out, lse = out[:, :T, :, :D_v], lse[:, :, :T]
+    forward, _ = STRUCTURES[cfg.target]
+    out, lse = forward(cfg, *_pad_inputs(cfg, q, k, v), kv_table)
+    out = jnp.swapaxes(out[:, :, :T, :D_v], 1, 2)
+    lse = lse[:, :, :T, 0]
     return (out, lse), (q, k, v, kv_table, q_table, out, lse)
 
 
@@ -313,17 +478,19 @@ def _core_bwd(cfg, residuals, cotangents):
     B, T, H, D = q.shape
     S, Hkv, D_v = k.shape[1], k.shape[2], v.shape[3]
     qp, kp, vp = _pad_inputs(cfg, q, k, v)
-    Tp = qp.shape[1]
+    Tp = qp.shape[2]
     # delta = rowsum(dO * out) - dlse: the lse output's own cotangent enters ds = p * (dp - delta).
     delta = jnp.einsum("bthe,bthe->bht", d_out.astype(F32), out.astype(F32)) - d_lse.astype(F32)
-    delta = common.pad_axis(delta, 2, Tp)
-    lse_rows = common.pad_axis(jnp.where(jnp.isfinite(lse), lse, jnp.inf), 2, Tp, value=jnp.inf)
-    d_out_p = common.pad_axis(common.pad_axis(d_out.astype(q.dtype), 1, Tp), 3, vp.shape[3])
-    dq, dk, dv = _backward(cfg, qp, kp, vp, kv_table, q_table, d_out_p, lse_rows, delta)
+    delta = common.pad_axis(delta, 2, Tp)[..., None]
+    lse_rows = common.pad_axis(jnp.where(jnp.isneginf(lse), jnp.inf, lse), 2, Tp, value=jnp.inf)[..., None]
+    d_out_p = jnp.swapaxes(common.pad_axis(common.pad_axis(d_out.astype(q.dtype), 1, Tp), 3, vp.shape[3]), 1, 2)
+    _, backward = STRUCTURES[cfg.target]
+    dq, dk, dv = backward(cfg, qp, kp, vp, kv_table, q_table, d_out_p, lse_rows, delta)
     group = H // Hkv
-    dk = dk[:, :S, :, :D].reshape(B, S, Hkv, group, D).sum(axis=3)
-    dv = dv[:, :S, :, :D_v].reshape(B, S, Hkv, group, D_v).sum(axis=3)
-    return dq[:, :T, :, :D].astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+    dq = jnp.swapaxes(dq[:, :, :T, :D], 1, 2)
+    dk = jnp.swapaxes(dk[:, :, :S, :D], 1, 2).reshape(B, S, Hkv, group, D).sum(axis=3)
+    dv = jnp.swapaxes(dv[:, :, :S, :D_v], 1, 2).reshape(B, S, Hkv, group, D_v).sum(axis=3)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -331,41 +498,47 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 # ---------------------------------------------------------------------------------------- entry point
 
-def _check_table(name: str, x, lead: tuple, rows: int, dtype_kind: str):
-    want = f"[Bm in (1, {lead[0]}), Hm in (1, {lead[1]}), {rows}, ...]"
-    if x.ndim != 4 - (name.endswith("counts")) or x.shape[2] != rows:
-        raise ValueError(f"{name} must have shape {want}, got {x.shape}")
-    if x.shape[0] not in (1, lead[0]) or x.shape[1] not in (1, lead[1]):
-        raise ValueError(f"{name} must have shape {want}, got {x.shape}")
-    ok = jnp.issubdtype(x.dtype, jnp.integer) if dtype_kind == "int" else x.dtype == jnp.bool_
-    if not ok:
-        raise TypeError(f"{name} must have {'an integer' if dtype_kind == 'int' else 'bool'} dtype, got {x.dtype}")
-
-
 def block_sparse_attention_pallas(q, k, v, kv_indices, kv_counts, kv_full, q_indices, q_counts, q_full, *,
                                   block_q: int, block_k: int, scale: float, softcap: float | None = None,
                                   causal: bool = False, mask_fn: Callable | None = None, out_dtype=None,
-                                  interpret: bool | None = None, poison_outputs: bool = False):
+                                  interpret=None, poison_outputs: bool = False):
     """Block-sparse attention over tables in ``BlockMask`` layout (see ``jattn.core.block_mask``).
 
-    q ``[B, T, H, D]``, k/v ``[B, S, Hkv, D]``; ``kv_*`` ``[Bm, Hm, nQ, ...]`` and ``q_*``
-    ``[Bm, Hm, nK, ...]`` with Bm in (1, B), Hm in (1, H). Returns ``(out [B, T, H, D]`` in
-    ``out_dtype`` (default q's), ``lse [B, H, T]`` float32, -inf on empty rows). No sinks here.
-    ``poison_outputs`` fills every output buffer with NaN first (tests: unwritten tiles show up).
+    Inputs are validated by the caller (``jattn.block_sparse_attention``); this layer holds no policy.
+
+    Args:
+      q: ``[B, T, H, D]``.
+      k: ``[B, S, Hkv, D]``.
+      v: ``[B, S, Hkv, Dv]``.
+      kv_indices: ``[Bm, Hm, nQ, W]`` int kv-block ids of each q block (Bm in (1, B), Hm in (1, H)).
+      kv_counts: ``[Bm, Hm, nQ]`` how many of them are listed.
+      kv_full: ``[Bm, Hm, nQ, W]`` bool: the tile is visible throughout (no mask_fn needed).
+      q_indices: ``[Bm, Hm, nK, W']`` the transposed lists (for dk/dv).
+      q_counts: ``[Bm, Hm, nK]``.
+      q_full: ``[Bm, Hm, nK, W']``.
+      block_q: q tile (a power of two >= 16).
+      block_k: kv tile (a power of two >= 16).
+      scale: logit scale.
+      softcap: ``s -> softcap * tanh(s / softcap)``.
+      causal: additionally require ``kv <= q``.
+      mask_fn: ``mask_fn(b, h, q_idx, kv_idx) -> bool`` on partial tiles (pure index arithmetic).
+      out_dtype: the output dtype (default q's).
+      interpret: see ``pallas_kernels.common.dispatch`` (None: Triton / Mosaic / CPU interpreter).
+      poison_outputs: NaN-fill every output buffer first (tests: unwritten tiles show up).
+
+    Returns:
+      ``out [B, T, H, Dv]`` in ``out_dtype`` and ``lse [B, H, T]`` float32 (-inf on empty rows). No sinks.
     """
-    B, T, H, D = q.shape
-    S = k.shape[1]
     block_q = common.check_hardware_block("block_q", block_q)
     block_k = common.check_hardware_block("block_k", block_k)
-    nQ, nK = -(-T // block_q), -(-S // block_k)
-    for name, x, rows, kind in (("kv_indices", kv_indices, nQ, "int"), ("kv_counts", kv_counts, nQ, "int"),
-                                ("kv_full", kv_full, nQ, "bool"), ("q_indices", q_indices, nK, "int"),
-                                ("q_counts", q_counts, nK, "int"), ("q_full", q_full, nK, "bool")):
-        _check_table(name, x, (B, H), rows, kind)
-    cfg = KernelConfig(seq_q=T, seq_k=S, block_q=block_q, block_k=block_k, scale=float(scale),
-                       softcap=None if softcap is None else float(softcap), causal=bool(causal),
-                       mask_fn=mask_fn, out_dtype=jnp.dtype(out_dtype or q.dtype).name,
-                       interpret=common.resolve_interpret(interpret), poison_outputs=bool(poison_outputs))
     kv_table = encode_table(kv_indices, kv_counts, kv_full)
     q_table = encode_table(q_indices, q_counts, q_full)
-    return _core(cfg, q, k, v, kv_table, q_table)
+
+    def build(target, interpret):
+        cfg = KernelConfig(seq_q=q.shape[1], seq_k=k.shape[1], block_q=block_q, block_k=block_k,
+                           scale=float(scale), softcap=None if softcap is None else float(softcap),
+                           causal=bool(causal), mask_fn=mask_fn, out_dtype=jnp.dtype(out_dtype or q.dtype).name,
+                           target=target, interpret=interpret, poison_outputs=bool(poison_outputs))
+        return functools.partial(_core, cfg)
+
+    return common.dispatch(build, q, k, v, kv_table, q_table, interpret=interpret)

@@ -1,34 +1,145 @@
-"""Shared helpers for the Pallas kernels: JAX version shims, hardware block-size rules and padding.
+"""Shared helpers for the Pallas kernels: JAX version shims, backend dispatch, block-size rules, padding.
 
 Everything that depends on which JAX release is installed lives here, so the kernels themselves use
 only APIs that exist on every supported release (``pl.pallas_call``, ``pl.BlockSpec``, ``pl.ds``,
-``pl.program_id``, ``lax.fori_loop``, ``lax.cond``, ``lax.dot_general``).
+``pl.program_id``, ``lax.fori_loop``, ``lax.cond``, ``lax.dot_general``). Kernels import nothing from
+``jattn``: constants they share with the library (``MASK_VALUE``) are defined here.
+
+Backend dispatch (``dispatch``). A kernel is written once as a ``build(target)`` function that returns
+the traced call for one *target*:
+
+* ``"triton"``: the GPU structure (loops over tiles inside a program; tile tables are kernel inputs)
+  with Triton compiler parameters;
+* ``"mosaic"``: the TPU structure (tile tables in SMEM / scalar prefetch, TPU tiling rules) with
+  Mosaic compiler parameters.
+
+``dispatch`` stages every target with ``jax.lax.platform_dependent``, so the choice is made when the
+program is *lowered*: one trace lowers to Triton for ``cuda``/``rocm``, to Mosaic for ``tpu``, and to the
+Pallas interpreter (running the GPU structure) for ``cpu``. ``jax.export(..., platforms=["cuda"])``
+from a CPU host therefore holds the real kernel. ``interpret`` overrides this for tests:
+
+* ``None`` (default): dispatch at lowering time as above;
+* ``True`` or ``"triton"``: run the GPU structure in the interpreter on every platform;
+* ``"mosaic"``: run the TPU structure in the interpreter (how CPU tests check the TPU variant).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
-
-from jattn.core import checks
+from jax.experimental import pallas as pl
 
 # Smallest tile edge that a tensor-core dot accepts (Triton on GPU, Mosaic on TPU).
 MIN_DOT_DIM = 16
+# TPU vector registers are (8 sublanes, 128 lanes): a block's last dim is a multiple of 128 or whole.
+TPU_LANES = 128
+# A finite stand-in for -inf inside kernels (exp underflows to exactly 0, no inf - inf = NaN).
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+TARGETS = ("triton", "mosaic")
+INTERPRET_CHOICES = (None, True, "triton", "mosaic")
 
 
-def default_interpret() -> bool:
-    """Pallas kernels run in interpret mode when the default backend is the CPU."""
-    return jax.default_backend() == "cpu"
+def check_interpret(interpret):
+    """Normalises the ``interpret`` flag of every kernel (see the module docstring)."""
+    if interpret is False:
+        return None
+    if not any(interpret is c or (isinstance(c, str) and interpret == c) for c in INTERPRET_CHOICES):
+        raise ValueError(f"interpret must be one of None, True, 'triton', 'mosaic', got {interpret!r}")
+    return "triton" if interpret is True else interpret
 
 
-def resolve_interpret(interpret) -> bool:
-    if interpret is None:
-        return default_interpret()
-    if not isinstance(interpret, bool):
-        raise TypeError(f"interpret must be None or a bool, got {interpret!r}")
-    return interpret
+def dispatch(build: Callable[..., Callable], *args, interpret=None):
+    """Runs ``build(target, interpret=...)(*args)`` for the platform the program is lowered for.
+
+    ``build(target, interpret)`` returns a callable over ``args`` (pytrees of arrays); every target's
+    callable must return the same shapes and dtypes.
+    """
+    forced = check_interpret(interpret)
+    if forced is not None:
+        return build(forced, interpret=True)(*args)
+    gpu, tpu = build("triton", interpret=False), build("mosaic", interpret=False)
+    return lax.platform_dependent(*args, cpu=build("triton", interpret=True), cuda=gpu, rocm=gpu, tpu=tpu)
+
+
+def compiler_params(target: str, *, interpret: bool, num_warps: int = 4, num_stages: int = 2,
+                    dimension_semantics=None):
+    """Compiler parameters for ``target``, or None in interpret mode.
+
+    Triton's class was ``TritonCompilerParams`` in older releases and Mosaic's ``TPUCompilerParams``; both
+    are ``CompilerParams`` now. Passing Triton parameters explicitly matters: with none, current JAX
+    lowers a GPU ``pallas_call`` with Mosaic GPU.
+    """
+    if interpret:
+        return None
+    if target == "triton":
+        from jax.experimental.pallas import triton as pltriton
+        cls = getattr(pltriton, "CompilerParams", None) or getattr(pltriton, "TritonCompilerParams")
+        return cls(num_warps=num_warps, num_stages=num_stages)
+    if target == "mosaic":
+        from jax.experimental.pallas import tpu as pltpu
+        cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+        return cls(dimension_semantics=None if dimension_semantics is None else tuple(dimension_semantics))
+    raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+
+
+def smem_spec():
+    """A whole-array input placed in TPU scalar memory (scalars read with dynamic indices)."""
+    return pl.BlockSpec(memory_space=_tpu_memory_space("SMEM"))
+
+
+def _tpu_memory_space(name: str):
+    from jax.experimental.pallas import tpu as pltpu
+    space = getattr(pltpu, name, None)
+    if space is None:  # pragma: no cover - older releases spelt it pltpu.TPUMemorySpace.SMEM
+        space = getattr(pltpu.TPUMemorySpace, name)
+    return space
+
+
+def vmem_scratch(shape, dtype):
+    """A TPU VMEM scratch buffer (persists across the sequential grid steps of one program)."""
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.VMEM(tuple(shape), dtype)
+
+
+def pallas_call(kernel, *, out_shape, target: str, interpret: bool, name: str, grid, in_specs, out_specs,
+                poison_outputs: bool = False, num_warps: int = 4, num_stages: int = 2,
+                dimension_semantics=None, num_scalar_prefetch: int = 0, scratch_shapes=()):
+    """``pl.pallas_call`` with the target's compiler parameters and optional NaN-poisoned outputs.
+
+    Returns a callable over the inputs; a None input (an absent feature) has a None ``in_specs`` entry and
+    reaches the kernel as a None ref. The first ``num_scalar_prefetch`` inputs are scalar-prefetched (TPU: SMEM, passed
+    to every index map and to the kernel first) and have no ``in_specs`` entry. ``poison_outputs`` fills
+    every output buffer with NaN and aliases it to the output, so a kernel that misses a tile leaves NaN
+    behind (tests); the kernel receives those refs between its inputs and outputs and never reads them.
+    """
+    out_shape, out_specs = list(out_shape), list(out_specs)
+
+    def call(*inputs):
+        arrays, specs = list(inputs), list(in_specs)
+        aliases = {}
+        if poison_outputs:
+            flat = sum(x is not None for x in arrays)  # aliases count flattened inputs; None is no input
+            aliases = {flat + n: n for n in range(len(out_shape))}
+            arrays += [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape]
+            specs += out_specs
+        params = compiler_params(target, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+                                 dimension_semantics=dimension_semantics)
+        if num_scalar_prefetch or scratch_shapes:
+            from jax.experimental.pallas import tpu as pltpu
+            layout = dict(grid_spec=pltpu.PrefetchScalarGridSpec(
+                num_scalar_prefetch=num_scalar_prefetch, grid=grid, in_specs=specs, out_specs=out_specs,
+                scratch_shapes=tuple(scratch_shapes)))
+        else:
+            layout = dict(grid=grid, in_specs=specs, out_specs=out_specs)
+        return pl.pallas_call(kernel, out_shape=out_shape, input_output_aliases=aliases, interpret=interpret,
+                              name=name, compiler_params=params, **layout)(*arrays)
+    return call
 
 
 def check_hardware_block(name: str, value) -> int:
@@ -36,9 +147,12 @@ def check_hardware_block(name: str, value) -> int:
 
     Interpret mode would accept any size; checking anyway keeps CPU tests honest about GPU/TPU.
     """
-    if value is None:
-        raise TypeError(f"{name} must be an int (a power of two >= {MIN_DOT_DIM}), got None")
-    return checks.check_block_size(name, value, minimum=MIN_DOT_DIM)
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int (a power of two >= {MIN_DOT_DIM}), got {value!r}")
+    value = int(value)
+    if value < MIN_DOT_DIM or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= {MIN_DOT_DIM}, got {value}")
+    return value
 
 
 def next_power_of_two(n: int) -> int:
@@ -174,18 +288,50 @@ def dot_tn(a, b):
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def gpu_compiler_params(*, interpret: bool, num_warps: int, num_stages: int):
-    """Triton compiler parameters for a GPU run, or None (interpret mode, or a non-GPU backend).
+# ----------------------------------------------------------------------------------------------
+# A target that cannot take a configuration fails when (and only when) it is lowered for.
+# ----------------------------------------------------------------------------------------------
 
-    The class was ``TritonCompilerParams`` in older releases and ``CompilerParams`` in newer ones.
-    """
-    if interpret or jax.default_backend() != "gpu":
-        return None
+def _make_unsupported_primitive():
     try:
-        from jax.experimental.pallas import triton as plgpu
-    except ImportError:  # pragma: no cover - depends on the installed jaxlib
-        return None
-    params_cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams", None)
-    if params_cls is None:  # pragma: no cover
-        return None
-    return params_cls(num_warps=num_warps, num_stages=num_stages)
+        from jax.extend.core import Primitive
+    except ImportError:  # pragma: no cover - older releases
+        from jax.core import Primitive
+    from jax.interpreters import batching, mlir
+
+    prim = Primitive("jattn_unsupported_on_target")
+    prim.multiple_results = True
+
+    def abstract_eval(*_, out_avals, message):
+        return out_avals
+
+    def lowering(ctx, *_, out_avals, message):
+        raise ValueError(message)
+
+    def batch(args, dims, *, out_avals, message):
+        size = next(a.shape[d] for a, d in zip(args, dims) if d is not batching.not_mapped)
+        batched = tuple(jax.core.ShapedArray((size, *a.shape), a.dtype) for a in out_avals)
+        return prim.bind(*args, out_avals=batched, message=message), (0,) * len(batched)
+
+    prim.def_abstract_eval(abstract_eval)
+    prim.def_impl(lambda *a, out_avals, message: (_ for _ in ()).throw(ValueError(message)))
+    mlir.register_lowering(prim, lowering)
+    batching.primitive_batchers[prim] = batch
+    return prim
+
+
+_UNSUPPORTED = _make_unsupported_primitive()
+
+
+def unsupported_on_target(message: str, out_shapes):
+    """A stand-in for a kernel that this target cannot run with the given configuration.
+
+    Tracing succeeds (so the other targets of a ``dispatch`` still work, e.g. a TPU-illegal tile size on a
+    CPU or GPU run); lowering it raises ``ValueError(message)``.
+    """
+    out_avals = tuple(jax.core.ShapedArray(s.shape, s.dtype) for s in out_shapes)
+
+    def call(*inputs):
+        arrays = [x for x in jax.tree_util.tree_leaves(inputs)]
+        return list(_UNSUPPORTED.bind(*arrays, out_avals=out_avals, message=message))
+    return call

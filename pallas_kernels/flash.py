@@ -1,13 +1,19 @@
 """Portable Pallas flash attention (FlashAttention-2 style), forward and backward.
 
-One kernel family serves every dense-attention feature of ``jattn.core.reference.reference_attention``
+One kernel family serves the dense-attention features of ``jattn.core.reference.reference_attention``
 (its docstring defines the semantics): GQA, a bool mask and a float bias broadcastable to
-``[B, H, T, S]``, causal, a (left, right) window, segment ids, softcap and sinks. Absent features are
-static flags and cost nothing.
+``[B, H, T, S]``, causal, a (left, right) window, segment ids and softcap. Absent features are static
+flags and cost nothing. (Sinks are merged outside the kernel as one value-less LSE partial, exact.)
 
-Structure (the same on CPU with ``interpret=True``, on GPU via Triton):
+Layout. The kernels see a head-major layout, ``q [B, H, T, D]``, ``k, v [B, Hkv, S, D]``, so every block's
+last two dims are ``(tile, D)`` with ``D`` whole: legal for Triton (powers of two) and for Mosaic TPU
+(``(8, 128)`` tiling or the whole dim). Row statistics (``lse``, ``delta``) travel as ``[..., T, 1]``
+columns and stay 2-D inside the kernels (``(rows, 1)``), which both compilers lower. The transposes from
+and to the user's ``[B, T, H, D]`` run in XLA around the call.
 
-* forward: grid ``(q blocks, B, H)``; each program keeps one q tile and runs an online softmax over
+Structure (the same kernel bodies on every target):
+
+* forward: grid ``(q blocks, B, H)``; each program keeps one q tile and runs an online softmax over the
   kv tiles with ``lax.fori_loop``, slicing k/v refs. The kv range is derived from causal/window, so
   invisible tiles are never visited; inside the range, tiles that are fully visible by position skip
   the position mask. A mask array or segment ids add a per-(q block, kv block) "any visible" table,
@@ -15,9 +21,20 @@ Structure (the same on CPU with ``interpret=True``, on GPU via Triton):
 * backward (``jax.custom_vjp``): ``delta = rowsum(dout * out) - dlse`` in XLA, then a dq kernel (grid
   over q blocks, loop over kv tiles; optionally writes every dS tile for the bias gradient) and a
   dk/dv kernel (grid over kv blocks and kv heads, loop over the query heads of the GQA group and
-  their q tiles). Gradients flow to q, k, v, bias and sinks, and also through ``lse``.
+  their q tiles). Gradients flow to q, k, v and bias, and also through ``lse``.
+
+Targets (``pallas_kernels.common.dispatch``): Triton on GPU, Mosaic on TPU, the interpreter on CPU, chosen
+when the program is lowered. The TPU variant differs only in where the visibility table lives (SMEM) and
+in its tile rules: the kv tile is the lane dim of bias/mask/segment blocks, so with any of those it must
+be a multiple of 128 or cover the whole (padded) key length. Each program holds one head's whole K/V in
+VMEM (``S * D`` per operand), which bounds the TPU sequence length; a kv-on-the-grid variant is the next
+step there.
 
 Lengths need not be multiples of the blocks: inputs are zero-padded and the key tail is masked.
+
+NaN: a NaN logit propagates through ``max`` into the row's running maximum, so the row's output, lse and
+gradients are NaN (never silently zero): only a row whose maximum is still exactly the mask value saw no
+visible key and finalises to ``out = 0, lse = -inf``.
 """
 from __future__ import annotations
 
@@ -29,21 +46,55 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jattn.core import checks
-from jattn.core.softmax import MASK_VALUE
 from pallas_kernels import common
+from pallas_kernels.common import MASK_VALUE
 
-__all__ = ["flash_attention", "DEFAULT_BLOCK_Q", "DEFAULT_BLOCK_K", "DEFAULT_BWD_BLOCK"]
+__all__ = ["flash_attention", "BlockSizes"]
 
-DEFAULT_BLOCK_Q = 128
-DEFAULT_BLOCK_K = 128
-# The backward keeps four tiles of accumulators/operands live per program; smaller tiles avoid spills.
-DEFAULT_BWD_BLOCK = 64
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes of the three flash kernels (forward, dq, dk/dv); powers of two >= 16.
+
+    None picks the target's default (``DEFAULTS``). Every size is shrunk to the smallest legal power of two
+    covering a short sequence.
+    """
+    block_q: int | None = None
+    block_k: int | None = None
+    block_q_dq: int | None = None
+    block_k_dq: int | None = None
+    block_q_dkv: int | None = None
+    block_k_dkv: int | None = None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is not None:
+                common.check_hardware_block(f.name, getattr(self, f.name))
+
+    def resolve(self, target: str) -> "BlockSizes":
+        defaults = DEFAULTS[target]
+        return BlockSizes(*(d if v is None else v for v, d in zip(dataclasses.astuple(self),
+                                                                  dataclasses.astuple(defaults))))
+
+    def fit(self, T: int, S: int) -> "BlockSizes":
+        q_fields = ("block_q", "block_q_dq", "block_q_dkv")
+        return BlockSizes(**{f.name: common.fit_block(getattr(self, f.name), T if f.name in q_fields else S)
+                             for f in dataclasses.fields(self)})
+
+
+# GPU: the backward keeps four tiles live per program; 64-wide tiles avoid register spills.
+# TPU: kv tiles are lane dims of the bias/mask blocks, so 128 everywhere.
+DEFAULTS = {
+    "triton": BlockSizes(128, 128, 64, 64, 64, 64),
+    "mosaic": BlockSizes(128, 128, 128, 128, 128, 128),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class _Spec:
-    """Everything static about one call: the kernels are specialised on it."""
+    """Everything static about one call on one target: the kernels are specialised on it."""
     B: int
     T: int
     S: int
@@ -52,10 +103,7 @@ class _Spec:
     D: int  # head dim after padding to a hardware-legal size
     T_pad: int
     S_pad: int
-    block_q: int
-    block_k: int
-    bwd_block_q: int
-    bwd_block_k: int
+    blocks: BlockSizes
     scale: float
     softcap: float | None
     causal: bool
@@ -63,9 +111,9 @@ class _Spec:
     bias_full: tuple[bool, bool, bool, bool] | None  # which of (B, H, T, S) the bias spans (else 1)
     mask_full: tuple[bool, bool, bool, bool] | None
     segments: bool
-    sinks: bool
+    target: str
     interpret: bool
-    poison: bool = False  # alias NaN-filled buffers onto every output (tests: unwritten tiles show)
+    poison_outputs: bool
 
     @property
     def group(self) -> int:
@@ -85,6 +133,25 @@ class _Spec:
     def position_masked(self) -> bool:
         """Whether some tiles need the causal/window/key-tail mask at all."""
         return self.causal or self.window is not None or self.S != self.S_pad
+
+    @property
+    def lane_sliced(self) -> bool:
+        """Whether the kernels slice bias/mask/segment blocks along the kv (lane) dim."""
+        return (self.bias_full is not None and self.bias_full[3]) or \
+            (self.mask_full is not None and self.mask_full[3]) or self.segments
+
+
+def tpu_block_problem(spec: _Spec) -> str | None:
+    """Why Mosaic cannot take this spec's kv tiles, or None."""
+    if spec.target != "mosaic" or not spec.lane_sliced:
+        return None
+    for name in ("block_k", "block_k_dq", "block_k_dkv"):
+        size = getattr(spec.blocks, name)
+        if size % common.TPU_LANES and size < spec.S_pad:
+            return (f"{name}={size} cannot run on TPU with a bias, mask or segment ids over keys: the kv tile is "
+                    f"the lane dim of those blocks and must be a multiple of {common.TPU_LANES} (or cover all "
+                    f"{spec.S_pad} padded keys); pass {name}={common.TPU_LANES} or leave it None")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,15 +185,18 @@ def _q_ranges(spec: _Spec, kv_block, block_q: int, block_k: int):
 # Tile math shared by the three kernels.
 # ----------------------------------------------------------------------------------------------
 
-def _tile_logits(spec: _Spec, q, k, *, rows, cols, bias, mask, q_seg, kv_seg, position_mask: bool):
-    """Masked float32 logits of one ``[bq, bk]`` tile and ``tanh(s / softcap)`` (for the backward)."""
+def _tile_logits(spec: _Spec, q, k, *, row_start, col_start, bias, mask, q_seg, kv_seg, position_mask: bool):
+    """Masked float32 logits of one ``[bq, bk]`` tile and ``tanh(s / softcap)`` (for the backward).
+
+    ``q_seg`` is a ``(bq, 1)`` column and ``kv_seg`` a ``(1, bk)`` row; bias/mask tiles broadcast.
+    """
     s = common.dot_nt(q, k) * spec.scale
     tanh_s = None
     if spec.softcap is not None:
         tanh_s = jnp.tanh(s / spec.softcap)
         s = spec.softcap * tanh_s
     if bias is not None:
-        s = s + bias.astype(jnp.float32)
+        s = s + bias.astype(F32)
     visible = None
 
     def both(a, b):
@@ -135,9 +205,10 @@ def _tile_logits(spec: _Spec, q, k, *, rows, cols, bias, mask, q_seg, kv_seg, po
     if mask is not None:
         visible = both(visible, mask != 0)
     if spec.segments:
-        visible = both(visible, q_seg[:, None] == kv_seg[None, :])
+        visible = both(visible, q_seg == kv_seg)
     if position_mask:
-        r, c = rows[:, None], cols[None, :]
+        r = row_start + lax.broadcasted_iota(jnp.int32, s.shape, 0)
+        c = col_start + lax.broadcasted_iota(jnp.int32, s.shape, 1)
         visible = both(visible, c < spec.S)
         if spec.causal:
             visible = both(visible, c <= r)
@@ -159,11 +230,24 @@ def _loop_tiles(ranges, body, carry, *, position_masked: bool):
     return lax.fori_loop(f_hi, hi, functools.partial(body, position_mask=True), carry)
 
 
-def _maybe_skip(table_ref, index, update, carry):
+def _table_entry(spec: _Spec, table_ref, row, col):
+    """The visibility-table entry of tile (row, col) for this program's batch and head.
+
+    GPU: the table arrives as this program's ``[n_rows, n_cols]`` block. TPU: the whole table sits in SMEM
+    and is indexed by the program's batch and head.
+    """
+    if spec.target == "mosaic":
+        b, h = pl.program_id(1), pl.program_id(2)
+        full_b, full_h = spec.table_full
+        return table_ref[b if full_b else 0, h if full_h else 0, row, col]
+    return table_ref[row, col]
+
+
+def _skip_invisible(spec: _Spec, table_ref, row, col, update, carry):
     """Skips a tile the visibility table marks as fully masked (no table: always computes)."""
     if table_ref is None:
         return update(carry)
-    return lax.cond(table_ref[index] != 0, update, lambda c: c, carry)
+    return lax.cond(_table_entry(spec, table_ref, row, col) != 0, update, lambda c: c, carry)
 
 
 def _slice_cols(ref, full: bool, start, size):
@@ -171,17 +255,25 @@ def _slice_cols(ref, full: bool, start, size):
     return ref[:, pl.ds(start, size)] if full else ref[...]
 
 
+def is_unseen(m):
+    """Rows whose running maximum never rose above the mask value saw no visible key.
+
+    Written as ``m <= threshold`` (not ``not m > threshold``) so that a NaN maximum is *seen*: NaN logits
+    then give NaN outputs instead of a silent zero row.
+    """
+    return m <= 0.5 * MASK_VALUE
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward.
 # ----------------------------------------------------------------------------------------------
 
-def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_ref, table_ref,
-                    sinks_ref, *refs, spec: _Spec):
+def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_ref, table_ref, *refs,
+                    spec: _Spec):
     out_ref, lse_ref = refs[-2:]
-    bq, bk = spec.block_q, spec.block_k
+    bq, bk = spec.blocks.block_q, spec.blocks.block_k
     q_block = pl.program_id(0)
     q = q_ref[...]
-    rows = q_block * bq + jnp.arange(bq)
     q_seg = q_seg_ref[...] if spec.segments else None
 
     def body(j, carry, position_mask):
@@ -191,39 +283,27 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_r
             k = k_ref[pl.ds(start, bk), :]
             v = v_ref[pl.ds(start, bk), :]
             s, _ = _tile_logits(
-                spec, q, k, rows=rows, cols=start + jnp.arange(bk),
+                spec, q, k, row_start=q_block * bq, col_start=start,
                 bias=None if bias_ref is None else _slice_cols(bias_ref, spec.bias_full[3], start, bk),
                 mask=None if mask_ref is None else _slice_cols(mask_ref, spec.mask_full[3], start, bk),
-                q_seg=q_seg, kv_seg=kv_seg_ref[pl.ds(start, bk)] if spec.segments else None,
+                q_seg=q_seg, kv_seg=kv_seg_ref[:, pl.ds(start, bk)] if spec.segments else None,
                 position_mask=position_mask)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
             correction = jnp.exp(m - m_new)
-            p = jnp.exp(s - m_new[:, None])
-            l = l * correction + jnp.sum(p, axis=1)
-            acc = acc * correction[:, None] + common.dot_nn(p.astype(v.dtype), v)
+            p = jnp.exp(s - m_new)
+            l = l * correction + jnp.sum(p, axis=1, keepdims=True)
+            acc = acc * correction + common.dot_nn(p.astype(v.dtype), v)
             return m_new, l, acc
-        return _maybe_skip(table_ref, j, update, carry)
+        return _skip_invisible(spec, table_ref, q_block, j, update, carry)
 
-    init = (jnp.full((bq,), MASK_VALUE, jnp.float32), jnp.zeros((bq,), jnp.float32),
-            jnp.zeros((bq, spec.D), jnp.float32))
+    init = (jnp.full((bq, 1), MASK_VALUE, F32), jnp.zeros((bq, 1), F32), jnp.zeros((bq, spec.D), F32))
     m, l, acc = _loop_tiles(_kv_ranges(spec, q_block, bq, bk), body, init,
                             position_masked=spec.position_masked)
-    # A row whose max never rose above MASK_VALUE saw no visible finite logit: the exp(0) = 1 terms
-    # it accumulated from masked entries are not real mass.
-    seen = m > MASK_VALUE
-    l = jnp.where(seen, l, 0.0)
-    acc = jnp.where(seen[:, None], acc, 0.0)
-    if spec.sinks:
-        sink = sinks_ref[...].astype(jnp.float32)
-        m_new = jnp.maximum(m, sink)
-        correction = jnp.exp(m - m_new)
-        l = l * correction + jnp.exp(sink - m_new)
-        acc = acc * correction[:, None]
-        m = m_new
-    has_mass = l > 0
-    safe_l = jnp.where(has_mass, l, 1.0)
-    out_ref[...] = (acc * (1.0 / safe_l)[:, None]).astype(out_ref.dtype)
-    lse_ref[...] = jnp.where(has_mass, m + jnp.log(safe_l), -jnp.inf)
+    # A row that never met a visible key: its l and acc count exp(0) = 1 terms of masked entries.
+    unseen = is_unseen(m)
+    safe_l = jnp.where(unseen, 1.0, l)
+    out_ref[...] = jnp.where(unseen, 0.0, acc / safe_l).astype(out_ref.dtype)
+    lse_ref[...] = jnp.where(unseen, -jnp.inf, m + jnp.log(safe_l))
 
 
 def _broadcast_spec(full, block_shape, full_index):
@@ -236,53 +316,50 @@ def _broadcast_spec(full, block_shape, full_index):
     return pl.BlockSpec(shape, index_map)
 
 
+def _table_spec(spec: _Spec, rows: int, cols: int, head_block):
+    """The visibility table: SMEM on TPU, else the ``[rows, cols]`` slab of this program's (b, head)."""
+    if spec.target == "mosaic":
+        return common.smem_spec()
+    full_b, full_h = spec.table_full
+    return pl.BlockSpec((None, None, rows, cols),
+                        lambda i, b, h: (b if full_b else 0, h if full_h else 0, 0, 0)) if head_block is None \
+        else pl.BlockSpec((None, head_block, rows, cols),
+                          lambda i, b, h: (b if full_b else 0, h if full_h else 0, 0, 0))
+
+
 def _call(kernel, spec: _Spec, *, grid, inputs, in_specs, out_shapes, out_specs, name, warps):
-    """pallas_call with optional NaN-poisoned outputs; ``inputs`` may hold None (absent features)."""
-    inputs, in_specs = list(inputs), list(in_specs)
-    aliases = {}
-    if spec.poison:  # a kernel that misses a tile leaves NaN behind
-        first = sum(x is not None for x in inputs)
-        aliases = {first + n: n for n in range(len(out_shapes))}
-        inputs += [jnp.full(sd.shape, jnp.nan, sd.dtype) for sd in out_shapes]
-        in_specs += list(out_specs)
-    return pl.pallas_call(
-        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shapes,
-        input_output_aliases=aliases, interpret=spec.interpret, name=name,
-        compiler_params=common.gpu_compiler_params(interpret=spec.interpret, num_warps=warps,
-                                                   num_stages=2),
-    )(*inputs)
+    semantics = ("parallel",) * len(grid)
+    return common.pallas_call(
+        kernel, out_shape=out_shapes, target=spec.target, interpret=spec.interpret, name=name, grid=grid,
+        in_specs=in_specs, out_specs=out_specs, poison_outputs=spec.poison_outputs, num_warps=warps,
+        dimension_semantics=semantics)(*inputs)
 
 
-def _forward(spec: _Spec, q, k, v, bias, sinks, mask, q_seg, kv_seg):
-    """Padded forward: ``out [B, T_pad, H, D]``, ``lse [B, H, T_pad]`` (float32)."""
-    bq, bk, G = spec.block_q, spec.block_k, spec.group
+def _forward(spec: _Spec, q, k, v, bias, mask, q_seg, kv_seg):
+    """Padded head-major forward: ``out [B, H, T_pad, D]``, ``lse [B, H, T_pad, 1]`` (float32)."""
+    bq, bk, G = spec.blocks.block_q, spec.blocks.block_k, spec.group
     table = _visibility_table(spec, mask, q_seg, kv_seg, bq, bk)
+    kv_index = lambda i, b, h: (b, common.trunc_div(h, G), 0, 0)  # noqa: E731
     in_specs = [
-        pl.BlockSpec((None, bq, None, spec.D), lambda i, b, h: (b, i, h, 0)),
-        pl.BlockSpec((None, spec.S_pad, None, spec.D), lambda i, b, h: (b, 0, common.trunc_div(h, G), 0)),
-        pl.BlockSpec((None, spec.S_pad, None, spec.D), lambda i, b, h: (b, 0, common.trunc_div(h, G), 0)),
+        pl.BlockSpec((None, None, bq, spec.D), lambda i, b, h: (b, h, i, 0)),
+        pl.BlockSpec((None, None, spec.S_pad, spec.D), kv_index),
+        pl.BlockSpec((None, None, spec.S_pad, spec.D), kv_index),
         None if bias is None else _broadcast_spec(spec.bias_full, (None, None, bq, spec.S_pad),
                                                   lambda i, b, h: (b, h, i, 0)),
         None if mask is None else _broadcast_spec(spec.mask_full, (None, None, bq, spec.S_pad),
                                                   lambda i, b, h: (b, h, i, 0)),
-        None if q_seg is None else pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
-        None if kv_seg is None else pl.BlockSpec((None, spec.S_pad), lambda i, b, h: (b, 0)),
-        None if table is None else _broadcast_spec(
-            spec.table_full + (True, True), (None, None, None, spec.S_pad // bk),
-            lambda i, b, h: (b, h, i, 0)),
-        None if sinks is None else pl.BlockSpec((None,), lambda i, b, h: (h,)),
+        None if q_seg is None else pl.BlockSpec((None, bq, 1), lambda i, b, h: (b, i, 0)),
+        None if kv_seg is None else pl.BlockSpec((None, 1, spec.S_pad), lambda i, b, h: (b, 0, 0)),
+        None if table is None else _table_spec(spec, spec.T_pad // bq, spec.S_pad // bk, None),
     ]
-    out_shapes = [jax.ShapeDtypeStruct((spec.B, spec.T_pad, spec.H, spec.D), q.dtype),
-                  jax.ShapeDtypeStruct((spec.B, spec.H, spec.T_pad), jnp.float32)]
-    out_specs = [pl.BlockSpec((None, bq, None, spec.D), lambda i, b, h: (b, i, h, 0)),
-                 pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))]
-    out, lse = _call(
-        functools.partial(_forward_kernel, spec=spec), spec,
-        grid=(spec.T_pad // bq, spec.B, spec.H),
-        inputs=[q, k, v, bias, mask, q_seg, kv_seg, table, sinks], in_specs=in_specs,
-        out_shapes=out_shapes, out_specs=out_specs, name="jattn_flash_forward",
-        warps=4 if spec.D <= 64 else 8)
-    return out, lse
+    out_shapes = [jax.ShapeDtypeStruct((spec.B, spec.H, spec.T_pad, spec.D), q.dtype),
+                  jax.ShapeDtypeStruct((spec.B, spec.H, spec.T_pad, 1), F32)]
+    out_specs = [pl.BlockSpec((None, None, bq, spec.D), lambda i, b, h: (b, h, i, 0)),
+                 pl.BlockSpec((None, None, bq, 1), lambda i, b, h: (b, h, i, 0))]
+    return _call(functools.partial(_forward_kernel, spec=spec), spec, grid=(spec.T_pad // bq, spec.B, spec.H),
+                 inputs=[q, k, v, bias, mask, q_seg, kv_seg, table], in_specs=in_specs,
+                 out_shapes=out_shapes, out_specs=out_specs, name="jattn_flash_forward",
+                 warps=4 if spec.D <= 64 else 8)
 
 
 def _visibility_table(spec: _Spec, mask, q_seg, kv_seg, bq: int, bk: int):
@@ -321,13 +398,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_ref, t
                do_ref, lse_ref, delta_ref, *refs, spec: _Spec, write_ds: bool):
     dq_ref = refs[-2] if write_ds else refs[-1]
     ds_ref = refs[-1] if write_ds else None
-    bq, bk = spec.bwd_block_q, spec.bwd_block_k
+    bq, bk = spec.blocks.block_q_dq, spec.blocks.block_k_dq
     q_block = pl.program_id(0)
     q = q_ref[...]
     do = do_ref[...]
     lse = lse_ref[...]
     delta = delta_ref[...]
-    rows = q_block * bq + jnp.arange(bq)
     q_seg = q_seg_ref[...] if spec.segments else None
 
     def body(j, dq, position_mask):
@@ -336,36 +412,33 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_ref, t
             k = k_ref[pl.ds(start, bk), :]
             v = v_ref[pl.ds(start, bk), :]
             s, tanh_s = _tile_logits(
-                spec, q, k, rows=rows, cols=start + jnp.arange(bk),
+                spec, q, k, row_start=q_block * bq, col_start=start,
                 bias=None if bias_ref is None else _slice_cols(bias_ref, spec.bias_full[3], start, bk),
                 mask=None if mask_ref is None else _slice_cols(mask_ref, spec.mask_full[3], start, bk),
-                q_seg=q_seg, kv_seg=kv_seg_ref[pl.ds(start, bk)] if spec.segments else None,
+                q_seg=q_seg, kv_seg=kv_seg_ref[:, pl.ds(start, bk)] if spec.segments else None,
                 position_mask=position_mask)
-            p = jnp.exp(s - lse[:, None])
+            p = jnp.exp(s - lse)
             dp = common.dot_nt(do, v)
-            ds = p * (dp - delta[:, None])
+            ds = p * (dp - delta)
             if write_ds:
                 ds_ref[:, pl.ds(start, bk)] = ds
             if tanh_s is not None:
                 ds = ds * (1.0 - tanh_s * tanh_s)
             return dq + common.dot_nn(ds.astype(k.dtype), k)
-        return _maybe_skip(table_ref, j, update, dq)
+        return _skip_invisible(spec, table_ref, q_block, j, update, dq)
 
     ranges = _kv_ranges(spec, q_block, bq, bk, cover_all=write_ds)
-    dq = _loop_tiles(ranges, body, jnp.zeros((bq, spec.D), jnp.float32),
-                     position_masked=spec.position_masked)
+    dq = _loop_tiles(ranges, body, jnp.zeros((bq, spec.D), F32), position_masked=spec.position_masked)
     dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_ref, table_ref,
                 do_ref, lse_ref, delta_ref, *refs, spec: _Spec):
     dk_ref, dv_ref = refs[-2:]
-    bq, bk = spec.bwd_block_q, spec.bwd_block_k
+    bq, bk = spec.blocks.block_q_dkv, spec.blocks.block_k_dkv
     kv_block = pl.program_id(0)
-    start_k = kv_block * bk
     k = k_ref[...]
     v = v_ref[...]
-    cols = start_k + jnp.arange(bk)
     kv_seg = kv_seg_ref[...] if spec.segments else None
     ranges = _q_ranges(spec, kv_block, bq, bk)
 
@@ -378,76 +451,81 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_ref, 
             def update(carry):
                 dk, dv = carry
                 start = pl.multiple_of(i * bq, bq)
-                q = q_ref[pl.ds(start, bq), g, :]
-                do = do_ref[pl.ds(start, bq), g, :]
-                lse = lse_ref[g, pl.ds(start, bq)]
-                delta = delta_ref[g, pl.ds(start, bq)]
+                q = q_ref[g, pl.ds(start, bq), :]
+                do = do_ref[g, pl.ds(start, bq), :]
+                lse = lse_ref[g, pl.ds(start, bq), :]
+                delta = delta_ref[g, pl.ds(start, bq), :]
                 s, tanh_s = _tile_logits(
-                    spec, q, k, rows=start + jnp.arange(bq), cols=cols,
+                    spec, q, k, row_start=start, col_start=kv_block * bk,
                     bias=None if bias_ref is None else rows_of(
                         bias_ref, spec.bias_full[2], g if spec.bias_full[1] else 0, start),
                     mask=None if mask_ref is None else rows_of(
                         mask_ref, spec.mask_full[2], g if spec.mask_full[1] else 0, start),
-                    q_seg=q_seg_ref[pl.ds(start, bq)] if spec.segments else None, kv_seg=kv_seg,
+                    q_seg=q_seg_ref[pl.ds(start, bq), :] if spec.segments else None, kv_seg=kv_seg,
                     position_mask=position_mask)
-                p = jnp.exp(s - lse[:, None])
+                p = jnp.exp(s - lse)
                 dv = dv + common.dot_tn(p.astype(do.dtype), do)
                 dp = common.dot_nt(do, v)
-                ds = p * (dp - delta[:, None])
+                ds = p * (dp - delta)
                 if tanh_s is not None:
                     ds = ds * (1.0 - tanh_s * tanh_s)
                 dk = dk + common.dot_tn(ds.astype(q.dtype), q)
                 return dk, dv
             if table_ref is None:
                 return update(carry)
-            return lax.cond(table_ref[g if spec.table_full[1] else 0, i] != 0, update, lambda c: c, carry)
+            if spec.target == "mosaic":
+                b, h = pl.program_id(1), pl.program_id(2) * spec.group + g
+                full_b, full_h = spec.table_full
+                entry = table_ref[b if full_b else 0, h if full_h else 0, i, kv_block]
+            else:
+                entry = table_ref[g if spec.table_full[1] else 0, i, kv_block]
+            return lax.cond(entry != 0, update, lambda c: c, carry)
         return _loop_tiles(ranges, body, carry, position_masked=spec.position_masked)
 
-    zeros = jnp.zeros((bk, spec.D), jnp.float32)
+    zeros = jnp.zeros((bk, spec.D), F32)
     dk, dv = lax.fori_loop(0, spec.group, per_head, (zeros, zeros))
     dk_ref[...] = (dk * spec.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _backward(spec: _Spec, needs, residuals, d_out, d_lse):
-    """Cotangents ``(dq, dk, dv, dbias, dsinks)`` of the padded inputs; ``needs`` = (q, kv, bias) flags."""
-    q, k, v, bias, sinks, mask, q_seg, kv_seg, out, lse = residuals
+    """Cotangents ``(dq, dk, dv, dbias)`` of the padded head-major inputs; ``needs`` = (q, kv, bias) flags."""
+    q, k, v, bias, mask, q_seg, kv_seg, out, lse = residuals
     need_dq, need_dkv, need_dbias = needs
-    bq, bk, G = spec.bwd_block_q, spec.bwd_block_k, spec.group
-    nq, nk = spec.T_pad // bq, spec.S_pad // bk
+    blocks, G = spec.blocks, spec.group
     # d lse_i / d s_ij = p_ij, so an lse cotangent just shifts delta.
-    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32))
-    delta = delta - d_lse
+    delta = jnp.sum(out.astype(F32) * d_out.astype(F32), axis=-1, keepdims=True) - d_lse
     # Rows with no visible key have lse = -inf; +inf makes every exp(s - lse) exactly 0 there.
     lse_safe = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
-    table = None if need_dbias else _visibility_table(spec, mask, q_seg, kv_seg, bq, bk)
-    dq = dk = dv = dbias = dsinks = None
+    dq = dk = dv = dbias = None
 
     if need_dq or need_dbias:
+        bq, bk = blocks.block_q_dq, blocks.block_k_dq
+        table = None if need_dbias else _visibility_table(spec, mask, q_seg, kv_seg, bq, bk)
+        kv_index = lambda i, b, h: (b, common.trunc_div(h, G), 0, 0)  # noqa: E731
+        row_spec = pl.BlockSpec((None, None, bq, 1), lambda i, b, h: (b, h, i, 0))
+        tile_spec = pl.BlockSpec((None, None, bq, spec.D), lambda i, b, h: (b, h, i, 0))
         in_specs = [
-            pl.BlockSpec((None, bq, None, spec.D), lambda i, b, h: (b, i, h, 0)),
-            pl.BlockSpec((None, spec.S_pad, None, spec.D), lambda i, b, h: (b, 0, common.trunc_div(h, G), 0)),
-            pl.BlockSpec((None, spec.S_pad, None, spec.D), lambda i, b, h: (b, 0, common.trunc_div(h, G), 0)),
+            tile_spec,
+            pl.BlockSpec((None, None, spec.S_pad, spec.D), kv_index),
+            pl.BlockSpec((None, None, spec.S_pad, spec.D), kv_index),
             None if bias is None else _broadcast_spec(spec.bias_full, (None, None, bq, spec.S_pad),
                                                       lambda i, b, h: (b, h, i, 0)),
             None if mask is None else _broadcast_spec(spec.mask_full, (None, None, bq, spec.S_pad),
                                                       lambda i, b, h: (b, h, i, 0)),
-            None if q_seg is None else pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
-            None if kv_seg is None else pl.BlockSpec((None, spec.S_pad), lambda i, b, h: (b, 0)),
-            None if table is None else _broadcast_spec(
-                spec.table_full + (True, True), (None, None, None, nk), lambda i, b, h: (b, h, i, 0)),
-            pl.BlockSpec((None, bq, None, spec.D), lambda i, b, h: (b, i, h, 0)),
-            pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
-            pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
+            None if q_seg is None else pl.BlockSpec((None, bq, 1), lambda i, b, h: (b, i, 0)),
+            None if kv_seg is None else pl.BlockSpec((None, 1, spec.S_pad), lambda i, b, h: (b, 0, 0)),
+            None if table is None else _table_spec(spec, spec.T_pad // bq, spec.S_pad // bk, None),
+            tile_spec, row_spec, row_spec,
         ]
         out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
-        out_specs = [pl.BlockSpec((None, bq, None, spec.D), lambda i, b, h: (b, i, h, 0))]
+        out_specs = [tile_spec]
         if need_dbias:
-            out_shapes.append(jax.ShapeDtypeStruct((spec.B, spec.H, spec.T_pad, spec.S_pad), jnp.float32))
+            out_shapes.append(jax.ShapeDtypeStruct((spec.B, spec.H, spec.T_pad, spec.S_pad), F32))
             out_specs.append(pl.BlockSpec((None, None, bq, spec.S_pad), lambda i, b, h: (b, h, i, 0)))
         results = _call(
             functools.partial(_dq_kernel, spec=spec, write_ds=need_dbias), spec,
-            grid=(nq, spec.B, spec.H),
+            grid=(spec.T_pad // bq, spec.B, spec.H),
             inputs=[q, k, v, bias, mask, q_seg, kv_seg, table, d_out, lse_safe, delta],
             in_specs=in_specs, out_shapes=out_shapes, out_specs=out_specs, name="jattn_flash_dq",
             warps=4 if bq * bk < 128 * 128 else 8)
@@ -457,46 +535,45 @@ def _backward(spec: _Spec, needs, residuals, d_out, d_lse):
             dbias = jnp.sum(results[1], axis=reduce_axes, keepdims=True).astype(bias.dtype)
 
     if need_dkv:
-        bias_spec = None if bias is None else _broadcast_spec(
-            spec.bias_full, (None, G, spec.T_pad, bk), lambda j, b, h: (b, h, 0, j))
-        mask_spec = None if mask is None else _broadcast_spec(
-            spec.mask_full, (None, G, spec.T_pad, bk), lambda j, b, h: (b, h, 0, j))
-        table_t = None if table is None else jnp.swapaxes(table, 2, 3)
+        bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
+        table = _visibility_table(spec, mask, q_seg, kv_seg, bq, bk)
+        group_spec = lambda last: pl.BlockSpec((None, G, spec.T_pad, last), lambda j, b, h: (b, h, 0, 0))  # noqa: E731
+        kv_tile = pl.BlockSpec((None, None, bk, spec.D), lambda j, b, h: (b, h, j, 0))
+        if table is not None and spec.target != "mosaic":
+            full_b, full_h = spec.table_full
+            table_spec = pl.BlockSpec((None, G if full_h else 1, spec.T_pad // bq, spec.S_pad // bk),
+                                      lambda j, b, h: (b if full_b else 0, h if full_h else 0, 0, 0))
+        else:
+            table_spec = None if table is None else common.smem_spec()
         in_specs = [
-            pl.BlockSpec((None, spec.T_pad, G, spec.D), lambda j, b, h: (b, 0, h, 0)),
-            pl.BlockSpec((None, bk, None, spec.D), lambda j, b, h: (b, j, h, 0)),
-            pl.BlockSpec((None, bk, None, spec.D), lambda j, b, h: (b, j, h, 0)),
-            bias_spec,
-            mask_spec,
-            None if q_seg is None else pl.BlockSpec((None, spec.T_pad), lambda j, b, h: (b, 0)),
-            None if kv_seg is None else pl.BlockSpec((None, bk), lambda j, b, h: (b, j)),
-            None if table_t is None else _broadcast_spec(
-                spec.table_full + (True, True), (None, G, None, nq), lambda j, b, h: (b, h, j, 0)),
-            pl.BlockSpec((None, spec.T_pad, G, spec.D), lambda j, b, h: (b, 0, h, 0)),
-            pl.BlockSpec((None, G, spec.T_pad), lambda j, b, h: (b, h, 0)),
-            pl.BlockSpec((None, G, spec.T_pad), lambda j, b, h: (b, h, 0)),
+            group_spec(spec.D),
+            kv_tile,
+            kv_tile,
+            None if bias is None else _broadcast_spec(spec.bias_full, (None, G, spec.T_pad, bk),
+                                                      lambda j, b, h: (b, h, 0, j)),
+            None if mask is None else _broadcast_spec(spec.mask_full, (None, G, spec.T_pad, bk),
+                                                      lambda j, b, h: (b, h, 0, j)),
+            None if q_seg is None else pl.BlockSpec((None, spec.T_pad, 1), lambda j, b, h: (b, 0, 0)),
+            None if kv_seg is None else pl.BlockSpec((None, 1, bk), lambda j, b, h: (b, 0, j)),
+            table_spec,
+            group_spec(spec.D), group_spec(1), group_spec(1),
         ]
         out_shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-        out_specs = [pl.BlockSpec((None, bk, None, spec.D), lambda j, b, h: (b, j, h, 0))] * 2
         dk, dv = _call(
-            functools.partial(_dkv_kernel, spec=spec), spec, grid=(nk, spec.B, spec.Hkv),
-            inputs=[q, k, v, bias, mask, q_seg, kv_seg, table_t, d_out, lse_safe, delta],
-            in_specs=in_specs, out_shapes=out_shapes, out_specs=out_specs, name="jattn_flash_dkv",
+            functools.partial(_dkv_kernel, spec=spec), spec, grid=(spec.S_pad // bk, spec.B, spec.Hkv),
+            inputs=[q, k, v, bias, mask, q_seg, kv_seg, table, d_out, lse_safe, delta],
+            in_specs=in_specs, out_shapes=out_shapes, out_specs=[kv_tile, kv_tile], name="jattn_flash_dkv",
             warps=4 if bq * bk < 128 * 128 else 8)
-
-    if sinks is not None:
-        p_sink = jnp.exp(sinks[None, :, None] - lse_safe)
-        dsinks = -jnp.sum(p_sink * delta, axis=(0, 2)).astype(sinks.dtype)
-    return dq, dk, dv, dbias, dsinks
+    return dq, dk, dv, dbias
 
 
 # ----------------------------------------------------------------------------------------------
-# custom_vjp over the padded arrays (padding and slicing outside are differentiated by JAX).
+# custom_vjp over the padded head-major arrays (padding, transposes and slicing are differentiated by JAX).
 # ----------------------------------------------------------------------------------------------
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash_padded(spec, q, k, v, bias, sinks, mask, q_seg, kv_seg):
-    return _forward(spec, q, k, v, bias, sinks, mask, q_seg, kv_seg)
+def _flash_padded(spec, q, k, v, bias, mask, q_seg, kv_seg):
+    return _forward(spec, q, k, v, bias, mask, q_seg, kv_seg)
 
 
 def _value(x):
@@ -507,9 +584,9 @@ def _perturbed(x) -> bool:
     return x is not None and bool(x.perturbed)
 
 
-def _flash_padded_fwd(spec, q, k, v, bias, sinks, mask, q_seg, kv_seg):
+def _flash_padded_fwd(spec, q, k, v, bias, mask, q_seg, kv_seg):
     # With symbolic_zeros, each array arrives as CustomVJPPrimal(value, perturbed); None stays None.
-    values = [_value(x) for x in (q, k, v, bias, sinks, mask, q_seg, kv_seg)]
+    values = [_value(x) for x in (q, k, v, bias, mask, q_seg, kv_seg)]
     out, lse = _forward(spec, *values)
     needs = (_perturbed(q), _perturbed(k) or _perturbed(v), _perturbed(bias))
     # The flags ride in the residuals' tree structure (None vs ()), which stays static under jit.
@@ -529,8 +606,8 @@ def _flash_padded_bwd(spec, residuals, cotangents):
     out, lse = arrays[-2:]
     d_out = _zeros_if_symbolic(cotangents[0], out)
     d_lse = _zeros_if_symbolic(cotangents[1], lse)
-    dq, dk, dv, dbias, dsinks = _backward(spec, needs, arrays, d_out, d_lse)
-    return dq, dk, dv, dbias, dsinks, None, None, None
+    dq, dk, dv, dbias = _backward(spec, needs, arrays, d_out, d_lse)
+    return dq, dk, dv, dbias, None, None, None
 
 
 _flash_padded.defvjp(_flash_padded_fwd, _flash_padded_bwd, symbolic_zeros=True)
@@ -540,96 +617,91 @@ _flash_padded.defvjp(_flash_padded_fwd, _flash_padded_bwd, symbolic_zeros=True)
 # Public entry point.
 # ----------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class _Problem:
+    """The target-independent static description of a call (validated by the caller)."""
+    B: int
+    T: int
+    S: int
+    H: int
+    Hkv: int
+    D: int
+    block_sizes: BlockSizes
+    scale: float
+    softcap: float | None
+    causal: bool
+    window: tuple[int, int] | None
+    bias_full: tuple[bool, bool, bool, bool] | None
+    mask_full: tuple[bool, bool, bool, bool] | None
+    segments: bool
+    poison_outputs: bool
+
+    def spec(self, target: str, interpret: bool) -> _Spec:
+        blocks = self.block_sizes.resolve(target).fit(self.T, self.S)
+        q_blocks = (blocks.block_q, blocks.block_q_dq, blocks.block_q_dkv)
+        k_blocks = (blocks.block_k, blocks.block_k_dq, blocks.block_k_dkv)
+        return _Spec(B=self.B, T=self.T, S=self.S, H=self.H, Hkv=self.Hkv, D=common.padded_head_dim(self.D),
+                     T_pad=common.round_up(self.T, max(q_blocks)), S_pad=common.round_up(self.S, max(k_blocks)),
+                     blocks=blocks, scale=self.scale, softcap=self.softcap, causal=self.causal,
+                     window=self.window, bias_full=self.bias_full, mask_full=self.mask_full,
+                     segments=self.segments, target=target, interpret=interpret,
+                     poison_outputs=self.poison_outputs)
+
+
 def _as_4d(x):
     return x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
 
 
-def _validate(q, k, v, *, bias, mask, q_segment_ids, kv_segment_ids, sinks, causal, window, scale,
-              softcap, block_q, block_k, bwd_block_q, bwd_block_k, interpret):
-    B, T, S, H, Hkv, D = checks.check_qkv(q, k, v)
-    if mask is not None:
-        checks.check_broadcastable("mask", mask, (B, H, T, S), dtype_kind="bool")
-    if bias is not None:
-        checks.check_broadcastable("bias", bias, (B, H, T, S), dtype_kind="float")
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("q_segment_ids and kv_segment_ids must be given together, got "
-                         f"q_segment_ids={checks.describe(q_segment_ids)} and "
-                         f"kv_segment_ids={checks.describe(kv_segment_ids)}")
-    if q_segment_ids is not None:
-        checks.check_segment_ids((q_segment_ids, kv_segment_ids), B, T, S)
-    checks.check_sinks(sinks, H)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
-    window = checks.check_window(window)
-    scale = checks.check_positive_float("scale", scale, allow_none=False)
-    softcap = checks.check_positive_float("softcap", softcap)
-    blocks = tuple(common.check_hardware_block(name, value) for name, value in (
-        ("block_q", block_q), ("block_k", block_k), ("bwd_block_q", bwd_block_q),
-        ("bwd_block_k", bwd_block_k)))
-    return (B, T, S, H, Hkv, D), window, scale, softcap, blocks, common.resolve_interpret(interpret)
-
-
-def _make_spec(q, k, v, *, bias=None, mask=None, q_segment_ids=None, kv_segment_ids=None, sinks=None,
-               causal=False, window=None, scale, softcap=None, block_q=DEFAULT_BLOCK_Q,
-               block_k=DEFAULT_BLOCK_K, bwd_block_q=DEFAULT_BWD_BLOCK, bwd_block_k=DEFAULT_BWD_BLOCK,
-               interpret=None) -> _Spec:
-    """Validates every argument and returns the static description the kernels are built from."""
-    (B, T, S, H, Hkv, D), window, scale, softcap, blocks, interpret = _validate(
-        q, k, v, bias=bias, mask=mask, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        sinks=sinks, causal=causal, window=window, scale=scale, softcap=softcap, block_q=block_q,
-        block_k=block_k, bwd_block_q=bwd_block_q, bwd_block_k=bwd_block_k, interpret=interpret)
-    bq, bk = common.fit_block(blocks[0], T), common.fit_block(blocks[1], S)
-    bwd_bq, bwd_bk = common.fit_block(blocks[2], T), common.fit_block(blocks[3], S)
-    return _Spec(
-        B=B, T=T, S=S, H=H, Hkv=Hkv, D=common.padded_head_dim(D),
-        T_pad=common.round_up(T, max(bq, bwd_bq)), S_pad=common.round_up(S, max(bk, bwd_bk)),
-        block_q=bq, block_k=bk, bwd_block_q=bwd_bq, bwd_block_k=bwd_bk, scale=scale, softcap=softcap,
-        causal=causal, window=window,
-        bias_full=None if bias is None else tuple(d != 1 for d in _as_4d(bias).shape),
-        mask_full=None if mask is None else tuple(d != 1 for d in _as_4d(mask).shape),
-        segments=q_segment_ids is not None, sinks=sinks is not None, interpret=interpret)
-
-
 def flash_attention(q, k, v, *, bias=None, mask=None, q_segment_ids=None, kv_segment_ids=None,
-                    sinks=None, causal: bool = False, window=None, scale: float, softcap=None,
-                    block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K,
-                    bwd_block_q: int = DEFAULT_BWD_BLOCK, bwd_block_k: int = DEFAULT_BWD_BLOCK,
-                    interpret=None):
+                    causal: bool = False, window=None, scale: float, softcap=None,
+                    block_sizes: BlockSizes | None = None, interpret=None, poison_outputs: bool = False):
     """Flash attention with the exact semantics of ``jattn.core.reference.reference_attention``.
+
+    Inputs are validated by the caller (``jattn.attention``); this layer holds no policy.
 
     Args:
       q: ``[B, T, H, D]``; k, v: ``[B, S, Hkv, D]`` with ``H % Hkv == 0`` (query head ``h`` reads kv
         head ``h // (H // Hkv)``).
       bias: float, broadcastable to ``[B, H, T, S]`` (each dim 1 or full); differentiable.
       mask: bool (True = attend), broadcastable to ``[B, H, T, S]``.
-      q_segment_ids, kv_segment_ids: int ``[B, T]`` and ``[B, S]``; keys are visible only within
-        the same segment. Give both or neither.
-      sinks: ``[H]``; adds ``exp(sinks[h])`` to every row's denominator (and to lse); differentiable.
+      q_segment_ids: int ``[B, T]``; give with ``kv_segment_ids``.
+      kv_segment_ids: int ``[B, S]``; keys are visible only within the same segment.
       causal: key ``j`` visible to query ``i`` only if ``j <= i`` (top-left aligned).
       window: ``(left, right)``: keys ``i - left <= j <= i + right``.
-      scale: logit scale (required: this layer holds no policy; the ops layer picks the default).
+      scale: logit scale.
       softcap: ``s = softcap * tanh(s / softcap)`` before the bias.
-      block_q, block_k: forward tile sizes; bwd_block_q, bwd_block_k: backward tile sizes. Powers of
-        two >= 16; shrunk automatically for short sequences.
-      interpret: run the Pallas interpreter (None: only when the default backend is CPU).
+      block_sizes: ``BlockSizes`` of the forward, dq and dk/dv kernels (None: the target's defaults).
+      interpret: None dispatches at lowering time (Triton / Mosaic / CPU interpreter); see
+        ``pallas_kernels.common``.
+      poison_outputs: NaN-fill every output buffer before the kernels run (tests: unwritten tiles show).
 
     Returns:
       ``out [B, T, H, D]`` in q's dtype and ``lse [B, T, H]`` in float32. A row with no visible key
-      gives ``out = 0`` and ``lse = -inf`` (``lse = sinks[h]`` with sinks), never NaN, and finite
-      gradients.
+      gives ``out = 0`` and ``lse = -inf``, never NaN, and finite gradients.
     """
-    spec = _make_spec(q, k, v, bias=bias, mask=mask, q_segment_ids=q_segment_ids,
-                      kv_segment_ids=kv_segment_ids, sinks=sinks, causal=causal, window=window,
-                      scale=scale, softcap=softcap, block_q=block_q, block_k=block_k,
-                      bwd_block_q=bwd_block_q, bwd_block_k=bwd_block_k, interpret=interpret)
-    return _flash(spec, q, k, v, bias, sinks, mask, q_segment_ids, kv_segment_ids)
+    B, T, H, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    problem = _Problem(
+        B=B, T=T, S=S, H=H, Hkv=Hkv, D=D, block_sizes=block_sizes or BlockSizes(), scale=float(scale),
+        softcap=None if softcap is None else float(softcap), causal=bool(causal),
+        window=None if window is None else tuple(int(w) for w in window),
+        bias_full=None if bias is None else tuple(d != 1 for d in _as_4d(bias).shape),
+        mask_full=None if mask is None else tuple(d != 1 for d in _as_4d(mask).shape),
+        segments=q_segment_ids is not None, poison_outputs=bool(poison_outputs))
+    return _flash(problem, common.check_interpret(interpret), q, k, v, bias, mask, q_segment_ids,
+                  kv_segment_ids)
 
 
-def _pad_inputs(spec: _Spec, q, k, v, bias, sinks, mask, q_seg, kv_seg):
-    """Pads every operand to the kernel's block grid (zeros; mask pads with False; ids repeat the edge)."""
-    q = common.pad_axis(common.pad_axis(q, 1, spec.T_pad), 3, spec.D)
-    k = common.pad_axis(common.pad_axis(k, 1, spec.S_pad), 3, spec.D)
-    v = common.pad_axis(common.pad_axis(v, 1, spec.S_pad), 3, spec.D)
+def _pad_inputs(spec: _Spec, q, k, v, bias, mask, q_seg, kv_seg):
+    """Pads and transposes every operand to the kernels' head-major block grid.
+
+    Zeros for q/k/v/bias; False for the mask (int8: bool refs do not lower everywhere); segment ids repeat
+    their edge value. q_seg becomes a ``[B, T_pad, 1]`` column, kv_seg a ``[B, 1, S_pad]`` row.
+    """
+    def heads_first(x, length):
+        return jnp.swapaxes(common.pad_axis(common.pad_axis(x, 1, length), 3, spec.D), 1, 2)
+
+    q, k, v = heads_first(q, spec.T_pad), heads_first(k, spec.S_pad), heads_first(v, spec.S_pad)
 
     def pad_ts(x, full, value):
         x = _as_4d(x)
@@ -642,20 +714,31 @@ def _pad_inputs(spec: _Spec, q, k, v, bias, sinks, mask, q_seg, kv_seg):
     if bias is not None:
         bias = pad_ts(bias, spec.bias_full, 0)
     if mask is not None:
-        # int8: bool refs do not lower everywhere; padded keys are masked by the key tail anyway.
         mask = pad_ts(mask.astype(jnp.int8), spec.mask_full, 0)
     if q_seg is not None:
-        q_seg = jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, spec.T_pad - spec.T)), mode="edge")
-        kv_seg = jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, spec.S_pad - spec.S)), mode="edge")
-    if sinks is not None:
-        sinks = sinks.astype(jnp.float32)
-    return q, k, v, bias, sinks, mask, q_seg, kv_seg
+        q_seg = jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, spec.T_pad - spec.T)), mode="edge")[:, :, None]
+        kv_seg = jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, spec.S_pad - spec.S)), mode="edge")[:, None, :]
+    return q, k, v, bias, mask, q_seg, kv_seg
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _flash(spec: _Spec, q, k, v, bias, sinks, mask, q_seg, kv_seg):
-    padded = _pad_inputs(spec, q, k, v, bias, sinks, mask, q_seg, kv_seg)
-    out, lse = _flash_padded(spec, *padded)
-    out = out[:, :spec.T, :, :q.shape[3]]
-    lse = jnp.transpose(lse[:, :, :spec.T], (0, 2, 1))
-    return out, lse
+def _run_on_target(problem: _Problem, target: str, interpret: bool):
+    spec = problem.spec(target, interpret)
+    problem_text = tpu_block_problem(spec)
+
+    def run(q, k, v, bias, mask, q_seg, kv_seg):
+        if problem_text is not None:
+            out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+                          jax.ShapeDtypeStruct((spec.B, spec.T, spec.H), F32)]
+            return tuple(common.unsupported_on_target(problem_text, out_shapes)(q, k, v, bias))
+        padded = _pad_inputs(spec, q, k, v, bias, mask, q_seg, kv_seg)
+        out, lse = _flash_padded(spec, *padded)
+        out = jnp.swapaxes(out[:, :, :spec.T, :q.shape[3]], 1, 2)
+        lse = jnp.swapaxes(lse[:, :, :spec.T, 0], 1, 2)
+        return out, lse
+    return run
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _flash(problem: _Problem, interpret, q, k, v, bias, mask, q_seg, kv_seg):
+    return common.dispatch(lambda target, interpret: _run_on_target(problem, target, interpret),
+                           q, k, v, bias, mask, q_seg, kv_seg, interpret=interpret)

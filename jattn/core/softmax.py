@@ -84,3 +84,16 @@ def merge_partials(outs: Sequence[jax.Array] | jax.Array, lses: Sequence[jax.Arr
     weights = jnp.where(jnp.isfinite(lses), jnp.exp(lses - safe), 0.0)
     out = jnp.sum(weights[..., None] * outs.astype(jnp.float32), axis=0)
     return out, lse
+
+
+def merge_sinks(out, lse, sinks):
+    """Folds ``exp(sinks[h])`` into each row's denominator: ``out [B, T, H, E]``, ``lse [B, T, H]``.
+
+    An exact LSE merge with one value-less partial (``lse = sinks[h]``), so kernels never see sinks and the
+    sinks' gradient flows through the kernels' lse cotangent. Empty rows (``lse = -inf``) stay 0 and get
+    ``lse = sinks[h]``, as in the reference; a NaN row stays NaN. Returns float32 ``(out, lse)``.
+    """
+    sink = sinks.astype(jnp.float32)[None, None, :]
+    new_lse = jnp.logaddexp(lse, sink)
+    keep = jnp.where(jnp.isneginf(lse), 0.0, jnp.exp(lse - new_lse))
+    return out.astype(jnp.float32) * keep[..., None], new_lse

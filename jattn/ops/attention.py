@@ -11,20 +11,15 @@ import jax
 
 from jattn.core import checks
 from jattn.core.reference import reference_attention
+from jattn.core.softmax import merge_sinks
 from jattn.ops.attention_xla import flash_attention_xla
+from jattn.ops.dispatch import run_impl
+from pallas_kernels.flash import BlockSizes, flash_attention as flash_attention_pallas
 from pallas_kernels.common import MIN_DOT_DIM, fit_block
 
 # Tile sizes that measured fastest on a 2-core CPU (benchmarks/cpu.py) and on GPU (benchmarks/gpu_suite.py).
-DEFAULT_BLOCKS = {"xla": (512, 512), "pallas": (128, 128)}
+DEFAULT_BLOCKS = {"xla": (512, 512)}  # Pallas defaults are per target: pallas_kernels.flash.DEFAULTS
 MIN_BLOCK = MIN_DOT_DIM
-
-
-def resolve_impl(impl: str) -> str:
-    """Maps "auto" to the fastest impl for the default backend."""
-    checks.check_choice("impl", impl, checks.IMPLS)
-    if impl != "auto":
-        return impl
-    return "xla" if jax.default_backend() == "cpu" else "pallas"
 
 
 def attention(q, k, v, *, bias=None, mask=None, causal: bool = False, window=None, segment_ids=None,
@@ -51,20 +46,36 @@ def attention(q, k, v, *, bias=None, mask=None, causal: bool = False, window=Non
         sinks=sinks)
     block_q = checks.check_block_size("block_q", block_q, minimum=MIN_BLOCK)
     block_k = checks.check_block_size("block_k", block_k, minimum=MIN_BLOCK)
-    impl = resolve_impl(impl)
+    checks.check_choice("impl", impl, checks.IMPLS)
     if impl == "reference":
         return reference_attention(q, k, v, bias=bias, mask=mask, causal=causal, window=window,
                                    segment_ids=segment_ids, scale=scale, softcap=softcap, sinks=sinks,
                                    return_lse=return_lse)
-    default_q, default_k = DEFAULT_BLOCKS[impl]
-    block_q = fit_block(default_q, T) if block_q is None else block_q
-    block_k = fit_block(default_k, S) if block_k is None else block_k
-    kwargs = dict(bias=bias, mask=mask, q_segment_ids=None if segments is None else segments[0],
-                  kv_segment_ids=None if segments is None else segments[1], sinks=sinks, causal=bool(causal),
-                  window=window, scale=scale, softcap=softcap, block_q=block_q, block_k=block_k)
-    if impl == "xla":
-        out, lse = flash_attention_xla(q, k, v, **kwargs)
-    else:
-        from pallas_kernels.flash import flash_attention as flash_attention_pallas
-        out, lse = flash_attention_pallas(q, k, v, **kwargs)
+    static = dict(causal=bool(causal), window=window, scale=scale, softcap=softcap)
+
+    def xla(q, k, v, bias, mask, segments, sinks):
+        default_q, default_k = DEFAULT_BLOCKS["xla"]
+        return flash_attention_xla(
+            q, k, v, bias=bias, mask=mask, q_segment_ids=None if segments is None else segments[0],
+            kv_segment_ids=None if segments is None else segments[1], sinks=sinks,
+            block_q=fit_block(default_q, T) if block_q is None else block_q,
+            block_k=fit_block(default_k, S) if block_k is None else block_k, **static)
+
+    def pallas(q, k, v, bias, mask, segments, sinks):
+        return _flash_pallas(q, k, v, bias=bias, mask=mask, segments=segments, sinks=sinks, block_q=block_q,
+                             block_k=block_k, **static)
+
+    out, lse = run_impl(impl, (q, k, v, bias, mask, segments, sinks), xla=xla, pallas=pallas)
     return (out, lse) if return_lse else out
+
+
+def _flash_pallas(q, k, v, *, segments, sinks, block_q, block_k, **kwargs):
+    """The Pallas flash kernel; sinks are merged after it as one value-less LSE partial (exact)."""
+    out, lse = flash_attention_pallas(
+        q, k, v, q_segment_ids=None if segments is None else segments[0],
+        kv_segment_ids=None if segments is None else segments[1],
+        block_sizes=BlockSizes(block_q=block_q, block_k=block_k), **kwargs)
+    if sinks is not None:
+        out, lse = merge_sinks(out, lse, sinks)
+        out = out.astype(q.dtype)
+    return out, lse

@@ -11,8 +11,20 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jattn.core.reference import reference_attention
+from jattn.core.softmax import merge_sinks
 from pallas_kernels import common, flash
-from pallas_kernels.flash import flash_attention
+from pallas_kernels.flash import BlockSizes
+
+
+def flash_attention(q, k, v, *, sinks=None, block_q=None, block_k=None, bwd_block_q=None, bwd_block_k=None,
+                    interpret=True, **kw):
+    """The kernel with sinks merged as jattn.attention does; one bwd tile pair for dq and dk/dv."""
+    sizes = BlockSizes(block_q, block_k, bwd_block_q, bwd_block_k, bwd_block_q, bwd_block_k)
+    out, lse = flash.flash_attention(q, k, v, block_sizes=sizes, interpret=interpret, **kw)
+    if sinks is not None:
+        out, lse = merge_sinks(out, lse, sinks)
+        out = out.astype(q.dtype)
+    return out, lse
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 GROUPINGS = [(1, 1), (4, 1), (8, 4), (6, 2)]
@@ -38,7 +50,7 @@ def random_inputs(seed, B, T, S, H, Hkv, D, dtype=jnp.float32):
 
 
 def reference(q, k, v, *, bias=None, sinks=None, q_segment_ids=None, kv_segment_ids=None, **kw):
-    for tile_size in ("block_q", "block_k", "bwd_block_q", "bwd_block_k"):
+    for tile_size in ("block_q", "block_k", "bwd_block_q", "bwd_block_k", "poison_outputs", "interpret"):
         kw.pop(tile_size, None)
     segments = None if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
     return reference_attention(q, k, v, bias=bias, sinks=sinks, segment_ids=segments, return_lse=True, **kw)
@@ -177,37 +189,18 @@ def test_fully_masked_rows_give_zero_output_and_finite_gradients():
 
 
 def test_every_output_tile_is_written_into_nan_poisoned_buffers():
-    """Raw padded outputs of all three kernels (dS tiles included), each aliased onto a NaN buffer."""
+    """All three kernels (dS tiles included) write into NaN-filled aliased buffers: no NaN may remain."""
     q, k, v, extras, kw = build_case(CASES["segments_causal_broadcast_bias"], seed=2)
-    kw = dict(kw, bwd_block_q=32, bwd_block_k=16, bias=extras["bias"])
-    spec = dataclasses.replace(flash._make_spec(q, k, v, interpret=True, **kw), poison=True)
-
-    @jax.jit
-    def raw_outputs(q, k, v, bias, q_ids, kv_ids, d_out):
-        padded = flash._pad_inputs(spec, q, k, v, bias, None, None, q_ids, kv_ids)
-        out, lse = flash._forward(spec, *padded)
-        grads = flash._backward(spec, (True, True, True), (*padded, out, lse), d_out,
-                                jnp.zeros(lse.shape))
-        return out, lse, grads[:4]
-
-    d_out = jax.random.normal(jax.random.PRNGKey(0), (spec.B, spec.T_pad, spec.H, spec.D))
-    out, lse, grads = raw_outputs(q, k, v, kw["bias"], kw["q_segment_ids"], kw["kv_segment_ids"], d_out)
-    assert out.shape[1] == spec.T_pad and spec.T_pad > spec.T
-    for name, x in zip(("out", "lse", "dq", "dk", "dv", "dbias"), (out, lse, *grads)):
-        assert not np.isnan(np.asarray(x)).any(), f"{name} has an unwritten (NaN) tile"
+    kw = dict(kw, bwd_block_q=32, bwd_block_k=16, poison_outputs=True)
+    check_against_reference(q, k, v, bias=extras["bias"], **kw)
 
 
 def test_poisoning_catches_a_kernel_that_skips_its_output():
-    spec = flash._Spec(B=1, T=16, S=16, H=1, Hkv=1, D=16, T_pad=16, S_pad=16, block_q=16, block_k=16,
-                       bwd_block_q=16, bwd_block_k=16, scale=1.0, softcap=None, causal=False,
-                       window=None, bias_full=None, mask_full=None, segments=False, sinks=False,
-                       interpret=True, poison=True)
     x = jnp.ones((16, 16))
-    (result,) = flash._call(lambda x_ref, *refs: None, spec, grid=(1,), inputs=[x],
-                            in_specs=[flash.pl.BlockSpec((16, 16), lambda i: (0, 0))],
-                            out_shapes=[jax.ShapeDtypeStruct((16, 16), jnp.float32)],
-                            out_specs=[flash.pl.BlockSpec((16, 16), lambda i: (0, 0))],
-                            name="writes_nothing", warps=4)
+    spec = flash.pl.BlockSpec((16, 16), lambda i: (0, 0))
+    (result,) = common.pallas_call(lambda x_ref, *refs: None, out_shape=[jax.ShapeDtypeStruct((16, 16), jnp.float32)],
+                                   target="triton", interpret=True, name="writes_nothing", grid=(1,),
+                                   in_specs=[spec], out_specs=[spec], poison_outputs=True)(x)
     assert np.isnan(np.asarray(result)).all()
 
 
@@ -277,34 +270,11 @@ def test_forward_matches_reference_on_random_shapes(T, S, grouping, masking, blo
     assert_close("lse", lse, want_lse, TOL[jnp.float32])
 
 
-@pytest.mark.parametrize("value, error", [(48, ValueError), (8, ValueError), (None, TypeError),
-                                          (True, TypeError), (16.0, TypeError)])
+@pytest.mark.parametrize("value, error", [(48, ValueError), (8, ValueError), (True, TypeError),
+                                          (16.0, TypeError)])
 def test_hardware_block_sizes_are_enforced(value, error):
-    q, k, v = random_inputs(0, 1, 8, 8, 1, 1, 16)
     with pytest.raises(error, match="block_k"):
-        flash_attention(q, k, v, scale=1.0, block_k=value)
-
-
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(scale=None), TypeError, "scale"),
-    (dict(scale=-1.0), ValueError, "scale"),
-    (dict(mask=jnp.ones((8, 8), jnp.int32)), TypeError, "mask"),
-    (dict(mask=jnp.ones((3, 8, 8), bool)), ValueError, "mask"),
-    (dict(bias=jnp.ones((1, 2, 8, 8))), ValueError, "bias"),
-    (dict(q_segment_ids=jnp.zeros((1, 8), jnp.int32)), ValueError, "kv_segment_ids"),
-    (dict(q_segment_ids=jnp.zeros((1, 8), jnp.int32), kv_segment_ids=jnp.zeros((1, 9), jnp.int32)),
-     ValueError, "segment_ids"),
-    (dict(sinks=jnp.zeros((3,))), ValueError, "sinks"),
-    (dict(window=(2, -1)), ValueError, "window"),
-    (dict(causal=1), TypeError, "causal"),
-    (dict(softcap=0.0), ValueError, "softcap"),
-    (dict(interpret="yes"), TypeError, "interpret"),
-])
-def test_bad_arguments_are_rejected_by_name(kwargs, error, match):
-    q, k, v = random_inputs(0, 1, 8, 8, 1, 1, 16)
-    kwargs = {"scale": 1.0, **kwargs}
-    with pytest.raises(error, match=match):
-        flash_attention(q, k, v, **kwargs)
+        BlockSizes(block_k=value)
 
 
 def test_common_block_helpers():
@@ -314,5 +284,6 @@ def test_common_block_helpers():
     assert common.padded_head_dim(24) == 32 and common.padded_head_dim(8) == 16
     assert common.padded_head_dim(128) == 128
     assert common.round_up(33, 16) == 48 and common.round_up(32, 16) == 32
-    assert common.default_interpret() == (jax.default_backend() == "cpu")
-    assert common.gpu_compiler_params(interpret=True, num_warps=4, num_stages=2) is None
+    assert common.compiler_params("triton", interpret=True) is None
+    with pytest.raises(ValueError, match="interpret"):
+        common.check_interpret("yes")

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jattn.core.reference import reference_attention
-from jattn.ops.attention import attention, resolve_impl
+from jattn.ops.attention import attention
 from pallas_kernels import common
 from tests.conftest import assert_close, random_qkv
 
@@ -167,8 +167,15 @@ def test_tile_ranges_skip_exactly_the_empty_tiles(T, S, bq, bk, causal, window, 
             assert full_tiles[row, full_lo:full_hi].all(), (over, row, full_lo, full_hi)
 
 
-def test_auto_picks_xla_on_cpu_and_reference_impl_is_the_reference():
-    assert resolve_impl("auto") == ("xla" if jax.default_backend() == "cpu" else "pallas")
+def test_auto_lowers_the_xla_path_on_cpu_and_reference_impl_is_the_reference():
+    """"auto" is decided at lowering time: the CPU program holds no Pallas kernel (no interpreter loop)."""
+    q, k, v = random_qkv(5, 1, 8, 8, 2, 1, 16)
+    def lowered(impl):
+        fn = jax.jit(lambda q, k, v: attention(q, k, v, causal=True, impl=impl))
+        return fn.lower(q, k, v).as_text(debug_info=True)
+    cpu_text, pallas_text = lowered("auto"), lowered("pallas")
+    assert "jattn_flash" not in cpu_text and "flash_attention_xla" in cpu_text
+    assert "jattn_flash" in pallas_text
     q, k, v = random_qkv(5, 1, 8, 8, 2, 1, 16)
     assert np.array_equal(np.asarray(attention(q, k, v, impl="reference", causal=True)),
                           np.asarray(reference_attention(q, k, v, causal=True)))
