@@ -3,6 +3,10 @@
 * ``jattn papers [--status S]`` prints the catalogue.
 * ``jattn show-mask NAME --out FILE.png [--set key=value ...] [--head H]`` draws a named pattern from
   ``jattn.patterns``; ``jattn show-mask --list`` lists the names, their help and their options.
+  ``--head`` picks the head of a per-head pattern (s2, moa, sinklora_*); on a pattern that is the same
+  for every head it has no effect and a note on stderr says so. Large patterns are drawn tile by tile
+  and too large ones refused with a message (see ``jattn.patterns``): no ``[T, S]`` mask is allocated
+  beyond ``jattn.patterns.DENSE_LIMIT`` elements.
 
 Usage errors (an unknown name, a bad option) exit with status 2 and a message naming what arrived and
 what was expected, as argparse does for its own errors.
@@ -29,7 +33,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     show.add_argument("--out", metavar="FILE.png", help="image file to write (format from the suffix)")
     show.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                       help="set a pattern option, e.g. --set seq=128 --set block=16 (repeatable)")
-    show.add_argument("--head", type=int, default=0, metavar="H", help="head to draw (default 0)")
+    show.add_argument("--head", type=int, default=None, metavar="H",
+                      help="head to draw for a per-head pattern (default 0); no effect on the others")
     return parser, {"papers": papers, "show-mask": show}
 
 
@@ -105,6 +110,15 @@ def _check_out(out: str | None) -> pathlib.Path:
     return path
 
 
+def num_heads(mask) -> int:
+    """The head dim of a pattern's mask: ``BlockMask.shape[1]``, ``[H, T, S]``/``[B, H, T, S]`` dense, else 1."""
+    from jattn.core.block_mask import BlockMask
+
+    if isinstance(mask, BlockMask):
+        return mask.shape[1]
+    return mask.shape[-3] if mask.ndim >= 3 else 1
+
+
 def _show_mask(args, parser: argparse.ArgumentParser) -> int:
     from jattn.patterns import PATTERNS
     from jattn.viz import plot_mask
@@ -122,12 +136,26 @@ def _show_mask(args, parser: argparse.ArgumentParser) -> int:
         options = parse_options(pattern, args.options)
     except ValueError as err:
         parser.error(str(err))
+    head = args.head
     try:
         mask, mask_fn = pattern.build(**options)
+        heads = num_heads(mask)
         settings = ", ".join(f"{k}={v}" for k, v in {**pattern.options, **options}.items())
-        fig = plot_mask(mask, mask_fn=mask_fn, head=args.head, title=f"{pattern.name} ({settings})")
+        title = f"{pattern.name} ({settings})"
+        if heads == 1:
+            if head is not None:
+                print(f"note: pattern {pattern.name!r} is the same for every head: --head {head} has no effect",
+                      file=sys.stderr)
+            head = 0
+        else:
+            head = 0 if head is None else head
+            if not 0 <= head < heads:
+                raise ValueError(f"--head must be in [0, {heads}): this pattern has {heads} heads, got {head}")
+            title += f", head {head} of {heads}"
+        fig = plot_mask(mask, mask_fn=mask_fn, head=head, title=title)
     except ValueError as err:  # a builder or plot_mask rejecting an option value or --head
-        parser.error(f"pattern {pattern.name!r} with {options or 'its defaults'} and --head {args.head}: {err}")
+        parser.error(f"pattern {pattern.name!r} with {options or 'its defaults'}"
+                     f"{'' if args.head is None else f' and --head {args.head}'}: {err}")
     try:
         fig.savefig(out, dpi=120)
     except OSError as err:

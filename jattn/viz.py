@@ -19,6 +19,9 @@ from jattn.core.checks import describe
 ELEMENT_VIEW_LIMIT = 512 * 512
 # Element grid lines are drawn only while cells are still wider than a line.
 ELEMENT_GRID_LIMIT = 96
+# plot_mask never materialises more than this many [T, S] elements (a mask_fn, or a BlockMask drawn with
+# view="elements"); larger patterns are drawn tile by tile from a BlockMask (view="blocks").
+DENSE_DRAW_LIMIT = 4096 * 4096
 
 VISIBLE = (0.10, 0.16, 0.33, 1.0)
 VISIBLE_OVER_TILES = (0.05, 0.05, 0.15, 0.62)  # see-through, so the tile shade shows the tile kind
@@ -180,7 +183,7 @@ def _plot_block_mask(ax, block_mask, mask_fn, *, title, grid, batch, head, view)
              f"{listed}/{kinds.size} visited ({n_full} full, {listed - n_full} partial)")
     if view == "blocks":
         _draw_tile_kinds(ax, kinds)
-        if grid:
+        if grid and max(kinds.shape) <= ELEMENT_GRID_LIMIT:  # beyond, lines would hide the cells
             _draw_boundaries(ax, *kinds.shape, 1, 1, color="0.6", linewidth=0.5)
         ax.set_xlabel(f"key block (kv_idx // {bk})")
         ax.set_ylabel(f"query block (q_idx // {bq})")
@@ -208,11 +211,17 @@ def plot_mask(mask=None, *, mask_fn=None, seq_q: int | None = None, seq_k: int |
     * ``mask``: a ``BlockMask``, with the optional ``mask_fn`` that the kernel applies in partial tiles.
       ``view="elements"`` draws what the kernel sees (``BlockMask.to_dense_mask``) over the tiles,
       shaded full vs partial, with tile boundaries; ``view="blocks"`` draws one cell per tile;
-      ``view="auto"`` picks elements up to ``ELEMENT_VIEW_LIMIT`` elements and blocks beyond.
+      ``view="auto"`` picks elements up to ``ELEMENT_VIEW_LIMIT`` elements and blocks beyond; the
+      blocks view reads only the tile tables, so it draws BlockMasks of any length without ever
+      materialising ``[T, S]``.
+
+    Nothing larger than ``DENSE_DRAW_LIMIT`` elements is materialised: a larger ``mask_fn`` or
+    ``view="elements"`` is a ``ValueError`` (draw a BlockMask's tiles instead).
 
     ``batch``/``head`` select the slice drawn. ``ax``: draw into an existing matplotlib Axes (its
     figure is returned). ``title``: a first title line above the generated summary. ``grid``: draw
-    tile boundaries (BlockMask) or element boundaries (dense masks up to ``ELEMENT_GRID_LIMIT`` a side).
+    tile boundaries (BlockMask; in the blocks view up to ``ELEMENT_GRID_LIMIT`` tiles a side) or element
+    boundaries (dense masks up to ``ELEMENT_GRID_LIMIT`` a side).
     The mask itself is the Axes image labelled ``"mask"`` and the tile kinds the one labelled ``"tiles"``.
     """
     from jattn.core.block_mask import BlockMask
@@ -232,6 +241,9 @@ def plot_mask(mask=None, *, mask_fn=None, seq_q: int | None = None, seq_k: int |
     if isinstance(mask, BlockMask):
         if view == "auto":
             view = "elements" if mask.seq_q * mask.seq_k <= ELEMENT_VIEW_LIMIT else "blocks"
+        if view == "elements" and mask.seq_q * mask.seq_k > DENSE_DRAW_LIMIT:
+            raise ValueError(f"view='elements' would materialise the BlockMask's {mask.seq_q} x {mask.seq_k} mask, "
+                             f"more than DENSE_DRAW_LIMIT={DENSE_DRAW_LIMIT} elements: use view='blocks'")
         rows, cols = (mask.num_q_blocks, mask.num_kv_blocks) if view == "blocks" else (mask.seq_q, mask.seq_k)
         fig, ax = _new_axes(ax, rows, cols)
         _plot_block_mask(ax, mask, mask_fn, title=title, grid=grid, batch=batch, head=head, view=view)
@@ -244,6 +256,10 @@ def plot_mask(mask=None, *, mask_fn=None, seq_q: int | None = None, seq_k: int |
             raise ValueError("mask_fn needs the sequence lengths: pass seq_q= (and seq_k= when it differs)")
         seq_q = _check_seq("seq_q", seq_q)
         seq_k = seq_q if seq_k is None else _check_seq("seq_k", seq_k)
+        if seq_q * seq_k > DENSE_DRAW_LIMIT:
+            raise ValueError(f"mask_fn over seq_q={seq_q} x seq_k={seq_k} would materialise {seq_q * seq_k} "
+                             f"elements, more than DENSE_DRAW_LIMIT={DENSE_DRAW_LIMIT}: draw its tiles instead, "
+                             f"plot_mask(BlockMask.from_mask_fn(mask_fn, 1, 1, seq_q, seq_k, block, block))")
         visible, what = mask_fn_slice(mask_fn, seq_q, seq_k, batch=batch, head=head), "mask_fn"
     else:
         if mask_fn is not None:

@@ -297,7 +297,7 @@ def _make_unsupported_primitive():
         from jax.extend.core import Primitive
     except ImportError:  # pragma: no cover - older releases
         from jax.core import Primitive
-    from jax.interpreters import batching, mlir
+    from jax.interpreters import ad, batching, mlir
 
     prim = Primitive("jattn_unsupported_on_target")
     prim.multiple_results = True
@@ -317,6 +317,13 @@ def _make_unsupported_primitive():
     prim.def_impl(lambda *a, out_avals, message: (_ for _ in ()).throw(ValueError(message)))
     mlir.register_lowering(prim, lowering)
     batching.primitive_batchers[prim] = batch
+
+    def jvp(primals, tangents, *, out_avals, message):  # differentiable, so grad traces; lowering still fails
+        outs = prim.bind(*primals, out_avals=out_avals, message=message)
+        return outs, [ad.Zero(a.to_tangent_aval()) if hasattr(a, "to_tangent_aval") else jnp.zeros(a.shape, a.dtype)
+                      for a in out_avals]
+
+    ad.primitive_jvps[prim] = jvp
     return prim
 
 

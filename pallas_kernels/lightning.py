@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.common import default_interpret
+from pallas_kernels import common
 
 F32 = jnp.float32
 MIN_DIM = 16
@@ -127,21 +127,18 @@ def _dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dstate_ref, dk_ref, dv_ref, 
 # pallas_call plumbing
 
 
-def _call(kernel, inputs, in_specs, out_shapes, out_specs, grid, interpret, poison):
-    """``pallas_call``; with ``poison`` every output starts as NaN (aliased), so an unwritten tile shows."""
-    aliases = {}
+def _call(kernel, inputs, in_specs, out_shapes, out_specs, grid, target, interpret, poison, name):
+    """``pallas_call`` for one target; with ``poison`` every output starts as NaN (aliased)."""
+    body = kernel
     if poison:
-        nan_inputs = [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shapes]
-        aliases = {len(inputs) + i: i for i in range(len(out_shapes))}
-        inputs, in_specs = list(inputs) + nan_inputs, list(in_specs) + list(out_specs)
-        n_real = len(inputs) - len(out_shapes)
-        body = kernel
+        n_inputs = len(inputs)
 
-        def kernel(*refs):  # noqa: F811 - drops the aliased NaN refs the kernel never reads
-            body(*refs[:n_real], *refs[n_real + len(out_shapes):])
+        def kernel(*refs):  # drops the aliased NaN refs the kernel never reads
+            body(*refs[:n_inputs], *refs[n_inputs + len(out_shapes):])
 
-    return pl.pallas_call(kernel, out_shape=out_shapes, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                          input_output_aliases=aliases, interpret=interpret)(*inputs)
+    return common.pallas_call(kernel, out_shape=out_shapes, target=target, interpret=interpret, name=name, grid=grid,
+                              in_specs=in_specs, out_specs=out_specs, poison_outputs=poison,
+                              dimension_semantics=("parallel", "parallel"))(*inputs)
 
 
 def _specs(T, D, block_e):
@@ -161,7 +158,7 @@ def _chunk_local(a, chunk):
     return jnp.cumsum(a.reshape(BH, T // chunk, chunk), axis=-1).reshape(BH, 1, T)
 
 
-def _forward(q, k, v, a, s0, *, scale, chunk, block_e, interpret, poison):
+def _forward(q, k, v, a, s0, *, scale, chunk, block_e, target, interpret, poison):
     BH, T, D = q.shape
     E = v.shape[2]
     s = _specs(T, D, block_e)
@@ -169,10 +166,10 @@ def _forward(q, k, v, a, s0, *, scale, chunk, block_e, interpret, poison):
     kernel = functools.partial(_forward_kernel, chunk=chunk, num_chunks=T // chunk, scale=scale)
     out_shapes = (jax.ShapeDtypeStruct((BH, T, E), q.dtype), jax.ShapeDtypeStruct((BH, D, E), F32))
     return _call(kernel, (q, k, v, _chunk_local(a, chunk), s0), (s["qk"], s["qk"], s["v"], s["b"], s["state"]),
-                 out_shapes, (s["v"], s["state"]), grid, interpret, poison)
+                 out_shapes, (s["v"], s["state"]), grid, target, interpret, poison, "jattn_lightning_forward")
 
 
-def _backward(q, k, v, a, s0, do, dstate, *, scale, chunk, block_e, interpret, poison):
+def _backward(q, k, v, a, s0, do, dstate, *, scale, chunk, block_e, target, interpret, poison):
     BH, T, D = q.shape
     E = v.shape[2]
     tiles = E // block_e
@@ -182,30 +179,38 @@ def _backward(q, k, v, a, s0, do, dstate, *, scale, chunk, block_e, interpret, p
     partial_qk = jax.ShapeDtypeStruct((BH, tiles, T, D), F32)  # one partial per value tile, summed below
     (dq,) = _call(functools.partial(_dq_kernel, **static), (k, v, b, s0, do),
                   (s["qk"], s["v"], s["b"], s["state"], s["v"]), (partial_qk,), (s["per_tile_qk"],),
-                  (BH, tiles), interpret, poison)
+                  (BH, tiles), target, interpret, poison, "jattn_lightning_dq")
     dk, dv, ds0 = _call(functools.partial(_dkv_kernel, **static), (q, k, v, b, do, dstate),
                         (s["qk"], s["qk"], s["v"], s["b"], s["v"], s["state"]),
                         (partial_qk, jax.ShapeDtypeStruct((BH, T, E), F32), jax.ShapeDtypeStruct((BH, D, E), F32)),
-                        (s["per_tile_qk"], s["v"], s["state"]), (BH, tiles), interpret, poison)
+                        (s["per_tile_qk"], s["v"], s["state"]), (BH, tiles), target, interpret, poison,
+                        "jattn_lightning_dkv")
     return dq.sum(axis=1), dk.sum(axis=1), dv, ds0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _lightning(q, k, v, a, s0, scale, chunk, block_e, interpret, poison):
-    return _forward(q, k, v, a, s0, scale=scale, chunk=chunk, block_e=block_e, interpret=interpret,
-                    poison=poison)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _lightning(q, k, v, a, s0, cfg):
+    return _forward(q, k, v, a, s0, **cfg._asdict())
 
 
-def _lightning_fwd(q, k, v, a, s0, scale, chunk, block_e, interpret, poison):
-    out, final = _lightning(q, k, v, a, s0, scale, chunk, block_e, interpret, poison)
+class _Config(NamedTuple):
+    scale: float
+    chunk: int
+    block_e: int
+    target: str
+    interpret: bool
+    poison: bool
+
+
+def _lightning_fwd(q, k, v, a, s0, cfg):
+    out, final = _lightning(q, k, v, a, s0, cfg)
     return (out, final), (q, k, v, a, s0, final)
 
 
-def _lightning_bwd(scale, chunk, block_e, interpret, poison, residuals, cotangents):
+def _lightning_bwd(cfg, residuals, cotangents):
     q, k, v, a, s0, final = residuals
     do, dfinal = cotangents
-    dq, dk, dv, ds0 = _backward(q, k, v, a, s0, do, dfinal.astype(F32), scale=scale, chunk=chunk,
-                                block_e=block_e, interpret=interpret, poison=poison)
+    dq, dk, dv, ds0 = _backward(q, k, v, a, s0, do, dfinal.astype(F32), **cfg._asdict())
     dc = (jnp.sum(q.astype(F32) * dq, axis=-1) - jnp.sum(k.astype(F32) * dk, axis=-1))
     dc = dc.at[:, -1].add(jnp.sum(dfinal.astype(F32) * final, axis=(-2, -1)))
     da = jnp.flip(jnp.cumsum(jnp.flip(dc, axis=-1), axis=-1), axis=-1)
@@ -222,14 +227,15 @@ def _check_pow2(name, value, minimum=MIN_DIM):
 
 
 def lightning_attention(q, k, v, a, s0, *, scale: float = 1.0, chunk_size: int = 64, block_e: int | None = None,
-                        interpret: bool | None = None, debug_poison: bool = False):
+                        interpret=None, poison_outputs: bool = False):
     """Causal decayed linear attention in kernel layout; differentiable in every array argument.
 
     Args: ``q, k [BH, T, D]``, ``v [BH, T, E]`` (one dtype), ``a [BH, T]`` float32 log-decays,
     ``s0 [BH, D, E]`` float32 initial state; ``scale`` multiplies the output; ``chunk_size`` and
     ``block_e`` (value tile, default ``min(E, 64)``) powers of two >= 16 with ``T % chunk_size == 0``
-    and ``E % block_e == 0``; ``interpret`` defaults to True on CPU; ``debug_poison`` NaN-fills every
-    output before the kernels run (tests).
+    and ``E % block_e == 0``; ``interpret``: None dispatches when the program is lowered (Triton on GPU,
+    Mosaic on TPU, the interpreter on CPU; see ``pallas_kernels.common.dispatch``); ``poison_outputs``
+    NaN-fills every output before the kernels run (tests).
     Returns ``(out [BH, T, E] in q's dtype, final state [BH, D, E] float32)``.
     """
     for name, x, ndim in (("q", q, 3), ("k", k, 3), ("v", v, 3), ("a", a, 2), ("s0", s0, 3)):
@@ -248,6 +254,9 @@ def lightning_attention(q, k, v, a, s0, *, scale: float = 1.0, chunk_size: int =
     _check_pow2("block_e", block_e)
     if T % chunk_size or E % block_e:
         raise ValueError(f"T={T} must be a multiple of chunk_size={chunk_size} and E={E} of block_e={block_e}")
-    interpret = default_interpret() if interpret is None else bool(interpret)
-    return _lightning(q, k, v, a.astype(F32), s0.astype(F32), float(scale), int(chunk_size), int(block_e),
-                      interpret, bool(debug_poison))
+
+    def build(target, interpret):
+        cfg = _Config(float(scale), int(chunk_size), int(block_e), target, interpret, bool(poison_outputs))
+        return lambda q, k, v, a, s0: _lightning(q, k, v, a, s0, cfg)
+
+    return common.dispatch(build, q, k, v, a.astype(F32), s0.astype(F32), interpret=interpret)

@@ -1,4 +1,6 @@
 """plot_mask draws exactly the mask it is given; the pattern registry and ``jattn show-mask`` work."""
+import time
+
 import numpy as np
 import pytest
 from matplotlib.figure import Figure
@@ -6,7 +8,7 @@ from matplotlib.figure import Figure
 from jattn.cli import main
 from jattn.core import masks
 from jattn.core.block_mask import BlockMask
-from jattn.patterns import PATTERNS, register_pattern
+from jattn.patterns import DENSE_LIMIT, PATTERNS, register_pattern
 from jattn.viz import TILE_FULL, TILE_PARTIAL, TILE_SKIPPED, plot_mask
 
 
@@ -130,3 +132,108 @@ def test_cli_usage_errors_exit_2_with_a_message(argv, message, tmp_path, capsys)
 def test_papers_command_still_works(capsys):
     assert main(["papers", "--status", "works"]) == 0
     assert capsys.readouterr().out.startswith("id")
+
+
+# ------------------------------------------------------------------ issue 12 §6: show-mask at any size, --head
+
+def _no_dense_masks(monkeypatch):
+    """Makes every way to materialise a [T, S] mask fail the test."""
+    import jattn.core.masks as masks_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dense [T, S] mask was materialised")
+
+    monkeypatch.setattr(masks_module, "materialize", refuse)
+    monkeypatch.setattr(BlockMask, "to_dense_mask", refuse)
+
+
+def _captured_figures(monkeypatch):
+    """The figures ``jattn show-mask`` draws, in order."""
+    import jattn.viz
+
+    figures, original = [], jattn.viz.plot_mask
+
+    def capture(*args, **kwargs):
+        figures.append(original(*args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(jattn.viz, "plot_mask", capture)
+    return figures
+
+
+def test_show_mask_refuses_a_huge_mask_at_once_with_the_option_to_lower(tmp_path, capsys, monkeypatch):
+    _no_dense_masks(monkeypatch)
+    monkeypatch.setattr(BlockMask, "from_mask_fn", lambda *a, **k: pytest.fail("tiles were evaluated"))
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as info:
+        main(["show-mask", "causal", "--set", "seq=100000", "--out", str(tmp_path / "x.png")])
+    assert info.value.code == 2 and time.perf_counter() - started < 5
+    err = capsys.readouterr().err
+    assert "seq=100000 gives a 100000 x 100000 mask" in err and "too large to draw" in err and "lower seq" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_large_pattern_is_drawn_tile_by_tile_without_a_dense_mask(monkeypatch):
+    _no_dense_masks(monkeypatch)
+    seq = 4200                                  # 4200**2 > DENSE_LIMIT: block=0 switches to tiles
+    assert seq * seq > DENSE_LIMIT
+    mask, mask_fn = PATTERNS["sliding_window"].build(seq=seq)
+    assert isinstance(mask, BlockMask) and mask.block_q == 16 and mask.num_q_blocks <= 512
+    fig = plot_mask(mask, mask_fn=mask_fn)
+    tiles = image(fig, "tiles")
+    assert tiles.shape == (mask.num_q_blocks, mask.num_kv_blocks)
+    assert np.array_equal(np.flatnonzero(tiles[100]), [99, 100])   # the diagonal band, tile level
+    assert not [im for im in fig.axes[0].get_images() if im.get_label() == "mask"]
+
+
+def test_show_mask_draws_a_100000_long_per_head_pattern_quickly(tmp_path, monkeypatch, capsys):
+    _no_dense_masks(monkeypatch)
+    figures = _captured_figures(monkeypatch)
+    out = tmp_path / "s2.png"
+    started = time.perf_counter()
+    assert main(["show-mask", "s2", "--set", "seq=100000", "--set", "block=512", "--head", "1",
+                 "--out", str(out)]) == 0
+    assert time.perf_counter() - started < 60 and out.stat().st_size > 1000
+    tiles = image(figures[0], "tiles")
+    assert tiles.shape == (196, 196) and "head 1 of 4" in figures[0].axes[0].get_title()
+
+
+def test_plot_mask_never_materialises_a_huge_mask():
+    with pytest.raises(ValueError, match="DENSE_DRAW_LIMIT"):
+        plot_mask(mask_fn=masks.causal_mask(), seq_q=5000)
+    bm = BlockMask.from_dense_block_map(np.ones((1, 1, 40, 40), bool), block_q=128, block_k=128, seq_q=5120,
+                                        seq_k=5120)
+    with pytest.raises(ValueError, match="use view='blocks'"):
+        plot_mask(bm, view="elements")
+
+
+@pytest.mark.parametrize("name, options", [("s2", []), ("moa", []), ("sinklora_sf", ["--set", "block=8"])])
+def test_head_option_draws_that_head_of_a_per_head_pattern(name, options, tmp_path, monkeypatch, capsys):
+    figures = _captured_figures(monkeypatch)
+    for head in ("0", "2" if name in ("s2", "moa") else "1"):
+        assert main(["show-mask", name, *options, "--head", head, "--out", str(tmp_path / f"{head}.png")]) == 0
+    head0, other = (image(fig, "mask") for fig in figures)
+    assert not np.array_equal(head0, other)
+    mask, mask_fn = PATTERNS[name].build(**({"block": 8} if options else {}))
+    heads = mask.shape[1] if isinstance(mask, BlockMask) else mask.shape[0]
+    head = 2 if name in ("s2", "moa") else 1
+    expected = (np.asarray(mask.to_dense_mask(mask_fn))[0, head] if isinstance(mask, BlockMask)
+                else np.asarray(mask)[head])
+    assert np.array_equal(other, expected)
+    assert f"head {head} of {heads}" in figures[1].axes[0].get_title()
+    assert "no effect" not in capsys.readouterr().err
+
+
+def test_head_option_on_a_head_independent_pattern_says_it_has_no_effect(tmp_path, capsys):
+    assert main(["show-mask", "causal", "--head", "2", "--out", str(tmp_path / "c.png")]) == 0
+    err = capsys.readouterr().err
+    assert "pattern 'causal' is the same for every head: --head 2 has no effect" in err
+    assert main(["show-mask", "causal", "--out", str(tmp_path / "d.png")]) == 0
+    assert "no effect" not in capsys.readouterr().err
+
+
+def test_head_out_of_range_for_a_per_head_pattern_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["show-mask", "s2", "--head", "4", "--out", str(tmp_path / "x.png")])
+    assert info.value.code == 2
+    assert "--head must be in [0, 4): this pattern has 4 heads, got 4" in capsys.readouterr().err

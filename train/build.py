@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -42,31 +43,31 @@ class Task:
 
 
 TASKS = ("text", "mqar", "needle", "copy", "icl_regression")
+_SYNTHETIC = {"mqar": MQAR, "needle": NeedleInHaystack, "copy": Copying, "icl_regression": ICLRegression}
+
+
+def task_settings(kind: str) -> tuple[str, ...]:
+    """The settings a task kind takes besides ``kind`` (a synthetic task's constructor arguments)."""
+    if kind == "text":
+        return ("seq_len", "max_bytes")
+    return _keyword_names(_SYNTHETIC[kind].__init__, ("self",))
 
 
 def build_task(cfg: dict) -> Task:
     cfg = dict(cfg)
     kind = cfg.pop("kind", None)
+    if kind not in TASKS:
+        raise ValueError(f"task.kind must be one of {TASKS}, got {kind!r}")
+    unknown = sorted(set(cfg) - set(task_settings(kind)))
+    if unknown:
+        raise ValueError(f"task {kind!r} got unknown settings {unknown}; it takes {list(task_settings(kind))}")
     if kind == "text":
         data = ByteCorpus(cfg.pop("seq_len", 128), max_bytes=cfg.pop("max_bytes", 2_000_000))
-        task = Task(data, lm_loss, 256, data.seq_len)
-    elif kind == "mqar":
-        data = MQAR(**{k: cfg.pop(k) for k in ("num_pairs", "num_queries", "vocab_size") if k in cfg})
-        task = Task(data, lm_loss, data.vocab_size, data.seq_len)
-    elif kind == "needle":
-        data = NeedleInHaystack(**{k: cfg.pop(k) for k in ("seq_len", "vocab_size") if k in cfg})
-        task = Task(data, lm_loss, data.vocab_size, data.seq_len)
-    elif kind == "copy":
-        data = Copying(**{k: cfg.pop(k) for k in ("length", "vocab_size") if k in cfg})
-        task = Task(data, lm_loss, data.vocab_size, data.seq_len)
-    elif kind == "icl_regression":
-        data = ICLRegression(**{k: cfg.pop(k) for k in ("dim", "num_context", "noise") if k in cfg})
-        task = Task(data, regression_loss, None, data.num_context + 1)
-    else:
-        raise ValueError(f"task.kind must be one of {TASKS}, got {kind!r}")
-    if cfg:
-        raise ValueError(f"task {kind!r} got unknown settings {sorted(cfg)}")
-    return task
+        return Task(data, lm_loss, 256, data.seq_len)
+    data = _SYNTHETIC[kind](**cfg)
+    if kind == "icl_regression":
+        return Task(data, regression_loss, None, data.num_context + 1)
+    return Task(data, lm_loss, data.vocab_size, data.seq_len)
 
 
 MODELS = ("decoder_lm", "icl_mhsa")
@@ -86,6 +87,29 @@ def build_model(cfg: dict, task: Task, seed: int):
             raise ValueError("model.kind='icl_mhsa' needs task.kind='icl_regression'")
         return OneLayerMHSoftmax(task.data.dim, cfg.pop("num_heads"), rngs=rngs, **cfg)
     raise ValueError(f"model.kind must be one of {MODELS}, got {kind!r}")
+
+
+def _keyword_names(fn, skip=()) -> tuple[str, ...]:
+    params = inspect.signature(fn).parameters.values()
+    return tuple(p.name for p in params if p.name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+
+
+def section_keys(section: str, kind) -> tuple[str, ...] | None:
+    """The keys a ``task``/``model``/``analysis`` section of this ``kind`` takes (``kind`` included), or
+    None for a kind that does not exist (building it raises the error that lists the kinds)."""
+    if section == "task":
+        return ("kind", *task_settings(kind)) if kind in TASKS else None
+    if section == "model":
+        if kind == "decoder_lm":   # vocab_size comes from the task
+            return ("kind", *_keyword_names(DecoderLM.__init__, ("self", "vocab_size", "rngs")))
+        if kind == "icl_mhsa":     # dim comes from the task
+            return ("kind", *_keyword_names(OneLayerMHSoftmax.__init__, ("self", "dim", "rngs")))
+        return None
+    if section == "analysis":
+        from train.experiments import ANALYSES
+        fn = ANALYSES.get(kind)
+        return None if fn is None else ("kind", *_keyword_names(fn, ("model", "task", "config")))
+    raise ValueError(f"section must be 'task', 'model' or 'analysis', got {section!r}")
 
 
 def count_params(model) -> int:

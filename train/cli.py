@@ -4,10 +4,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
+from train.checkpoint import CheckpointMismatchError
 from train.build import build_model, build_task, count_params
-from train.config import apply_overrides, load_config
+from train.config import apply_overrides, check_config, load_config
 from train.loop import train
+
+# A config that ships in configs/ (tests/train/test_loop.py checks the --help example exists).
+EXAMPLE_CONFIG = "configs/lm_softmax.py"
 
 
 def run_config(config: dict, *, quiet: bool = False) -> dict:
@@ -38,13 +43,20 @@ def run_config(config: dict, *, quiet: bool = False) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
-    parser.add_argument("--config", required=True, help="path to a config file, e.g. configs/demo_lm.py")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50")
+    parser.add_argument("--config", required=True, help=f"path to a config file, e.g. {EXAMPLE_CONFIG}")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50 (unknown keys are errors)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    config = apply_overrides(load_config(args.config), args.overrides)
+    try:
+        config = check_config(apply_overrides(load_config(args.config), args.overrides))
+    except (ValueError, TypeError, FileNotFoundError) as err:  # a bad config path, key or override
+        parser.error(str(err))
     if config["train"].get("out_dir") is None:
         config["train"]["out_dir"] = os.path.join("runs", config.get("name", "run"))
-    summary = run_config(config, quiet=args.quiet)
+    try:
+        summary = run_config(config, quiet=args.quiet)
+    except CheckpointMismatchError as err:  # one message, not a traceback through orbax
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1
     print(json.dumps(summary, indent=2, default=float))
     return 0

@@ -3,11 +3,18 @@
 ``python -m train --config configs/NAME.py key=value ...``; dotted keys reach nested sections
 (``train.steps=50``, ``model.method_config.window=16``). Values are Python literals when they parse
 (``3e-4``, ``True``, ``(1, 2)``, ``{'window': 8}``) and strings otherwise.
+
+Every key is checked, at every level: a misspelt key (``train.stpes=5``) is an error that names the
+closest valid key, never a silently ignored setting. ``train`` and ``optim`` take the keys of
+:data:`DEFAULTS` (``optim`` also ``eps``); ``task``, ``model`` and ``analysis`` take what their ``kind``'s
+builder takes (:func:`train.build.section_keys`). ``model.method_config`` is the attention method's own
+keyword config, checked by the method when the model is built.
 """
 from __future__ import annotations
 
 import ast
 import copy
+import difflib
 import importlib.util
 import os
 from typing import Any, Sequence
@@ -19,7 +26,12 @@ DEFAULTS: dict[str, Any] = {
     "model": {"kind": "decoder_lm", "dim": 64, "num_layers": 2, "num_heads": 4, "method": "softmax",
               "method_config": {}},
     "optim": {"lr": 3e-3, "schedule": "cosine", "warmup_steps": 10, "weight_decay": 0.1, "b1": 0.9,
-              "b2": 0.95, "clip_norm": 1.0, "min_lr_ratio": 0.1, "decay_fraction": 0.2},
+              "b2": 0.95, "clip_norm": 1.0, "min_lr_ratio": 0.1, "decay_fraction": 0.2,
+              # The learning-rate schedule's horizon in steps. None: ``train.steps`` for a new run and, on
+              # resume, the horizon stored with the checkpoint, so raising ``train.steps`` to continue a
+              # run does not re-stretch its schedule (steps past the horizon run at the final rate).
+              # Set it to stretch the schedule on purpose.
+              "schedule_steps": None},
     "train": {"steps": 100, "batch_size": 16, "grad_accum": 1, "log_every": 10, "eval_every": 0,
               "eval_batches": 2, "checkpoint_every": 0, "out_dir": None, "resume": True, "progress": True},
 }
@@ -63,20 +75,82 @@ def parse_value(text: str) -> Any:
         return text
 
 
+# Top-level keys besides the DEFAULTS sections: the optional post-training analysis.
+EXTRA_TOP_LEVEL = ("analysis",)
+# optim keys make_optimizer takes that DEFAULTS leaves at their default.
+EXTRA_OPTIM = ("eps",)
+# Sections whose keys depend on their ``kind``; their default kind when it is not set.
+KIND_SECTIONS = {"task": "text", "model": "decoder_lm", "analysis": None}
+# Dict values that are free-form (checked by their consumer, not by key).
+FREE_FORM = {("model", "method_config")}
+
+
+def _known_keys(config: dict, path: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The keys the dict at ``path`` may hold, or None when any key goes (free-form, or an unknown kind
+    that the builder will reject with the list of kinds)."""
+    if path == ():
+        return tuple(DEFAULTS) + EXTRA_TOP_LEVEL
+    if path in FREE_FORM or len(path) > 1:
+        return None
+    section = path[0]
+    if section == "train":
+        return tuple(DEFAULTS["train"])
+    if section == "optim":
+        return tuple(DEFAULTS["optim"]) + EXTRA_OPTIM
+    if section in KIND_SECTIONS:
+        from train.build import section_keys
+        node = config.get(section)
+        kind = node.get("kind", KIND_SECTIONS[section]) if isinstance(node, dict) else KIND_SECTIONS[section]
+        return section_keys(section, kind)
+    return None
+
+
+def _unknown_key_error(where: str, key: str, path: tuple[str, ...], known) -> ValueError:
+    dotted = ".".join((*path, key))
+    section = f"section {'.'.join(path)!r}" if path else "the top level"
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+    hint = f"; did you mean {'.'.join((*path, close[0]))!r}?" if close else ""
+    return ValueError(f"{where}unknown key {dotted!r}{hint} ({section} takes: {', '.join(sorted(known))})")
+
+
+def check_config(config: dict) -> dict:
+    """Raises ``ValueError`` for any key the run would not read (with the closest valid key); returns
+    ``config``."""
+    def walk(node: dict, path: tuple[str, ...]):
+        known = _known_keys(config, path)
+        for key, value in node.items():
+            if known is not None and key not in known:
+                raise _unknown_key_error("config: ", key, path, known)
+            if isinstance(value, dict) and known is not None:
+                walk(value, (*path, key))
+    walk(config, ())
+    return config
+
+
 def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
-    """Applies ``key=value`` strings; an unknown top-level section is an error (likely a typo)."""
+    """Applies ``key=value`` strings. An unknown key at any level is an error that names the closest
+    valid key (see the module docstring); so is a dotted key that runs through a plain value."""
     config = copy.deepcopy(config)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"overrides must look like key=value, got {item!r}")
         key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        if parts[0] not in config:
-            raise ValueError(f"override {item!r}: unknown key {parts[0]!r}; known: {sorted(config)}")
+        parts = tuple(part.strip() for part in key.strip().split("."))
+        if not all(parts):
+            raise ValueError(f"override {item!r}: empty key part in {key!r}")
         node = config
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
+        for depth, part in enumerate(parts):
+            path = parts[:depth]
+            known = _known_keys(config, path)
+            if known is not None and part not in known:
+                raise _unknown_key_error(f"override {item!r}: ", part, path, known)
+            if depth == len(parts) - 1:
+                node[part] = parse_value(text)
+                break
+            if part not in node:
                 node[part] = {}
+            elif not isinstance(node[part], dict):
+                raise ValueError(f"override {item!r}: {'.'.join(parts[:depth + 1])!r} is a value "
+                                 f"({node[part]!r}), not a section with keys")
             node = node[part]
-        node[parts[-1]] = parse_value(text)
     return config

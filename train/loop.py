@@ -4,14 +4,22 @@ The loop is functional: the NNX model is split once into ``graphdef`` and its ``
 a pure function of ``(params, opt_state, batch)`` compiled ahead of time (which also yields its memory
 analysis), and batches are pure functions of ``(seed, step)``. So a run stopped at any point and resumed
 from its latest checkpoint repeats exactly the computation of an uninterrupted run.
+
+Resuming (``train.resume``, the default, with checkpoints in ``out_dir``) prints ``resumed from step N``
+to stderr. The learning-rate schedule keeps the horizon it was checkpointed with: raising ``train.steps``
+to continue a finished run trains the extra steps at the schedule's final rate and says so; set
+``optim.schedule_steps`` to stretch the schedule instead. A checkpoint of another model shape raises
+:class:`~train.checkpoint.CheckpointMismatchError` naming a differing array and the two ways out.
+``train.resume=False`` starts afresh and deletes the checkpoints already in ``out_dir``.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +27,43 @@ import numpy as np
 import optax
 from flax import nnx
 
-from train.checkpoint import Checkpointer
+from train.checkpoint import CheckpointMismatchError, Checkpointer
 from train.optim import make_optimizer
+
+
+class TrainState(NamedTuple):
+    """What a checkpoint holds (the names become the leaf paths in its metadata)."""
+    params: Any
+    opt_state: Any
+
+
+def notice(message: str) -> None:
+    """One line to stderr (stdout stays for results, e.g. the CLI's JSON summary)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def schedule_horizon(steps: int, ocfg: dict, stored: int | None) -> tuple[int, str | None]:
+    """The number of steps the learning-rate schedule spans, and a notice when it is not ``steps``.
+
+    ``optim.schedule_steps`` wins when set. Otherwise a resumed run keeps the horizon ``stored`` with its
+    checkpoint (so a longer ``train.steps`` does not silently re-stretch the schedule), and a new run
+    (``stored`` None) spans ``train.steps``."""
+    asked = ocfg.get("schedule_steps")
+    if asked is not None:
+        if isinstance(asked, bool) or not isinstance(asked, int) or asked < 1:
+            raise ValueError(f"optim.schedule_steps must be None or an int >= 1, got {asked!r}")
+        if stored is not None and asked != stored:
+            return asked, (f"optim.schedule_steps={asked}: the learning-rate schedule is re-stretched from the "
+                           f"{stored} steps it spanned when checkpointed to {asked} steps")
+        return asked, None
+    if stored is None or stored == steps:
+        return steps, None
+    if ocfg.get("schedule", "cosine") == "constant":
+        return stored, None
+    past = " (steps past it run at the schedule's final learning rate)" if steps > stored else ""
+    return stored, (f"train.steps={steps} differs from the {stored}-step learning-rate schedule stored with the "
+                    f"checkpoint: keeping its horizon at {stored} steps{past}; set optim.schedule_steps={steps} "
+                    f"to re-stretch it")
 
 
 def make_loss_of(graphdef, rest, loss_fn):
@@ -123,23 +166,53 @@ def train(config: dict, model, task, *, on_step: Callable[[int, dict], None] | N
     ``train.checkpoint_every > 0``, checkpoints to ``out_dir/checkpoints`` (also at the last step); a
     rerun with ``train.resume`` continues from the latest one. ``on_step(step, metrics)`` runs after each
     step (tests use it to kill a run)."""
-    tcfg, ocfg, seed = config["train"], config["optim"], int(config["seed"])
+    tcfg, ocfg, seed = config["train"], dict(config["optim"]), int(config["seed"])
     steps, batch_size, grad_accum = int(tcfg["steps"]), int(tcfg["batch_size"]), int(tcfg["grad_accum"])
     if batch_size % grad_accum:
         raise ValueError(f"train.batch_size={batch_size} must be a multiple of train.grad_accum={grad_accum}")
-    optimizer, schedule = make_optimizer(total_steps=steps, **ocfg)
+    out_dir = tcfg.get("out_dir")
+    checkpointer = None
+    if out_dir and tcfg.get("checkpoint_every", 0):
+        checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"))
+    try:  # the checkpointer's background threads are shut down whatever happens
+        return _train(config, model, task, tcfg, ocfg, seed, steps, batch_size, grad_accum, out_dir,
+                      checkpointer, on_step, quiet)
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+
+
+def _train(config, model, task, tcfg, ocfg, seed, steps, batch_size, grad_accum, out_dir, checkpointer,
+           on_step, quiet) -> TrainResult:
+    meta = {}
+    if checkpointer is not None and checkpointer.latest_step() is not None:
+        if tcfg.get("resume", True):
+            meta = checkpointer.read_meta()
+        else:
+            notice(f"train.resume=False: deleting the checkpoints at steps {checkpointer.all_steps()} in "
+                   f"{checkpointer.directory}")
+            checkpointer.delete_all()
+    horizon, message = schedule_horizon(steps, ocfg, meta.get("schedule_steps"))
+    ocfg.pop("schedule_steps", None)
+    optimizer, schedule = make_optimizer(total_steps=horizon, **ocfg)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     opt_state = optimizer.init(params)
     loss_of = make_loss_of(graphdef, rest, task.loss)
 
-    out_dir = tcfg.get("out_dir")
-    checkpointer = None
     start = 0
-    if out_dir and tcfg.get("checkpoint_every", 0):
-        checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"))
-        if tcfg.get("resume", True) and checkpointer.latest_step() is not None:
-            (params, opt_state), meta = checkpointer.restore((params, opt_state))
-            start = int(meta["step"])
+    if meta:
+        try:
+            (params, opt_state), _ = checkpointer.restore(TrainState(params, opt_state))
+        except CheckpointMismatchError as err:
+            raise CheckpointMismatchError(
+                f"cannot resume from train.out_dir={out_dir!r}: {err}\nTwo ways out: train.resume=False starts this "
+                f"run afresh in that directory (deleting its checkpoints), or a new train.out_dir keeps them.") from None
+        start = int(meta["step"])
+        notice(f"resumed from step {start} ({checkpointer.directory})")
+        if start >= steps:
+            notice(f"train.steps={steps} is already reached: nothing to train")
+    if message:
+        notice(message)
     logger = JsonlLogger(os.path.join(out_dir, "metrics.jsonl") if out_dir else None,
                          resume_step=start if start else None)
 
@@ -182,19 +255,17 @@ def train(config: dict, model, task, *, on_step: Callable[[int, dict], None] | N
             history.append(record)
             logger.log(record)
         if checkpointer is not None and (done % tcfg["checkpoint_every"] == 0 or last):
-            checkpointer.save(done, (params, opt_state))
+            checkpointer.save(done, TrainState(params, opt_state), {"schedule_steps": horizon})
         if progress is not None:
             progress.update(1)
         if on_step is not None:
             on_step(done, metrics)
     if progress is not None:
         progress.close()
-    if checkpointer is not None:
-        checkpointer.close()
     timed_steps = steps - start - 1
     rate = tokens_per_step * timed_steps / (ended - first_done) if timed_steps > 0 else None
     seconds = time.perf_counter() - began
-    return TrainResult(graphdef, params, rest, opt_state, steps, history, rate, memory, seconds)
+    return TrainResult(graphdef, params, rest, opt_state, max(steps, start), history, rate, memory, seconds)
 
 
 def evaluate(eval_fn, params, task, seed: int, batch_size: int, num_batches: int) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 MaskFn = Callable[..., jnp.ndarray]
@@ -24,6 +25,25 @@ def _positive(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return int(value)
+
+
+def index_div(a, b: int):
+    """``a // b`` for non-negative integer indices ``a`` (arrays or ints).
+
+    Mask functions run inside the kernels: on traced ints this is ``lax.div`` (truncating, equal to floor
+    division for ``a >= 0``), which lowers on every target, where ``//`` adds sign corrections that the
+    Mosaic TPU lowering cannot emit from a CPU host.
+    """
+    if isinstance(a, (int, np.integer)) or isinstance(a, np.ndarray):
+        return a // b
+    return lax.div(a, jnp.asarray(b, a.dtype))
+
+
+def index_mod(a, b: int):
+    """``a % b`` for non-negative integer indices ``a`` (see ``index_div``)."""
+    if isinstance(a, (int, np.integer)) or isinstance(a, np.ndarray):
+        return a % b
+    return lax.rem(a, jnp.asarray(b, a.dtype))
 
 
 def full_mask() -> MaskFn:
@@ -75,7 +95,7 @@ def chunked_mask(chunk_size: int) -> MaskFn:
     chunk_size = _positive("chunk_size", chunk_size)
 
     def mask_fn(b, h, q_idx, kv_idx):
-        return (q_idx // chunk_size) == (kv_idx // chunk_size)
+        return index_div(q_idx, chunk_size) == index_div(kv_idx, chunk_size)
     return mask_fn
 
 

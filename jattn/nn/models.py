@@ -69,6 +69,24 @@ class MLP(nnx.Module):
         return self.down(gate * self.up(x))
 
 
+def check_token_ids(name: str, ids, vocab_size: int, vocab_name: str = "vocab_size") -> None:
+    """``ValueError`` when a concrete id array holds an id outside ``[0, vocab_size)``.
+
+    Only concrete arrays are checked (outside ``jit``: one device-to-host read of the min and max). Under
+    ``jit`` the ids are tracers and cannot be checked without a runtime check: there ``nnx.Embed``'s
+    ``jnp.take`` returns NaN rows for ids ``>= vocab_size`` (the NaN spreads through attention, so logits
+    and loss turn NaN) and wraps negative ids around from the end. Check the data before it enters a
+    jitted step.
+    """
+    if isinstance(ids, jax.core.Tracer) or ids.size == 0:
+        return
+    low, high = int(jnp.min(ids)), int(jnp.max(ids))
+    if low < 0 or high >= vocab_size:
+        bad = high if high >= vocab_size else low
+        raise ValueError(f"{name} holds token id {bad} (ids range over [{low}, {high}]), outside "
+                         f"[0, {vocab_name}={vocab_size}): ids must be < {vocab_name}")
+
+
 class TransformerBlock(nnx.Module):
     """Attention then MLP, each with a residual; ``norm_position="pre"`` (GPT/Llama) or ``"post"`` (BERT).
 
@@ -117,7 +135,10 @@ def layer_method_configs(num_layers: int, method: str, method_config: dict | Non
 
 
 class DecoderLM(nnx.Module):
-    """A causal decoder-only LM (pre-norm, RoPE by default): ``tokens [B, T] int -> logits [B, T, V]``."""
+    """A causal decoder-only LM (pre-norm, RoPE by default): ``tokens [B, T] int -> logits [B, T, V]``.
+
+    Token ids must lie in ``[0, vocab_size)``: a concrete ``tokens`` array with others raises
+    ``ValueError``; under ``jit`` they cannot be checked (see :func:`check_token_ids`)."""
 
     def __init__(self, vocab_size: int, dim: int, num_layers: int, num_heads: int, *, rngs: nnx.Rngs,
                  num_kv_heads: int | None = None, mlp_dim: int | None = None, mlp: str = "swiglu",
@@ -146,6 +167,7 @@ class DecoderLM(nnx.Module):
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be an int array [B, T], got {checks.describe(tokens)}")
+        check_token_ids("tokens", tokens, self.vocab_size)
         x = self.embed(tokens).astype(self.dtype)
         maps = []
         for block in self.blocks:
@@ -208,7 +230,9 @@ class BertEncoder(nnx.Module):
     """BERT-style encoder (post-norm, GELU, learned absolute positions, token types).
 
     ``input_ids [B, T]``, ``attention_mask [B, T]`` (1 = token, 0 = padding) -> hidden ``[B, T, dim]``
-    (+ per-layer attention maps ``[B, H, T, T]`` with ``return_probs``)."""
+    (+ per-layer attention maps ``[B, H, T, T]`` with ``return_probs``). Concrete ``input_ids`` and
+    ``token_type_ids`` outside their vocabularies raise ``ValueError`` (unchecked under ``jit``: see
+    :func:`check_token_ids`)."""
 
     def __init__(self, vocab_size: int, dim: int, num_layers: int, num_heads: int, *, rngs: nnx.Rngs,
                  mlp_dim: int | None = None, max_position: int = 512, type_vocab_size: int = 2,
@@ -237,6 +261,8 @@ class BertEncoder(nnx.Module):
             if extra is not None and tuple(jnp.shape(extra)) != (B, T):
                 raise ValueError(f"{name} must have shape {(B, T)} like input_ids, got {checks.describe(extra)}")
         token_type_ids = jnp.zeros_like(input_ids) if token_type_ids is None else jnp.asarray(token_type_ids)
+        check_token_ids("input_ids", input_ids, self.word_embed.num_embeddings)
+        check_token_ids("token_type_ids", token_type_ids, self.type_embed.num_embeddings, "type_vocab_size")
         x = (self.word_embed(input_ids) + self.position_embed(jnp.arange(T)[None])
              + self.type_embed(token_type_ids))
         x = self.embed_norm(x)

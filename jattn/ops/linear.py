@@ -22,6 +22,8 @@ Decay is applied through log-decays cumulated *from the chunk start* (``b_i <= 0
 """
 from __future__ import annotations
 
+import functools
+
 import math
 
 import jax
@@ -29,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jattn.core import checks
+from jattn.ops.dispatch import run_impl
 
 HIGHEST = jax.lax.Precision.HIGHEST
 LINEAR_IMPLS = ("auto", "pallas", "xla", "recurrent", "reference")
@@ -115,10 +118,13 @@ def check_linear_args(q, k, v, *, log_decay, causal, scale, initial_state, retur
     checks.check_float_array("k", k, 4)
     checks.check_float_array("v", v, 4)
     B, T, H, D = q.shape
-    if tuple(k.shape) != (B, T, H, D):
-        raise ValueError(f"k must have the shape of q [B, T, H, D] = {(B, T, H, D)}, got {checks.describe(k)}")
-    if tuple(v.shape[:3]) != (B, T, H):
-        raise ValueError(f"v must have shape [B, T, H, E] with [B, T, H] = {(B, T, H)}, got {checks.describe(v)}")
+    Hkv = k.shape[2]
+    if tuple(k.shape) != (B, T, Hkv, D) or Hkv == 0 or H % Hkv:
+        raise ValueError(f"k must have the shape of q [B, T, H, D] = {(B, T, H, D)} or, for GQA, [B, T, Hkv, D] "
+                         f"with H={H} a multiple of Hkv, got {checks.describe(k)}")
+    if tuple(v.shape[:3]) != (B, T, Hkv):
+        raise ValueError(f"v must have shape [B, T, Hkv, E] with [B, T, Hkv] = {(B, T, Hkv)} (k's heads), "
+                         f"got {checks.describe(v)}")
     if T == 0 or D == 0 or v.shape[3] == 0:
         raise ValueError(f"q, k, v need T, D, E > 0, got q {checks.describe(q)} and v {checks.describe(v)}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -145,10 +151,9 @@ def check_linear_args(q, k, v, *, log_decay, causal, scale, initial_state, retur
 
 
 def resolve_linear_impl(impl: str) -> str:
+    """Static policy only: "auto" counts as pallas (decided at lowering time, see ``jattn.ops.dispatch``)."""
     checks.check_choice("impl", impl, LINEAR_IMPLS)
-    if impl != "auto":
-        return impl
-    return "xla" if jax.default_backend() == "cpu" else "pallas"
+    return "pallas" if impl == "auto" else impl
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -380,9 +385,13 @@ def _next_pow2(n: int, minimum: int) -> int:
 
 
 def linear_attention_pallas(q, k, v, *, log_decay=None, causal=True, scale=1.0, initial_state=None,
-                            chunk_size=64, block_e=None, interpret=None, debug_poison=False):
+                            chunk_size=64, block_e=None, interpret=None, poison_outputs=False):
     """Pallas lightning kernel. D and E are zero-padded to powers of two >= 16 (exact: zero features
-    add nothing to q k^T, zero value channels are sliced off) and T to a multiple of the chunk."""
+    add nothing to q k^T, zero value channels are sliced off) and T to a multiple of the chunk.
+
+    Non-causal linear attention has no kernel: it is two GEMMs, ``o = scale * q (S_0 + K^T V)``, which XLA
+    (cuBLAS / the TPU MXU) already runs at the roofline, so ``causal=False`` runs them here on every impl.
+    """
     from pallas_kernels import lightning
 
     B, T, H, D = q.shape
@@ -408,7 +417,7 @@ def linear_attention_pallas(q, k, v, *, log_decay=None, causal=True, scale=1.0, 
     s0 = _zero_state(B, H, D, E) if initial_state is None else initial_state.astype(jnp.float32)
     s0 = jnp.pad(s0, ((0, 0), (0, 0), (0, Dp - D), (0, Ep - E))).reshape(B * H, Dp, Ep)
     out, final = lightning.lightning_attention(to_kernel(q, D, Dp), kk, vk, a, s0, scale=scale, chunk_size=C,
-                                               block_e=block_e, interpret=interpret, debug_poison=debug_poison)
+                                               block_e=block_e, interpret=interpret, poison_outputs=poison_outputs)
     out = jnp.transpose(out.reshape(B, H, N * C, Ep), (0, 2, 1, 3))[:, :T, :, :E]
     return out, final.reshape(B, H, Dp, Ep)[:, :, :D, :E]
 
@@ -417,13 +426,24 @@ def linear_attention_pallas(q, k, v, *, log_decay=None, causal=True, scale=1.0, 
 # The public entry point
 
 
+def _chunked_with_state(q, k, v, initial_state, **kwargs):
+    return linear_attention_chunked(q, k, v, initial_state=initial_state, **kwargs)
+
+
+def _pallas_with_state(q, k, v, initial_state, **kwargs):
+    return linear_attention_pallas(q, k, v, initial_state=initial_state, **kwargs)
+
+
 def linear_attention(q, k, v, *, log_decay=None, causal: bool = True, scale: float = 1.0,
                      initial_state=None, return_final_state: bool = False, chunk_size: int = 64,
                      impl: str = "auto"):
     """Linear attention ``S_t = lambda_t S_{t-1} + k_t^T v_t``, ``o_t = scale q_t S_t`` (P58, P74).
 
     Args:
-      q, k: ``[B, T, H, D]``; v: ``[B, T, H, E]`` (E may differ from D). One dtype for all three.
+      q: ``[B, T, H, D]``; k: ``[B, T, Hkv, D]``; v: ``[B, T, Hkv, E]`` (E may differ from D). One dtype for
+        all three. GQA/MQA: ``H`` a multiple of ``Hkv``, query head ``h`` reads kv head ``h // (H // Hkv)``
+        (k, v are repeated per group before dispatch, so every impl and the gradients, which sum over the
+        group, are exact); ``log_decay``, ``initial_state`` and the final state are per query head.
       log_decay: None (no decay), ``[H]`` per head or ``[B, T, H]`` per token; ``lambda = exp(log_decay)``.
         Values should be ``<= 0`` (a decay); causal only.
       causal: False gives ``o_t = scale q_t (S_0 + sum_j k_j^T v_j)``.
@@ -437,14 +457,16 @@ def linear_attention(q, k, v, *, log_decay=None, causal: bool = True, scale: flo
     """
     check_linear_args(q, k, v, log_decay=log_decay, causal=causal, scale=scale, initial_state=initial_state,
                       return_final_state=return_final_state, chunk_size=chunk_size, impl=impl)
-    impl = resolve_linear_impl(impl)
-    kwargs = dict(log_decay=log_decay, causal=causal, scale=float(scale), initial_state=initial_state)
+    if k.shape[2] != q.shape[2]:  # GQA: repeat kv head j for query heads j*G .. j*G + G - 1
+        group = q.shape[2] // k.shape[2]
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    kwargs = dict(log_decay=log_decay, causal=causal, scale=float(scale))
     if impl == "reference":
-        out, final = linear_attention_reference(q, k, v, **kwargs)
+        out, final = linear_attention_reference(q, k, v, initial_state=initial_state, **kwargs)
     elif impl == "recurrent":
-        out, final = linear_attention_recurrent(q, k, v, **kwargs)
-    elif impl == "xla":
-        out, final = linear_attention_chunked(q, k, v, chunk_size=int(chunk_size), **kwargs)
+        out, final = linear_attention_recurrent(q, k, v, initial_state=initial_state, **kwargs)
     else:
-        out, final = linear_attention_pallas(q, k, v, chunk_size=int(chunk_size), **kwargs)
+        xla = functools.partial(_chunked_with_state, chunk_size=int(chunk_size), **kwargs)
+        pallas = functools.partial(_pallas_with_state, chunk_size=int(chunk_size), **kwargs)
+        out, final = run_impl(impl, (q, k, v, initial_state), xla=xla, pallas=pallas, choices=LINEAR_IMPLS)
     return _finish(out, final, q.dtype, return_final_state)

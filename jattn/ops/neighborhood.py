@@ -43,6 +43,8 @@ from jattn.core import checks
 from jattn.core.block_mask import BlockMask
 from jattn.core.reference import reference_attention
 from jattn.core.softmax import MASK_VALUE
+from jattn.ops.dispatch import auto_is_pallas, run_impl
+from jattn.core.masks import index_div, index_mod
 
 F32 = jnp.float32
 DEFAULT_XLA_TILES = {1: (128,), 2: (8, 8), 3: (4, 4, 4)}
@@ -56,12 +58,13 @@ def axis_window_bounds(index, length: int, kernel: int, stride: int, causal: boo
 
     Pure integer arithmetic on ``xp`` (numpy for static tables, ``jax.numpy`` inside kernels).
     """
+    first_of_stride = index_div(index, stride) * stride
     if causal:
-        leader = xp.minimum((index // stride) * stride + stride - 1, length - 1)
+        leader = xp.minimum(first_of_stride + stride - 1, length - 1)
         return xp.maximum(leader - kernel + 1, 0), index
     left = kernel // 2
     right = kernel // 2 + kernel % 2 - 1
-    leader = xp.minimum((index // stride) * stride + stride // 2, length - 1)
+    leader = xp.minimum(first_of_stride + stride // 2, length - 1)
     centre = xp.clip(leader, left, length - 1 - right)
     return centre - left, centre + right
 
@@ -172,22 +175,28 @@ def neighborhood_attention(q, k, v, kernel_size, *, stride=1, dilation=1, is_cau
     scale = checks.check_positive_float("scale", scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     checks.check_choice("impl", impl, checks.IMPLS)
-    if impl == "auto":
-        impl = "xla" if jax.default_backend() == "cpu" else "pallas"
-    tiles = check_tile_shape(tile_shape, geometry.ndim, impl)
-    return _compiled(geometry, impl, tiles, float(scale), q, k, v)
+    # "auto" is decided at lowering time (xla on CPU, pallas elsewhere): its tiles must suit both paths.
+    pallas_tiles = check_tile_shape(tile_shape, geometry.ndim, "pallas") if auto_is_pallas(impl) else None
+    xla_tiles = pallas_tiles if tile_shape is not None and pallas_tiles is not None else \
+        check_tile_shape(tile_shape, geometry.ndim, "xla")
+    return _compiled(geometry, impl, (xla_tiles, pallas_tiles), float(scale), q, k, v)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _compiled(geometry: NAGeometry, impl: str, tiles, scale: float, q, k, v):
     """One compiled program per pattern (eager dispatch of the per-group slicing is slow)."""
-    if impl == "reference":
-        return _reference(geometry, q, k, v, scale)
-    if impl == "xla":
-        core = functools.partial(_tiled_attention, tile=tiles, scale=scale)
-    else:
-        core = functools.partial(permuted_attention, tile=tiles, scale=scale, sparse_impl="pallas")
-    return over_dilation_groups(geometry, core, q, k, v).astype(q.dtype)
+    xla_tiles, pallas_tiles = tiles
+
+    def xla(q, k, v):
+        core = functools.partial(_tiled_attention, tile=xla_tiles, scale=scale)
+        return over_dilation_groups(geometry, core, q, k, v).astype(q.dtype)
+
+    def pallas(q, k, v):
+        core = functools.partial(permuted_attention, tile=pallas_tiles, scale=scale, sparse_impl="pallas")
+        return over_dilation_groups(geometry, core, q, k, v).astype(q.dtype)
+
+    return run_impl(impl, (q, k, v), xla=xla, pallas=pallas,
+                    reference=lambda q, k, v: _reference(geometry, q, k, v, scale).astype(q.dtype))
 
 
 def check_tile_shape(tile_shape, ndim: int, impl: str):
@@ -480,11 +489,11 @@ def na_tile_maps(geometry: NAGeometry, q_tile, kv_tile=None):
 def _grid_coordinates(index, shape, tile):
     """Grid coordinates (one per axis) of tile-major permuted token ``index`` (index arithmetic only)."""
     counts = [-(-L // t) for L, t in zip(shape, tile)]
-    tile_id, offset = index // math.prod(tile), index % math.prod(tile)
+    tile_id, offset = index_div(index, math.prod(tile)), index_mod(index, math.prod(tile))
     coords = []
     for a in reversed(range(len(shape))):
-        coords.append((tile_id % counts[a]) * tile[a] + offset % tile[a])
-        tile_id, offset = tile_id // counts[a], offset // tile[a]
+        coords.append(index_mod(tile_id, counts[a]) * tile[a] + index_mod(offset, tile[a]))
+        tile_id, offset = index_div(tile_id, counts[a]), index_div(offset, tile[a])
     return coords[::-1]
 
 

@@ -34,7 +34,7 @@ def pallas_fn(chunk=16, block_e=16):
     """T=45 pads to 3 chunks of 16; D=8 pads to 16; E=24 pads to 32 = two value tiles of 16."""
     return lambda q, k, v, a, s0: linear_attention_pallas(q, k, v, log_decay=a, initial_state=s0, scale=0.6,
                                                           chunk_size=chunk, block_e=block_e, interpret=True,
-                                                          debug_poison=True)
+                                                          poison_outputs=True)
 
 
 def reference_fn(q, k, v, a, s0):
@@ -92,7 +92,8 @@ def test_poisoning_exposes_an_unwritten_output():
         pass
 
     (out,) = lightning._call(writes_nothing, (jnp.ones((16, 16)),), (spec,),
-                             (jax.ShapeDtypeStruct((16, 16), jnp.float32),), (spec,), (1, 1), True, True)
+                             (jax.ShapeDtypeStruct((16, 16), jnp.float32),), (spec,), (1, 1), "triton", True, True,
+                             "writes_nothing")
     assert np.isnan(np.asarray(out)).all()
 
 

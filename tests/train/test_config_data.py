@@ -4,7 +4,7 @@ import glob
 import numpy as np
 import pytest
 
-from train.config import apply_overrides, load_config, parse_value
+from train.config import DEFAULTS, apply_overrides, check_config, load_config, merge, parse_value
 from train.data import ByteCorpus
 from train.optim import make_schedule
 from train.tasks import MQAR, Copying, ICLRegression, NeedleInHaystack
@@ -16,6 +16,7 @@ def test_every_shipped_config_loads():
     for path in paths:
         config = load_config(path)
         assert {"task", "model", "optim", "train"} <= set(config)
+        assert check_config(config) is config   # no key the run would ignore
 
 
 def test_overrides_reach_nested_keys_and_parse_literals():
@@ -25,6 +26,37 @@ def test_overrides_reach_nested_keys_and_parse_literals():
     assert config["model"]["method"] == "sliding_window" and parse_value("3e-4") == 3e-4
     with pytest.raises(ValueError, match="key=value"):
         apply_overrides(config, ["train.steps"])
+
+
+@pytest.mark.parametrize("override, suggestion", [
+    ("train.stpes=5", "'train.steps'"),
+    ("trian=5", "'train'"),
+    ("optim.lrr=0.1", "'optim.lr'"),
+    ("model.dimm=32", "'model.dim'"),
+    ("model.num_head=2", "'model.num_heads'"),
+    ("task.seq_ln=32", "'task.seq_len'"),
+    ("analysis.sampels=8", "'analysis.samples'"),
+])
+def test_a_misspelt_key_at_any_level_is_an_error_naming_the_closest_key(override, suggestion):
+    config = merge(DEFAULTS, {"analysis": {"kind": "icl"}})
+    with pytest.raises(ValueError, match=f"unknown key '{override.split('=')[0]}'; did you mean {suggestion}"):
+        apply_overrides(config, [override])
+    with pytest.raises(ValueError, match="unknown key 'train.stpes'; did you mean 'train.steps'"):
+        check_config(merge(DEFAULTS, {"train": {"stpes": 5}}))      # a typo inside a config file
+
+
+def test_overrides_accept_every_valid_key_and_refuse_to_descend_into_values():
+    config = apply_overrides(DEFAULTS, ["train.steps=5", "optim.eps=1e-9", "optim.schedule_steps=50",
+                                        "model.mlp='gelu'", "model.method_config.window=16",
+                                        "model.method_config.inner.depth=2", "task.max_bytes=1000"])
+    assert check_config(config)["model"]["method_config"] == {"window": 16, "inner": {"depth": 2}}
+    assert config["train"]["steps"] == 5 and config["optim"]["schedule_steps"] == 50
+    mqar = apply_overrides(merge(DEFAULTS, {"task": {"kind": "mqar"}}), ["task.num_pairs=4"])
+    assert mqar["task"] == {"kind": "mqar", "num_pairs": 4}
+    with pytest.raises(ValueError, match="did you mean 'task.num_pairs'"):
+        apply_overrides(mqar, ["task.num_pair=4"])
+    with pytest.raises(ValueError, match="'train.steps' is a value \\(100\\), not a section"):
+        apply_overrides(DEFAULTS, ["train.steps.x=1"])
 
 
 def test_warmup_cosine_and_wsd_schedules():

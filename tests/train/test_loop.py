@@ -1,6 +1,8 @@
 """The training loop: bit-exact resume after a kill, gradient accumulation, logs, eval, CLI."""
 import json
 import os
+import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,8 @@ import pytest
 from train.build import build_model, build_task
 from train.cli import main
 from train.config import DEFAULTS, apply_overrides, merge
-from train.loop import make_loss_of, make_train_step, read_jsonl, train
+from train.checkpoint import CheckpointMismatchError
+from train.loop import make_loss_of, make_train_step, read_jsonl, schedule_horizon, train
 from train.optim import make_optimizer
 from flax import nnx
 
@@ -92,3 +95,89 @@ def test_cli_runs_a_config_file_with_overrides(tmp_path, capsys):
     assert len([r for r in read_jsonl(str(out_dir / "metrics.jsonl")) if r["split"] == "train"]) == 1
     with pytest.raises(ValueError, match="unknown key"):
         apply_overrides(CONFIG, ["trian.steps=3"])
+
+
+# ------------------------------------------------------------------ issue 12 §5: training fails loudly
+
+def _checkpointed(tmp_path, **train_cfg):
+    return merge(CONFIG, {"optim": {"warmup_steps": 1},
+                          "train": {"out_dir": str(tmp_path / "run"), "steps": 2, "eval_batches": 0,
+                                    "checkpoint_every": 2, **train_cfg}})
+
+
+def test_resuming_a_checkpoint_of_another_shape_raises_one_error_naming_a_leaf_and_the_ways_out(tmp_path, capfd):
+    _run(_checkpointed(tmp_path))
+    wider = merge(_checkpointed(tmp_path), {"model": {"dim": 32}})
+    with pytest.raises(CheckpointMismatchError) as info:
+        _run(wider)
+    message = str(info.value)
+    assert "another shape" in message and "train.resume=False" in message and "train.out_dir" in message
+    assert "params/blocks/0/attention/key/kernel/value: stored (16, 16) float32, expected (32, 32) float32" in message
+    deeper = merge(_checkpointed(tmp_path), {"model": {"num_layers": 2}})
+    with pytest.raises(CheckpointMismatchError) as info:
+        _run(deeper)
+    assert re.search(r"the checkpoint has \d+ arrays, the model and optimizer state \d+", str(info.value))
+    assert "params/blocks/1/attention/key/kernel/value: not in the checkpoint, expected (16, 16)" in str(info.value)
+    assert "Event loop is closed" not in capfd.readouterr().err
+    # the first way out: train.resume=False starts afresh in the same directory
+    fresh = _run(merge(wider, {"train": {"resume": False}}))
+    assert fresh.step == 2 and "deleting the checkpoints" in capfd.readouterr().err
+
+
+def test_the_cli_reports_a_shape_mismatch_in_one_message_without_orbax_noise(tmp_path, capfd):
+    config_path = tmp_path / "tiny.py"
+    config_path.write_text("def get_config():\n    return " + repr(_checkpointed(tmp_path)) + "\n")
+    assert main(["--config", str(config_path), "--quiet"]) == 0
+    capfd.readouterr()
+    assert main(["--config", str(config_path), "model.dim=32", "--quiet"]) == 1
+    err = capfd.readouterr().err
+    assert err.startswith("python -m train: error: cannot resume") and err.count("error:") == 1
+    assert "Traceback" not in err and "Event loop" not in err and "train.resume=False" in err
+
+
+def test_resuming_says_so_and_extending_steps_keeps_the_schedule_horizon_unless_asked(tmp_path, capsys):
+    config = merge(_checkpointed(tmp_path, steps=4), {"optim": {"warmup_steps": 1, "min_lr_ratio": 0.1}})
+    _run(config)
+    assert "resumed" not in capsys.readouterr().err
+    shutil.copytree(tmp_path / "run", tmp_path / "other")
+    kept = _run(merge(config, {"train": {"steps": 6}}))
+    err = capsys.readouterr().err
+    assert "resumed from step 4 (" in err and "keeping its horizon at 4 steps" in err
+    lrs = {r["step"]: r["lr"] for r in kept.history if r["split"] == "train"}
+    assert lrs[5] == lrs[6] == pytest.approx(CONFIG["optim"]["lr"] * 0.1)  # the 4-step schedule's final rate
+    # the same resume with optim.schedule_steps=6 re-stretches it (and says so)
+    stretched = _run(merge(config, {"train": {"steps": 6, "out_dir": str(tmp_path / "other")},
+                                    "optim": {"schedule_steps": 6}}))
+    assert "re-stretched from the 4 steps" in capsys.readouterr().err
+    schedule = make_optimizer(lr=CONFIG["optim"]["lr"], total_steps=6, warmup_steps=1)[1]
+    lrs = {r["step"]: r["lr"] for r in stretched.history if r["split"] == "train"}
+    assert lrs[5] == pytest.approx(float(schedule(4))) and lrs[5] > lrs[6] > CONFIG["optim"]["lr"] * 0.1 + 1e-6
+
+
+def test_schedule_horizon_rules():
+    assert schedule_horizon(10, {}, None) == (10, None)
+    assert schedule_horizon(10, {"schedule_steps": 20}, None) == (20, None)
+    horizon, message = schedule_horizon(10, {"schedule": "cosine"}, 5)
+    assert horizon == 5 and "optim.schedule_steps=10" in message
+    assert schedule_horizon(10, {"schedule": "constant"}, 5) == (5, None)
+    with pytest.raises(ValueError, match="optim.schedule_steps must be None or an int >= 1, got 0"):
+        schedule_horizon(10, {"schedule_steps": 0}, None)
+
+
+def test_help_names_a_config_that_exists(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    named = re.findall(r"configs/\w+\.py", capsys.readouterr().out)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert named and all(os.path.isfile(os.path.join(root, path)) for path in named)
+
+
+def test_cli_rejects_a_misspelt_nested_key_before_training(tmp_path, capsys):
+    config_path = tmp_path / "tiny.py"
+    config_path.write_text("def get_config():\n    return " + repr(_checkpointed(tmp_path)) + "\n")
+    with pytest.raises(SystemExit) as info:
+        main(["--config", str(config_path), "train.stpes=5", "--quiet"])
+    assert info.value.code == 2
+    assert "unknown key 'train.stpes'; did you mean 'train.steps'?" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
