@@ -138,14 +138,19 @@ _PROGRESS = {
             "exact and tested on CPU (interpret mode); GPU speed not measured"),
     "P48": (("jattn.neighborhood_attention", _SPARSE + "gna.gna_attention", _SPARSE + "gna.gna_mask",
              _SPARSE + "gna.gna_tile_map", _SPARSE + "gna.gna_cost_model", _SPARSE + "gna.token_permute"),
-            ("tests/methods/sparse/test_gna.py", "tests/ops/test_neighborhood.py"), "works",
-            "stride/dilation/causal 1-3-D, token permutation on the block-sparse kernel, cost model; "
-            "matches NATTEN's flex backend to 6e-7; GPU speed not measured"),
+            ("tests/methods/sparse/test_gna.py", "tests/ops/test_neighborhood.py",
+             "tests/ops/test_neighborhood_natten.py"), "partial",
+            "same neighborhood_attention code as P60, plus stride, gna_tile_map and the cost model; exact vs "
+            "a transcription of NATTEN's mask rule (the NATTEN equality test is skipped unless natten is "
+            "installed); GPU speed not measured"),
     "P60": (("jattn.neighborhood_attention", _SPARSE + "fna.na_attention", _SPARSE + "fna.neighborhood_mask",
              "jattn.nn.NeighborhoodAttention"),
-            ("tests/methods/sparse/test_fna.py", "tests/ops/test_neighborhood.py", "tests/nn/test_neighborhood.py"),
+            ("tests/methods/sparse/test_fna.py", "tests/ops/test_neighborhood.py", "tests/nn/test_neighborhood.py",
+             "tests/ops/test_neighborhood_natten.py"),
             "partial",
-            "tiled NA (xla) and token-permuted block-sparse (pallas), fwd+bwd; no RPB; GPU scaling not measured"),
+            "same neighborhood_attention code as P48: tiled NA (xla), token-permuted block-sparse (pallas), "
+            "fwd+bwd, exact vs a transcription of NATTEN's mask rule (the NATTEN equality test is skipped "
+            "unless natten is installed); no RPB; GPU scaling not measured"),
     "P04": (tuple(_SPARSE + n for n in ("radial.radial_attention", "radial.radial_block_mask", "radial.radial_mask_fn", "radial.radial_attention_mask",)),
             ("tests/methods/sparse/test_radial.py",), "partial",
             "exact vs the dense reference at tile and token level; kept tiles grow ~F log F; H200 speedup not measured"),

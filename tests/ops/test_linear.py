@@ -218,6 +218,64 @@ def test_chunked_equals_reference_property(T, D, E, chunk, kind, seed):
 
 
 # ---------------------------------------------------------------------------------------------------
+# GQA / MQA: k, v with fewer heads than q
+
+
+def group_sum(x, groups):
+    """``[B, T, H, F] -> [B, T, H / groups, F]``: sums each run of ``groups`` consecutive query heads."""
+    B, T, H, F = x.shape
+    return x.reshape(B, T, H // groups, groups, F).sum(axis=3)
+
+
+GQA_CASES = ([(impl, 2, causal) for impl in ("reference", "recurrent", "xla", "pallas") for causal in (True, False)]
+             + [(impl, 1, True) for impl in ("recurrent", "xla")])          # GQA 4/2 on every impl, MQA 4/1
+
+
+@pytest.mark.parametrize("impl, hkv, causal", GQA_CASES)
+def test_gqa_equals_explicitly_repeated_kv(impl, hkv, causal):
+    """Query head h reads kv head h // (H / Hkv): the GQA call equals the same call with k, v repeated per
+    group (forward, final state, and gradients; dk, dv are the repeated call's summed over each group).
+
+    Mutations caught: kv heads tiled (h reads h % Hkv) instead of repeated; GQA rejected or unbroadcast."""
+    H, G = 4, 4 // hkv
+    q, _, _, per_token, s0 = make_inputs(20, B=1, T=20, H=H, D=8, E=5)
+    rng = np.random.default_rng(21)
+    k = jnp.asarray(rng.standard_normal((1, 20, hkv, 8)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((1, 20, hkv, 5)), jnp.float32)
+    common = dict(log_decay=per_token if causal else None, initial_state=s0, scale=0.7, causal=causal,
+                  return_final_state=True, impl=impl, chunk_size=16)
+    w_out = jnp.asarray(rng.standard_normal((1, 20, H, 5)), jnp.float32)
+    w_state = jnp.asarray(rng.standard_normal(s0.shape), jnp.float32)
+
+    def loss(q, k, v):
+        out, state = run(q, k, v, **common)
+        return jnp.sum(out * w_out) + jnp.sum(state * w_state), (out, state)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
+    (dq, dk, dv), (out, state) = grads(q, k, v)
+    (dq_r, dk_r, dv_r), (out_r, state_r) = grads(q, jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2))
+    assert out.shape == (1, 20, H, 5) and state.shape == (1, H, 8, 5)
+    assert_close(out, out_r)
+    assert_close(state, state_r)
+    assert_close(dq, dq_r, 2 * F32_TOL)
+    assert_close(dk, group_sum(dk_r, G), 2 * F32_TOL)
+    assert_close(dv, group_sum(dv_r, G), 2 * F32_TOL)
+    if hkv > 1:   # the pairing is h // G, not h % Hkv: tiled kv heads give a different result
+        tiled = run(q, jnp.tile(k, (1, 1, G, 1)), jnp.tile(v, (1, 1, G, 1)), **common)[0]
+        assert np.abs(np.asarray(tiled) - np.asarray(out)).max() > 1e-2
+
+
+def test_gqa_head_count_errors_name_the_argument():
+    q, k, v, _, _ = make_inputs(22, B=1, T=4, H=4, D=3, E=5)
+    with pytest.raises(ValueError, match=r"k must have the shape of q .*H=4 a multiple of Hkv"):
+        linear_attention(q, k[:, :, :3], v[:, :, :3])                  # 4 % 3 != 0
+    with pytest.raises(ValueError, match=r"v must have shape \[B, T, Hkv, E\]"):
+        linear_attention(q, k[:, :, :2], v)                            # v must follow k's heads
+    with pytest.raises(ValueError, match=r"k must have the shape of q"):
+        linear_attention(q[:, :, :2], k, v)                            # more kv heads than q heads
+
+
+# ---------------------------------------------------------------------------------------------------
 # Decay constructors
 
 

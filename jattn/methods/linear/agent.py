@@ -7,7 +7,8 @@
 
 which is generalized linear attention with ``phi_q(Q) = softmax(s Q A^T + B2)`` and
 ``phi_k(K) = softmax(s A K^T + B1)^T`` at cost O(N n d) (``agent_attention_as_linear``). The module adds
-the official code's agent biases (a bilinearly resized 7x7 table plus row and column terms, per head and
+the official code's agent biases (a 7x7 table resized bilinearly without antialiasing, as PyTorch's
+``F.interpolate(mode="bilinear")`` does, plus row and column terms, per head and
 agent) and a depthwise 3x3 convolution of V over the image grid. Layout ``[B, N, H, d]`` with the N
 tokens in row-major ``h x w`` order; the class token of the official DeiT variant is not supported.
 """
@@ -129,9 +130,11 @@ class AgentAttention(nnx.Module):
     def biases(self):
         """``(B1 [1, H, n, N], B2 [1, H, N, n])``: resized tables plus row/column terms."""
         (h, w), H, n = self.hw, self.num_heads, self.agent_num
-        table = jax.image.resize(self.an_bias[...], (H, n, h, w), "bilinear")
+        # antialias=False: PyTorch's F.interpolate(mode="bilinear") (the official resize) never low-pass
+        # filters, so shrinking the 7x7 table (e.g. to a 6x6 window) must sample it, not blur it.
+        table = jax.image.resize(self.an_bias[...], (H, n, h, w), "bilinear", antialias=False)
         b1 = (table + self.ah_bias[...] + self.aw_bias[...]).reshape(1, H, n, h * w)
-        table = jax.image.resize(self.na_bias[...], (H, n, h, w), "bilinear")
+        table = jax.image.resize(self.na_bias[...], (H, n, h, w), "bilinear", antialias=False)
         b2 = (jnp.transpose(table, (0, 2, 3, 1)) + self.ha_bias[...] + self.wa_bias[...])
         return b1, b2.reshape(H, h * w, n)[None]
 

@@ -79,7 +79,8 @@ class LKA(nnx.Module):
 
 
 class VANAttention(nnx.Module):
-    """VAN's attention sub-block: ``x + proj2(LKA(GELU(proj1(x))))`` with 1x1 projections."""
+    """VAN's attention sub-block: ``x + proj2(LKA(GELU(proj1(x))))`` with 1x1 projections and exact (erf)
+    GELU, as the official ``nn.GELU()``."""
 
     def __init__(self, channels: int, *, padding: str = "zeros", rngs: nnx.Rngs):
         self.proj1 = nnx.Linear(channels, channels, rngs=rngs)
@@ -87,4 +88,4 @@ class VANAttention(nnx.Module):
         self.proj2 = nnx.Linear(channels, channels, rngs=rngs)
 
     def __call__(self, x):
-        return x + self.proj2(self.lka(jax.nn.gelu(self.proj1(x))))
+        return x + self.proj2(self.lka(jax.nn.gelu(self.proj1(x), approximate=False)))

@@ -5,9 +5,12 @@ sail-sg/Attention-Sink), with ``S = q k^T * scale`` and the causal 0/1 mask ``C`
 
 * ``sigmoid_attention``: ``W = sigmoid(S) * C`` (or ``(elu(S) + 1) * C``); normalised
   ``W / (rowsum(W) + 1e-8)`` or used as is; ``out = W v``. Quadratic: no row max, no softmax.
-* ``kernel_attention``: ``W = phi(q) phi(k)^T * C`` with ``phi`` identity, elu+1 or a 2-layer ReLU MLP shared
-  by q and k; normalised by ``max(|rowsum|, 1)`` (identity, mlp) or ``rowsum + 1e-8`` (elu). This one is a
-  linear attention: numerator and row sums come from one chunked ``linear_attention`` over ``[v, 1]``.
+* ``kernel_attention``: ``W = phi(q) phi(k)^T * scale * C`` (``scale = 1/sqrt(d_h)`` as in the official
+  ``model_attn_kernel.py``) with ``phi`` identity, elu+1 or a 2-layer ReLU MLP shared by q and k (``d_h -> d_h
+  -> d_h``, no biases by default: the official layers use ``bias=config.bias`` and every released config sets
+  ``bias=False``); normalised by ``max(|rowsum|, 1)`` (identity, mlp) or ``rowsum + 1e-8`` (elu), row sums of
+  the scaled W. This one is a linear attention: numerator and row sums come from one chunked
+  ``linear_attention`` over ``[v, 1]``.
 * ``kv_bias_attention``: the learnable key/value "sink slot": a key ``k*`` and value ``v*`` (or 0)
   prepended at position 0 of every sequence, visible to every query; the slot's own query row is dropped.
 """
@@ -56,12 +59,20 @@ def sigmoid_attention(q, k, v, *, causal: bool = True, normalize: bool = False, 
     return jnp.einsum("bhts,bshe->bthe", w, v.astype(jnp.float32), precision=HIGHEST).astype(q.dtype)
 
 
-def init_kernel_mlp(key, dim: int, hidden: int | None = None):
-    """Parameters of the shared 2-layer ReLU MLP feature map: ``relu(x W1 + b1) W2 + b2``."""
+MLP_KEYS = ({"w1", "w2"}, {"w1", "b1", "w2", "b2"})
+
+
+def init_kernel_mlp(key, dim: int, hidden: int | None = None, *, bias: bool = False):
+    """Parameters of the shared 2-layer ReLU MLP feature map ``relu(x W1) W2`` (``{w1, w2}``), or with
+    ``bias=True`` ``relu(x W1 + b1) W2 + b2`` (``{w1, b1, w2, b2}``, biases zero). The official layers are
+    ``nn.Linear(d_h, d_h, bias=config.bias)`` and the released configs all use ``bias=False``."""
     hidden = hidden or dim
     k1, k2 = jax.random.split(key)
-    return {"w1": jax.random.normal(k1, (dim, hidden)) * dim ** -0.5, "b1": jnp.zeros((hidden,)),
-            "w2": jax.random.normal(k2, (hidden, dim)) * hidden ** -0.5, "b2": jnp.zeros((dim,))}
+    params = {"w1": jax.random.normal(k1, (dim, hidden)) * dim ** -0.5,
+              "w2": jax.random.normal(k2, (hidden, dim)) * hidden ** -0.5}
+    if bias:
+        params.update(b1=jnp.zeros((hidden,)), b2=jnp.zeros((dim,)))
+    return params
 
 
 def kernel_features(x, feature: str, mlp_params=None):
@@ -71,26 +82,31 @@ def kernel_features(x, feature: str, mlp_params=None):
         return x
     if feature == "elu":
         return jax.nn.elu(x) + 1.0
-    return jax.nn.relu(x @ mlp_params["w1"] + mlp_params["b1"]) @ mlp_params["w2"] + mlp_params["b2"]
+    hidden = x @ mlp_params["w1"] + mlp_params.get("b1", 0.0)
+    return jax.nn.relu(hidden) @ mlp_params["w2"] + mlp_params.get("b2", 0.0)
 
 
 def kernel_attention(q, k, v, *, feature: str = "elu", mlp_params=None, causal: bool = True,
-                     normalize: bool = True, chunk_size: int = 64, impl: str = "auto"):
-    """``W = phi(q) phi(k)^T`` (masked), normalised as in the paper's code; O(T) through linear_attention."""
-    _check_same_heads(q, k, v)
+                     normalize: bool = True, scale: float | None = None, chunk_size: int = 64,
+                     impl: str = "auto"):
+    """``W = phi(q) phi(k)^T * scale`` (masked; ``scale`` default ``D ** -0.5``, the official
+    ``1/sqrt(head_size)``), normalised as in the paper's code; O(T) through linear_attention."""
+    D = _check_same_heads(q, k, v)[-1]
     checks.check_choice("feature", feature, KERNEL_FEATURES)
+    scale = D ** -0.5 if scale is None else checks.check_positive_float("scale", scale)
     if feature == "mlp":
-        if not isinstance(mlp_params, dict) or set(mlp_params) != {"w1", "b1", "w2", "b2"}:
-            raise TypeError(f"feature='mlp' needs mlp_params with keys w1, b1, w2, b2 (init_kernel_mlp), "
-                            f"got {mlp_params!r}")
+        if not isinstance(mlp_params, dict) or set(mlp_params) not in MLP_KEYS:
+            raise TypeError(f"feature='mlp' needs mlp_params with keys w1, w2 (and optionally b1, b2; "
+                            f"init_kernel_mlp), got {mlp_params!r}")
         if mlp_params["w1"].shape[0] != q.shape[-1]:
             raise ValueError(f"mlp_params['w1'] must have {q.shape[-1]} input rows, got {mlp_params['w1'].shape}")
     phi_q, phi_k = kernel_features(q, feature, mlp_params), kernel_features(k, feature, mlp_params)
     v32 = v.astype(jnp.float32)
     if not normalize:
-        return linear_attention(phi_q, phi_k, v32, causal=causal, chunk_size=chunk_size, impl=impl).astype(q.dtype)
+        return linear_attention(phi_q, phi_k, v32, causal=causal, scale=scale, chunk_size=chunk_size,
+                                impl=impl).astype(q.dtype)
     v_and_one = jnp.concatenate([v32, jnp.ones(v.shape[:3] + (1,), jnp.float32)], axis=-1)
-    both = linear_attention(phi_q, phi_k, v_and_one, causal=causal, chunk_size=chunk_size, impl=impl)
+    both = linear_attention(phi_q, phi_k, v_and_one, causal=causal, scale=scale, chunk_size=chunk_size, impl=impl)
     rowsum = both[..., -1:]
     denominator = rowsum + 1e-8 if feature == "elu" else jnp.maximum(jnp.abs(rowsum), 1.0)
     return (both[..., :-1] / denominator).astype(q.dtype)

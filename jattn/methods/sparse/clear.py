@@ -160,7 +160,9 @@ def window_key_count(radius) -> int:
 
 def proportional_scale(num_keys: int, head_dim: int, *, pooled: bool = False) -> float:
     """Official "proportional attention" scale ``sqrt(log_{4608}(N_k) / d)``; the down-sampled processor
-    uses ``log_{4608}(10 N_k)`` (``pooled=True``). ``N_k`` counts every key (text, image, pooled)."""
+    uses ``log_{4608}(10 N_k)`` (``pooled=True``). ``N_k = text_len + h * w``: the text and image keys
+    only, NOT the pooled keys: the official down-sampled processor computes the scale from
+    ``key.size(2)`` before it concatenates the pooled keys."""
     n = checks.check_int("num_keys", num_keys, 1) * (10 if pooled else 1)
     return math.sqrt(math.log(n, TRAIN_SEQ_LEN) / checks.check_int("head_dim", head_dim, 1))
 

@@ -30,6 +30,30 @@ def test_permutation_equivariant_and_duplication_invariant():
     np.testing.assert_allclose(generalized_linear_attention(*doubled)[:, :12], out, atol=1e-5)
 
 
+@pytest.mark.parametrize("eps", [0.5, 3.0])
+def test_duplication_invariance_holds_with_a_large_eps(eps):
+    """Means, not sums: duplicating every token (a 2x "resolution") leaves each output unchanged even when
+    eps is comparable to the normaliser. With sums the normaliser doubles while eps does not, so the output
+    moves by O(eps / normaliser); at the default eps=1e-4 that is below float32 tolerance, which is why the
+    plain duplication check above cannot tell the two apart.
+
+    Mutation caught: ``scale=1.0 / q.shape[1]`` replaced by ``scale=1.0`` (summing instead of averaging)."""
+    q, k, v = rand(6, 1, 12, 2, 4), rand(7, 1, 12, 2, 4), rand(8, 1, 12, 2, 3)
+    out = generalized_linear_attention(q, k, v, eps=eps)
+    doubled = [jnp.concatenate([x, x], axis=1) for x in (q, k, v)]
+    got = generalized_linear_attention(*doubled, eps=eps)
+    np.testing.assert_allclose(got[:, :12], out, atol=1e-5)
+    np.testing.assert_allclose(got[:, 12:], out, atol=1e-5)
+    # the explicit mean formula at this eps (so the invariance is not of some other function)
+    phi = lambda x: np.where(x > 0, x + 1, np.exp(x))
+    w = np.einsum("bihd,bjhd->bhij", phi(np.asarray(q, np.float64)), phi(np.asarray(k, np.float64))) / 12
+    want = np.einsum("bhij,bjhe->bihe", w, v) / (w.sum(-1).transpose(0, 2, 1)[..., None] + eps)
+    np.testing.assert_allclose(out, want, atol=1e-5)
+    # power check: the summed form at 12 vs 24 tokens differs by far more than the tolerance (normaliser ~80)
+    summed = lambda n: np.einsum("bhij,bjhe->bihe", w * n, v) / ((w * n).sum(-1).transpose(0, 2, 1)[..., None] + eps)
+    assert np.abs(summed(12) - summed(24)).max() > 1e-3       # 100x the tolerance
+
+
 def test_module_loads_softmax_weights_and_runs():
     module = LinFusionAttention(16, 2, rngs=nnx.Rngs(0))
     weights = [rand(i, 16, 16) for i in range(4)]

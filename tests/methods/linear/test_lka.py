@@ -48,3 +48,53 @@ def test_modules_and_errors():
         lka(x, {**params(4), "dw5": jnp.ones((3, 3, 4))})
     with pytest.raises(ValueError, match="padding must be one of"):
         lka(x, params(4), padding="reflect")
+
+
+def gelu_np(x, exact=True):
+    """GELU in float64: exact ``x Phi(x)`` (erf) or the tanh approximation."""
+    from scipy.special import erf
+    if exact:
+        return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def lka_np(u, p):
+    """``u * pw(dw7_d3(dw5(u)))`` for one image ``u [H, W, C]`` in float64 (scipy's convolve2d)."""
+    C = u.shape[-1]
+    dilated = np.zeros((19, 19, C))
+    dilated[::3, ::3] = np.asarray(p["dw7"])
+    flip = lambda w: w[::-1, ::-1]
+    x = np.stack([convolve2d(u[..., c], flip(np.asarray(p["dw5"])[..., c]), mode="same") for c in range(C)], -1)
+    x = x + np.asarray(p["dw5_bias"])
+    x = np.stack([convolve2d(x[..., c], flip(dilated[..., c]), mode="same") for c in range(C)], -1)
+    x = x + np.asarray(p["dw7_bias"])
+    return u * (x @ np.asarray(p["pw"], np.float64) + np.asarray(p["pw_bias"]))
+
+
+def test_van_attention_equals_literal_composition_with_shortcut_and_exact_gelu():
+    """``VANAttention(x) = x + proj2(LKA(GELU(proj1(x))))`` with exact (erf) GELU, as the official
+    ``SpatialAttention``.
+
+    Mutations caught: the shortcut ``x +`` dropped; the tanh-approximate GELU instead of the exact one."""
+    C = 4
+    graphdef, state = nnx.split(VANAttention(C, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(4)
+    state = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.standard_normal(s.shape) * 0.3, s.dtype), state)
+    module = nnx.merge(graphdef, state)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 9, 11, C)) * 2.0, jnp.float32)
+    got = np.asarray(nnx.jit(lambda m, x: m(x))(module, x))
+
+    p = module.lka.params()
+    xn = np.asarray(x, np.float64)
+    hidden = xn @ np.asarray(module.proj1.kernel[...], np.float64) + np.asarray(module.proj1.bias[...])
+
+    def want(exact):
+        gated = np.stack([lka_np(g, p) for g in gelu_np(hidden, exact)])
+        return xn + gated @ np.asarray(module.proj2.kernel[...], np.float64) + np.asarray(module.proj2.bias[...])
+
+    exact = want(True)
+    scale = max(1.0, np.abs(exact).max())
+    np.testing.assert_allclose(got, exact, atol=1e-6 * scale, rtol=0)   # float32 error here: ~4e-8 * scale
+    # power check: the tanh GELU (~4e-5 * scale away) and the missing shortcut are far outside that tolerance
+    assert np.abs(want(False) - exact).max() > 1e-5 * scale
+    assert np.abs(xn).max() > 1e-5 * scale

@@ -237,11 +237,43 @@ def test_module_auto_pad_crops_and_trains():
     assert float(jnp.abs(grads.lepe_kernel[...]).sum()) > 0 and float(jnp.abs(grads.qkv.kernel[...]).sum()) > 0
 
 
-def test_biformer_block_runs():
+def layer_norm_np(x, norm, eps):
+    x = np.asarray(x, np.float64)
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * np.asarray(norm.scale[...], np.float64) + np.asarray(norm.bias[...])
+
+
+def gelu_exact_np(x):
+    from scipy.special import erf
+    return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+
+
+def depthwise_same_np(x, kernel, bias):
+    """Zero-padded 'same' depthwise correlation of ``x [B, H, W, C]`` with ``kernel [k, k, C]`` (float64 loop)."""
+    x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+    ks = kernel.shape[0]
+    padded = np.pad(x, [(0, 0), (ks // 2, ks // 2), (ks // 2, ks // 2), (0, 0)])
+    H, W = x.shape[1:3]
+    return sum(padded[:, dy:dy + H, dx:dx + W] * kernel[dy, dx] for dy in range(ks) for dx in range(ks)) + \
+        np.asarray(bias, np.float64)
+
+
+def test_biformer_block_equals_literal_composition():
+    """``x += DWConv3x3(x); x += BRA(LN1 x); x += MLP(LN2 x)`` (LN eps 1e-6, exact GELU) written out in
+    float64 around the block's own BRA (checked against its composition above).
+
+    Mutations caught: any of the three residuals dropped; the two norms swapped; tanh-approximate GELU."""
     block = build(lambda: bf.BiFormerBlock(16, 2, n_win=2, topk=1, form="gather", rngs=nnx.Rngs(1)), seed=2)
     x = jnp.asarray(np.random.default_rng(10).standard_normal((1, 8, 8, 16)), jnp.float32)
-    y = nnx.jit(lambda m, x: m(x))(block, x)
+    y = np.asarray(nnx.jit(lambda m, x: m(x))(block, x))
     assert y.shape == x.shape and np.all(np.isfinite(y))
+    attn = nnx.jit(lambda m, x: m(x))
+    x1 = np.asarray(x, np.float64) + depthwise_same_np(x, block.pos_kernel[...], block.pos_bias[...])
+    x2 = x1 + np.asarray(attn(block.attn, jnp.asarray(layer_norm_np(x1, block.norm1, 1e-6), jnp.float32)))
+    hidden = layer_norm_np(x2, block.norm2, 1e-6) @ np.asarray(block.fc1.kernel[...], np.float64) + \
+        np.asarray(block.fc1.bias[...])
+    want = x2 + gelu_exact_np(hidden) @ np.asarray(block.fc2.kernel[...], np.float64) + np.asarray(block.fc2.bias[...])
+    assert_close(y, want, what="BiFormerBlock")
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -221,6 +221,81 @@ def test_davit_classifier_runs_and_dual_block_trains():
         assert float(jnp.abs(module.cpe_kernels[...]).sum()) > 0
 
 
+# ---------------------------------------------------------------------------------------- what the blocks compute
+
+def layer_norm_np(x, norm, eps=1e-5):
+    x = np.asarray(x, np.float64)
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * np.asarray(norm.scale[...], np.float64) + np.asarray(norm.bias[...])
+
+
+def gelu_exact_np(x):
+    from scipy.special import erf
+    return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+
+
+def linear_np(x, layer):
+    return np.asarray(x, np.float64) @ np.asarray(layer.kernel[...], np.float64) + np.asarray(layer.bias[...])
+
+
+def conv_np(x, kernel, bias, stride, pad, groups_depthwise=False):
+    """Correlation of ``x [B, H, W, Cin]`` (zero ``pad`` on every side) with ``kernel [kh, kw, Cin, Cout]``, or
+    depthwise with ``kernel [kh, kw, C]``; float64 loops over kernel offsets."""
+    x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+    kh, kw = kernel.shape[:2]
+    x = np.pad(x, [(0, 0), (pad, pad), (pad, pad), (0, 0)])
+    Ho, Wo = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
+    out = 0.0
+    for dy, dx in itertools.product(range(kh), range(kw)):
+        patch = x[:, dy:dy + stride * (Ho - 1) + 1:stride, dx:dx + stride * (Wo - 1) + 1:stride]
+        out = out + (patch * kernel[dy, dx] if groups_depthwise else patch @ kernel[dy, dx])
+    return out + np.asarray(bias, np.float64)
+
+
+def run(module, x):
+    return np.asarray(nnx.jit(lambda m, x: m(x))(module, jnp.asarray(x, jnp.float32)), np.float64)
+
+
+def davit_block_np(x, block):
+    """The official SpatialBlock / ChannelBlock skeleton around the block's own attention module:
+    ``x += DWConv3x3_0(x); x += attn(LN1 x); x += DWConv3x3_1(x); x += fc2(GELU(fc1(LN2 x)))``."""
+    x = x + conv_np(x, block.cpe_kernels[0], block.cpe_biases[0], 1, 1, groups_depthwise=True)
+    x = x + run(block.attn, layer_norm_np(x, block.norm1))
+    x = x + conv_np(x, block.cpe_kernels[1], block.cpe_biases[1], 1, 1, groups_depthwise=True)
+    return x + linear_np(gelu_exact_np(linear_np(layer_norm_np(x, block.norm2), block.fc1)), block.fc2)
+
+
+def test_dual_block_equals_literal_composition():
+    """DualAttentionBlock = ChannelBlock(SpatialBlock(x)), each block written out in float64.
+
+    Mutations caught: a ConvPosEnc residual (``x +``) dropped; the attention or MLP residual dropped; norm1 and
+    norm2 swapped; tanh-approximate GELU; the dual block running channel before spatial (or only one)."""
+    block = build(lambda: dv.DualAttentionBlock(8, 2, 3, impl="reference", rngs=nnx.Rngs(3)), seed=4)
+    x = np.random.default_rng(21).standard_normal((2, 5, 4, 8))
+    spatial = davit_block_np(x, block.spatial)
+    assert_close(run(block.spatial, x), spatial, what="spatial block")
+    assert_close(run(block.channel, x), davit_block_np(x, block.channel), what="channel block")
+    assert_close(run(block, x), davit_block_np(spatial, block.channel), what="dual block")
+
+
+def test_davit_classifier_equals_literal_composition():
+    """Stem (pad to /4, 7x7 stride-4 conv, LN), per stage LN + pad + 2x2 stride-2 conv then the dual blocks,
+    global average pool, LN, head: written out in float64 around the model's own dual blocks.
+
+    Mutations caught: the merge LayerNorm skipped; max pooling instead of the mean; the final norm skipped."""
+    model = build(lambda: dv.DaViT(num_classes=5, dims=(8, 16), heads=(1, 2), depths=(1, 1), window=2,
+                                   impl="reference", rngs=nnx.Rngs(2)), seed=5)
+    images = np.random.default_rng(22).standard_normal((2, 15, 13, 3))
+    logits = run(model, images)
+    x = np.pad(images, [(0, 0), (0, 1), (0, 3), (0, 0)])                          # 16 x 16
+    x = layer_norm_np(conv_np(x, model.stem.kernel[...], model.stem.bias[...], 4, 3), model.stem_norm)   # 4 x 4
+    x = run(model.stages[0][0], x)
+    x = conv_np(layer_norm_np(x, model.merge_norms[0]), model.merges[0].kernel[...], model.merges[0].bias[...], 2, 0)
+    x = run(model.stages[1][0], x)                                                 # 2 x 2
+    want = linear_np(layer_norm_np(x.mean(axis=(1, 2)), model.norm), model.head)
+    assert_close(logits, want, what="DaViT logits")
+
+
 def test_bad_inputs_raise_clear_errors():
     q, k, v = rand(20, 1, 4, 4, 2, 8), rand(21, 1, 4, 4, 2, 8), rand(22, 1, 4, 4, 2, 8)
     with pytest.raises(ValueError, match="window must be an int >= 1"):
