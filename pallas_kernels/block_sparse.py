@@ -139,9 +139,9 @@ def _softmax_step(cfg, state, q_tile, k_tile, v_tile, is_full, b, h, q_start, kv
 def _finalize(m, l, acc):
     """``(out, lse)`` of a finished row block; rows that never met a visible key give 0 and -inf.
 
-    ``m <= threshold`` (not ``not m > threshold``) keeps NaN rows NaN.
+    A NaN logit keeps its row NaN: a max that skips NaN leaves ``m`` at the mask value, but ``l`` is NaN.
     """
-    unseen = m <= 0.5 * MASK_VALUE
+    unseen = (m <= 0.5 * MASK_VALUE) & jnp.logical_not(jnp.isnan(l))
     safe_l = jnp.where(unseen, 1.0, l)
     return jnp.where(unseen, 0.0, acc / safe_l), jnp.where(unseen, -jnp.inf, m + jnp.log(safe_l))
 

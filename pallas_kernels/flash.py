@@ -255,13 +255,14 @@ def _slice_cols(ref, full: bool, start, size):
     return ref[:, pl.ds(start, size)] if full else ref[...]
 
 
-def is_unseen(m):
+def is_unseen(m, l):
     """Rows whose running maximum never rose above the mask value saw no visible key.
 
-    Written as ``m <= threshold`` (not ``not m > threshold``) so that a NaN maximum is *seen*: NaN logits
-    then give NaN outputs instead of a silent zero row.
+    A NaN logit must give a NaN row, never a silent zero one: a max reduction may skip NaN (XLA's CPU
+    vectorised max does), leaving ``m`` at the mask value, but then ``l`` holds ``exp(NaN)``, so a row
+    with a NaN denominator is never "unseen".
     """
-    return m <= 0.5 * MASK_VALUE
+    return (m <= 0.5 * MASK_VALUE) & jnp.logical_not(jnp.isnan(l))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +301,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_r
     m, l, acc = _loop_tiles(_kv_ranges(spec, q_block, bq, bk), body, init,
                             position_masked=spec.position_masked)
     # A row that never met a visible key: its l and acc count exp(0) = 1 terms of masked entries.
-    unseen = is_unseen(m)
+    unseen = is_unseen(m, l)
     safe_l = jnp.where(unseen, 1.0, l)
     out_ref[...] = jnp.where(unseen, 0.0, acc / safe_l).astype(out_ref.dtype)
     lse_ref[...] = jnp.where(unseen, -jnp.inf, m + jnp.log(safe_l))

@@ -80,14 +80,16 @@ def reference_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, 
     denom = jnp.sum(p, axis=-1, keepdims=True)
     if sinks is not None:
         denom = denom + jnp.exp(sink - row_max)
-    safe_denom = jnp.where(denom > 0, denom, 1.0)
+    # Only an exactly empty row (denominator 0) is special; a NaN row stays NaN in out and lse.
+    empty = denom == 0
+    safe_denom = jnp.where(empty, 1.0, denom)
     probs = p / safe_denom
     vg = v.astype(jnp.float32)
     probs_g = probs.reshape(B, Hkv, H // Hkv, T, S)
     out = jnp.einsum("bkgts,bskd->btkgd", probs_g, vg, precision=HIGHEST).reshape(B, T, H, v.shape[-1])
     results = [out.astype(q.dtype)]
     if return_lse:
-        lse = jnp.where(denom > 0, row_max + jnp.log(safe_denom), -jnp.inf)[..., 0]
+        lse = jnp.where(empty, -jnp.inf, row_max + jnp.log(safe_denom))[..., 0]
         results.append(jnp.transpose(lse, (0, 2, 1)))
     if return_probs:
         results.append(probs)

@@ -48,11 +48,14 @@ class OnlineSoftmax(NamedTuple):
         return OnlineSoftmax(m_new, l_new, self.acc * correction[..., None])
 
     def finalize(self):
-        """Returns ``(out, lse)``; rows that saw no visible key give ``out = 0`` and ``lse = -inf``."""
-        seen = self.l > 0
-        safe_l = jnp.where(seen, self.l, 1.0)
-        out = jnp.where(seen[..., None], self.acc / safe_l[..., None], 0.0)
-        lse = jnp.where(seen, self.m + jnp.log(safe_l), -jnp.inf)
+        """Returns ``(out, lse)``; rows that saw no visible key give ``out = 0`` and ``lse = -inf``.
+
+        Only an exactly zero denominator marks an empty row, so a row with a NaN logit stays NaN.
+        """
+        empty = self.l == 0
+        safe_l = jnp.where(empty, 1.0, self.l)
+        out = jnp.where(empty[..., None], 0.0, self.acc / safe_l[..., None])
+        lse = jnp.where(empty, -jnp.inf, self.m + jnp.log(safe_l))
         return out, lse
 
 
@@ -60,8 +63,9 @@ def merge_two(out_a, lse_a, out_b, lse_b):
     """Exact combination of two partials; ``out [..., E]``, ``lse [...]``."""
     lse = jnp.logaddexp(lse_a, lse_b)
     safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    w_a = jnp.where(jnp.isfinite(lse_a), jnp.exp(lse_a - safe), 0.0)
-    w_b = jnp.where(jnp.isfinite(lse_b), jnp.exp(lse_b - safe), 0.0)
+    # An empty partial (lse = -inf) weighs 0; a NaN partial keeps the merge NaN.
+    w_a = jnp.where(jnp.isneginf(lse_a), 0.0, jnp.exp(lse_a - safe))
+    w_b = jnp.where(jnp.isneginf(lse_b), 0.0, jnp.exp(lse_b - safe))
     out = w_a[..., None] * out_a.astype(jnp.float32) + w_b[..., None] * out_b.astype(jnp.float32)
     return out, lse
 

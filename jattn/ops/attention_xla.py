@@ -182,8 +182,9 @@ def _forward_q_block(cfg: TileConfig, ops, qi):
     state = _run(full_lo, full_hi, lambda kj, st: step(kj, st, False), state)
     state = _run(full_hi, hi, masked_step, state)
     # A row whose every logit was masked has m == MASK_VALUE: its l counts masked entries, so zero it.
-    seen = state.m > MASK_VALUE * 0.5
-    state = state._replace(l=jnp.where(seen, state.l, 0.0), acc=jnp.where(seen[..., None], state.acc, 0.0))
+    # NaN in gives NaN out: a max that skips NaN (XLA's CPU one does) leaves m at the mask value, but l is NaN.
+    unseen = (state.m <= MASK_VALUE * 0.5) & jnp.logical_not(jnp.isnan(state.l))
+    state = state._replace(l=jnp.where(unseen, 0.0, state.l), acc=jnp.where(unseen[..., None], 0.0, state.acc))
     if cfg.has_sinks:
         state = state.add_sink(ops["sinks"][None, :, :, None])
     out, lse = state.finalize()
@@ -407,7 +408,7 @@ def _flash_bwd(cfg, residuals, cotangents):
     delta = jnp.sum(d_out.astype(F32) * out.astype(F32), axis=-1)
     # d lse / d logits = p, so an lse cotangent enters like a shift of delta (ds = p * (dp - delta + dlse)).
     delta = delta - d_lse.astype(F32)
-    masked_lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
+    masked_lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
 
     def internal(x, pad_value=0):  # [B, T, H(, D)] -> [B, Hkv, G, Tp(, D)]
         x = jnp.moveaxis(x, 2, 1)
