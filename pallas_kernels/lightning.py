@@ -73,6 +73,14 @@ def _chunk_decay(b, chunk: int) -> ChunkDecay:
                       jnp.exp(b_last - b)[:, None], jnp.exp(b_last))
 
 
+def _causal(scores, decay: ChunkDecay):
+    """``scores * M`` with the upper triangle set to 0 by ``where`` (a product with 0 would let a NaN
+    key reach the earlier rows of its chunk)."""
+    row = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
+    return jnp.where(row >= col, scores * decay.intra, 0.0)
+
+
 def _load(ref, rows, *lead):
     return ref[lead + (rows, slice(None))].astype(F32)
 
@@ -86,7 +94,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, o_ref, state_ref, *, chu
         rows = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
         q, k, v = _load(q_ref, rows, 0), _load(k_ref, rows, 0), _load(v_ref, rows, 0)
         decay = _chunk_decay(b_ref[0, 0, rows], chunk)
-        out = _mm(_mm_nt(q, k) * decay.intra, v) + _mm(q * decay.q, state)
+        out = _mm(_causal(_mm_nt(q, k), decay), v) + _mm(q * decay.q, state)
         o_ref[0, rows, :] = (scale * out).astype(o_ref.dtype)
         return decay.chunk * state + _mm_tn(k * decay.k, v)
 
@@ -99,7 +107,7 @@ def _dq_kernel(k_ref, v_ref, b_ref, s0_ref, do_ref, dq_ref, *, chunk, num_chunks
         k, v = _load(k_ref, rows, 0), _load(v_ref, rows, 0)
         do = scale * _load(do_ref, rows, 0)
         decay = _chunk_decay(b_ref[0, 0, rows], chunk)
-        dq = _mm(_mm_nt(do, v) * decay.intra, k) + _mm_nt(do, state) * decay.q
+        dq = _mm(_causal(_mm_nt(do, v), decay), k) + _mm_nt(do, state) * decay.q
         dq_ref[0, 0, rows, :] = dq
         return decay.chunk * state + _mm_tn(k * decay.k, v)
 
@@ -114,8 +122,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dstate_ref, dk_ref, dv_ref, 
         q, k, v = _load(q_ref, rows, 0), _load(k_ref, rows, 0), _load(v_ref, rows, 0)
         do = scale * _load(do_ref, rows, 0)
         decay = _chunk_decay(b_ref[0, 0, rows], chunk)
-        scores = _mm_nt(q, k) * decay.intra
-        dscores = _mm_nt(do, v) * decay.intra
+        scores = _causal(_mm_nt(q, k), decay)
+        dscores = _causal(_mm_nt(do, v), decay)
         dk_ref[0, 0, rows, :] = _mm_tn(dscores, q) + _mm_nt(v, dstate) * decay.k
         dv_ref[0, rows, :] = _mm_tn(scores, do) + _mm(k, dstate) * decay.k
         return decay.chunk * dstate + _mm_tn(q * decay.q, do)

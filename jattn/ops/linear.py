@@ -317,7 +317,8 @@ def _chunked_segment(q, k, v, a, s0, C):
     inside = jnp.tril(jnp.ones((C, C), bool))
     diff = jnp.where(inside, b[..., :, None] - b[..., None, :], 0.0)
     intra_decay = jnp.where(inside, jnp.exp(diff), 0.0)
-    scores = jnp.einsum("bhncd,bhnmd->bhncm", qc, kc) * intra_decay
+    # where, not a product with zeros: a NaN key must not reach the earlier rows of its chunk (0 * NaN).
+    scores = jnp.where(inside, jnp.einsum("bhncd,bhnmd->bhncm", qc, kc) * intra_decay, 0.0)
     out = jnp.einsum("bhncm,bhnme->bhnce", scores, vc)
 
     chunk_kv = jnp.einsum("bhncd,bhnce->bhnde", kc * jnp.exp(b_last - b)[..., None], vc)
@@ -455,6 +456,7 @@ def linear_attention(q, k, v, *, log_decay=None, causal: bool = True, scale: flo
 
     Returns ``out [B, T, H, E]`` in q's dtype (and the float32 final state when asked).
     """
+    checks.check_static("linear_attention", causal=causal, scale=scale, return_final_state=return_final_state, chunk_size=chunk_size, impl=impl)
     check_linear_args(q, k, v, log_decay=log_decay, causal=causal, scale=scale, initial_state=initial_state,
                       return_final_state=return_final_state, chunk_size=chunk_size, impl=impl)
     if k.shape[2] != q.shape[2]:  # GQA: repeat kv head j for query heads j*G .. j*G + G - 1
