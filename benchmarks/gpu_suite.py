@@ -56,7 +56,7 @@ for path in (ROOT, HERE):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from pallas_kernels.flash import flash_attention  # noqa: E402
+from pallas_kernels.flash import BlockSizes, flash_attention  # noqa: E402
 
 CASE_MODULES = ("sparse_cases", "linear_cases", "neighborhood_cases", "decode_cases")
 TIME_BUDGET_S = 7.5 * 60  # stop starting new cases after this (the suite must finish in 8 minutes)
@@ -88,11 +88,11 @@ def _with_backward(attention):
 def flash_cases(smoke: bool) -> list[dict]:
     if smoke:
         B, T, H, D = 1, 64, 2, 32
-        blocks = dict(block_q=16, block_k=16, bwd_block_q=16, bwd_block_k=16, interpret=True)
+        blocks = dict(block_sizes=BlockSizes(16, 16, 16, 16, 16, 16), interpret=True)
         baseline_impl = "xla"
     else:
         B, T, H, D = 2, 8192, 8, 128
-        blocks = dict(block_q=128, block_k=128, bwd_block_q=64, bwd_block_k=64, interpret=False)
+        blocks = dict(block_sizes=BlockSizes(128, 128, 64, 64, 64, 64), interpret=None)  # Triton on the GPU
         baseline_impl = "cudnn"
     dtype = jnp.bfloat16
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
