@@ -26,8 +26,21 @@ def _next_token(sequences: np.ndarray, scored: np.ndarray) -> dict[str, np.ndarr
 class MQAR:
     """Multi-query associative recall (Zoology): ``k1 v1 ... kN vN`` then queries ``q v(q)``.
 
-    Keys come from ``[2, 2 + key_vocab)`` and values from the rest of the vocabulary; only the value
-    after each query key is scored, so chance accuracy is ``1 / value_vocab``."""
+    Keys come from ``[2, 2 + key_vocab)`` (distinct within a sequence) and values, drawn independently
+    with replacement, from the ``value_vocab`` tokens after them; each query asks for a uniformly random
+    one of the ``N`` pairs. Only the value after each query key is scored.
+
+    Floors and ceilings of the scored accuracy (all exact; see the functions below):
+
+    * ``1 / value_vocab``: guessing a value token blindly. No trained model sits here.
+    * the **copy plateau**, :func:`mqar_copy_plateau`: a model that has learned to copy *some* value
+      from the context but not which one (it ignores the query key) and picks one of the ``N`` context
+      values at random scores ``1/N + (1 - 1/N) / value_vocab`` (0.30 for 4 pairs and 15 values).
+      Training typically stalls here first; accuracy near it means the key-value binding was not learned.
+    * the **one-hop ceiling** of an attention pattern, :func:`mqar_one_hop_ceiling`: what a model that
+      retrieves perfectly whatever its mask lets a query read directly can reach (1.0 for full causal
+      attention, less for a sliding window). Models that relay pairs across layers can beat it.
+    """
 
     def __init__(self, num_pairs: int = 8, num_queries: int | None = None, vocab_size: int = 64):
         self.num_pairs = _positive("num_pairs", num_pairs)
@@ -38,9 +51,25 @@ class MQAR:
             raise ValueError(f"num_pairs={num_pairs} needs vocab_size >= {2 * num_pairs + 2}, got {vocab_size}")
         self.seq_len = 2 * (self.num_pairs + self.num_queries) - 1
 
+    @property
+    def value_vocab(self) -> int:
+        """How many distinct value tokens there are (``vocab_size - 2 - key_vocab``)."""
+        return self.vocab_size - 2 - self.key_vocab
+
+    def layout(self) -> dict[str, np.ndarray]:
+        """Where things sit in the model's input (positions ``0 .. seq_len - 1``).
+
+        ``context_values[i]``: the value of pair ``i`` (its key is one position earlier);
+        ``queries[j]``: the query key ``j``, the position whose prediction is scored;
+        ``answers[j]``: the value that answers query ``j`` (teacher forcing puts every answer but the last
+        in the input too; the last, at ``seq_len``, is only a target)."""
+        N, Q = self.num_pairs, self.num_queries
+        return {"context_values": 2 * np.arange(N) + 1, "queries": 2 * N + 2 * np.arange(Q),
+                "answers": 2 * N + 2 * np.arange(Q) + 1}
+
     def batch(self, seed: int, step: int, batch_size: int, split: str = "train"):
         rng = batch_rng(seed, step, stream=10 if split == "train" else 11)
-        value_vocab = self.vocab_size - 2 - self.key_vocab
+        value_vocab = self.value_vocab
         keys = np.stack([rng.permutation(self.key_vocab)[:self.num_pairs] for _ in range(batch_size)]) + 2
         values = rng.integers(0, value_vocab, size=(batch_size, self.num_pairs)) + 2 + self.key_vocab
         which = rng.integers(0, self.num_pairs, size=(batch_size, self.num_queries))
@@ -51,6 +80,62 @@ class MQAR:
         scored = np.zeros_like(sequences, bool)
         scored[:, 2 * self.num_pairs + 1::2] = True
         return _next_token(sequences, scored)
+
+
+def mqar_copy_plateau(num_pairs: int, value_vocab: int) -> float:
+    """Accuracy of the key-blind copier: it answers every query with a uniformly random one of the
+    ``num_pairs`` context values. It is right when it picks the queried pair (``1/N``) or another pair
+    that happens to hold the same value (``(1 - 1/N) / value_vocab``, values being drawn independently)."""
+    N, V = _positive("num_pairs", num_pairs), _positive("value_vocab", value_vocab)
+    return 1.0 / N + (1.0 - 1.0 / N) / V
+
+
+def _visible(mask_fn, q_idx: int, kv_idx: int) -> bool:
+    """Causal and allowed by ``mask_fn(b, h, q_idx, kv_idx)`` (batch and head 0)."""
+    return kv_idx <= q_idx and bool(np.asarray(mask_fn(0, 0, q_idx, kv_idx)))
+
+
+def mqar_one_hop_reach(task: MQAR, mask_fn) -> float:
+    """Expected fraction of scored queries whose key-value pair one attention hop can read.
+
+    A causal model retrieves the answer to the query at position ``t`` in one hop when ``t`` attends
+    directly to a position ``p`` holding the queried pair's value, and ``p`` attends to the key just
+    before it (``p - 1``, the binding an earlier layer writes into ``p``). ``p`` is the pair's place in
+    the context or, because answers are in the input under teacher forcing, the answer to an earlier
+    query for the same pair. ``mask_fn(b, h, q_idx, kv_idx) -> bool`` is the attention pattern (a
+    ``jattn.core.masks`` function), intersected with causality. The expectation is exact: query ``j``
+    asks for pair ``i`` with probability ``1/N`` independently of the others, so with ``m_j`` earlier
+    answers readable from it, ``P(j reachable) = mean_i [1 - (1 - seen_i) (1 - 1/N)^m_j]`` where
+    ``seen_i`` says whether pair ``i``'s context value is readable.
+
+    Relaying through intermediate positions (two hops or more across layers) is not counted: this is
+    the ceiling of direct retrieval, not a bound for a deep model. 2-layer sliding-window models trained
+    long enough do exceed it on MQAR (docs/experiments.md)."""
+    if not isinstance(task, MQAR):
+        raise TypeError(f"task must be an MQAR, got {type(task).__name__}")
+    if not callable(mask_fn):
+        raise TypeError(f"mask_fn must be a mask function (b, h, q_idx, kv_idx) -> bool, got {mask_fn!r}")
+    where = task.layout()
+    N = task.num_pairs
+
+    def readable(t, p):
+        return _visible(mask_fn, t, p) and _visible(mask_fn, p, p - 1)
+
+    reach = []
+    for j, t in enumerate(where["queries"]):
+        seen = np.array([readable(t, p) for p in where["context_values"]], dtype=np.float64)
+        m = sum(readable(t, p) for p in where["answers"][:j])
+        reach.append(np.mean(1.0 - (1.0 - seen) * (1.0 - 1.0 / N) ** m))
+    return float(np.mean(reach))
+
+
+def mqar_one_hop_ceiling(task: MQAR, mask_fn) -> float:
+    """The MQAR accuracy ceiling of one-hop retrieval under ``mask_fn``: ``r + (1 - r) / value_vocab``
+    with ``r`` = :func:`mqar_one_hop_reach`. A reachable query can be answered exactly; for an
+    unreachable one every value is equally likely (values are independent of everything the model can
+    read), so the best a model can do is a ``1 / value_vocab`` guess."""
+    reach = mqar_one_hop_reach(task, mask_fn)
+    return reach + (1.0 - reach) / task.value_vocab
 
 
 class NeedleInHaystack:
