@@ -25,9 +25,23 @@ heads. ``block_q, block_k, seq_q, seq_k`` are static (pytree aux data), so a Blo
 ``jit``, ``vmap``-free ``scan`` carries and ``custom_vjp`` like any pytree of arrays.
 
 Semantics. Element ``(b, h, i, j)`` is visible iff its tile is listed AND (the tile is full OR
-``mask_fn(b, h, i, j)``), with ``mask_fn`` the one given to the attention call (None = all True).
-A tile is *full* only if it lies entirely inside both sequences: tail tiles are always partial.
-``to_dense_mask(mask_fn)`` expands exactly this rule; every kernel impl is tested against it.
+``mask_fn(b, h, i, j)``). A tile is *full* only if it lies entirely inside both sequences: tail tiles
+are always partial. ``to_dense_mask()`` expands exactly this rule; every kernel impl is tested against it.
+
+The mask travels with the tiles (as FlexAttention's ``BlockMask`` carries its ``mask_mod``): ``mask_fn``
+is a static field (pytree aux data, so it must be hashable, as jit requires of static arguments), and
+``block_sparse_attention(q, k, v, bm)`` uses it without being told again. What the partial tiles mean
+is always stated, never guessed (``partial_tiles``, also static):
+
+* a carried ``mask_fn`` (``from_mask_fn``, or ``mask_fn=`` given to any builder): partial tiles apply
+  it. Passing a different ``mask_fn`` to the attention call is a ``ValueError``; an equal one (the same
+  object, ``==``, or a closure of the same code over equal values) is accepted.
+* ``partial_tiles="visible"`` (tile selectors: top-k, flat, token, vertical-slash indices and a dense
+  block map without ``full_map``; they choose tiles, not elements): with no ``mask_fn`` every element of
+  a listed tile is visible (the sequence ends aside); a ``mask_fn`` given to the call refines them.
+* ``partial_tiles="mask_fn"`` without a carried function (a dense block map whose ``full_map`` leaves
+  listed tiles partial, or the raw constructor): the call must pass ``mask_fn=``; if it does not and
+  such tiles exist (or cannot be checked, under ``jit``), it raises instead of treating them as full.
 
 Builders (block sizes are always explicit arguments; lengths need not be multiples of the blocks):
 
@@ -41,7 +55,8 @@ Builders (block sizes are always explicit arguments; lengths need not be multipl
 * ``from_token_block_indices(indices [B,H,seq_q,k], ...)``: each query token's kv-block ids ->
   their union per q block
 
-Selectors other than ``from_mask_fn`` mark every tile partial (they choose tiles, not elements).
+Selectors other than ``from_mask_fn`` mark every tile partial (they choose tiles, not elements) and
+are ``partial_tiles="visible"`` unless given a ``mask_fn`` to carry.
 Table widths: when the builder's input is concrete, ``maxK``/``maxQ`` are the true maxima, so gather
 impls do work proportional to the kept blocks; under ``jit`` they fall back to a static bound
 (``k`` for top-k, otherwise ``nK``/``nQ``). Out-of-range ids raise ``ValueError`` when concrete and
@@ -51,6 +66,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 from typing import Callable
 
 import jax
@@ -102,6 +118,80 @@ def _check_leading_dims(name: str, x, ndim_mask: int = 2) -> None:
     """Leading ``[B|1, H|1]`` dims must be positive (shared dims are size 1, not absent)."""
     if any(d < 1 for d in x.shape[:ndim_mask]):
         raise ValueError(f"{name} must have positive [B|1, H|1] dims, got {describe(x)}")
+
+
+PARTIAL_TILES = ("mask_fn", "visible")
+
+
+def _same_value(a, b, depth: int) -> bool:
+    """Structural equality of values a mask function closes over (conservative: unsure -> False)."""
+    if a is b:
+        return True
+    if depth > 6:
+        return False
+    if callable(a) and callable(b):
+        return same_mask_fn(a, b, _depth=depth + 1)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return (type(a) is type(b) and len(a) == len(b)
+                and all(_same_value(x, y, depth + 1) for x, y in zip(a, b)))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[key], b[key], depth + 1) for key in a)
+    if hasattr(a, "shape") and hasattr(a, "dtype") and hasattr(b, "shape") and hasattr(b, "dtype"):
+        x, y = _concrete(a), _concrete(b)       # tracers compare only by identity (above)
+        return (x is not None and y is not None and x.shape == y.shape and x.dtype == y.dtype
+                and bool(np.array_equal(x, y)))
+    try:
+        equal = a == b
+    except Exception:  # noqa: BLE001 - a value without a usable == is simply "not known equal"
+        return False
+    return equal if isinstance(equal, bool) else False
+
+
+def same_mask_fn(a, b, *, _depth: int = 0) -> bool:
+    """True when two mask functions are known to be the same function.
+
+    The same object, objects equal under ``==`` (frozen dataclasses, ``functools.partial`` of equal
+    parts), or closures of the same code over equal captured values: ``sliding_window_mask(64)``
+    built twice is the same mask, ``sliding_window_mask(32)`` is not. Anything uncertain is "not equal".
+    """
+    if a is b:
+        return True
+    if a is None or b is None:
+        return False
+    if isinstance(a, types.FunctionType) and isinstance(b, types.FunctionType):
+        if a.__code__ is not b.__code__ or a.__globals__ is not b.__globals__:
+            return False
+        cells_a, cells_b = a.__closure__ or (), b.__closure__ or ()
+        try:
+            contents_a = [cell.cell_contents for cell in cells_a]
+            contents_b = [cell.cell_contents for cell in cells_b]
+        except ValueError:                      # an empty cell
+            return False
+        return (_same_value(a.__defaults__, b.__defaults__, _depth)
+                and _same_value(a.__kwdefaults__, b.__kwdefaults__, _depth)
+                and _same_value(contents_a, contents_b, _depth))
+    if isinstance(a, functools.partial) and isinstance(b, functools.partial):
+        return (same_mask_fn(a.func, b.func, _depth=_depth + 1) and _same_value(a.args, b.args, _depth)
+                and _same_value(a.keywords, b.keywords, _depth))
+    if type(a) is not type(b):
+        return False
+    try:
+        equal = a == b
+    except Exception:  # noqa: BLE001
+        return False
+    return equal if isinstance(equal, bool) else False
+
+
+def _check_mask_fn(mask_fn):
+    if mask_fn is not None and not callable(mask_fn):
+        raise TypeError(f"mask_fn must be None or a callable mask_fn(b, h, q_idx, kv_idx), got {mask_fn!r}")
+    return mask_fn
+
+
+def _check_partial_tiles(partial_tiles):
+    if partial_tiles not in PARTIAL_TILES:
+        raise ValueError(f"partial_tiles must be one of {PARTIAL_TILES}, got {partial_tiles!r}")
+    return partial_tiles
 
 
 def _tail_free_tiles(nQ: int, nK: int, block_q: int, block_k: int, seq_q: int, seq_k: int):
@@ -288,24 +378,85 @@ class BlockMask:
 
     Build it with one of the ``from_*`` class methods rather than the constructor. Attributes:
     ``kv_indices, kv_counts, kv_full, q_indices, q_counts, q_full`` (arrays) and
-    ``block_q, block_k, seq_q, seq_k`` (static ints).
+    ``block_q, block_k, seq_q, seq_k, mask_fn, partial_tiles`` (static).
+
+    ``mask_fn``: the element mask of the partial tiles (None: not carried). ``partial_tiles``: what
+    partial tiles mean when no mask function is known: ``"mask_fn"`` (one is required: the attention
+    call raises without it) or ``"visible"`` (every element of a listed tile is visible). A carried
+    ``mask_fn`` forces ``"mask_fn"``.
     """
 
     def __init__(self, kv_indices, kv_counts, kv_full, q_indices, q_counts, q_full, *,
-                 block_q: int, block_k: int, seq_q: int, seq_k: int):
+                 block_q: int, block_k: int, seq_q: int, seq_k: int, mask_fn: Callable | None = None,
+                 partial_tiles: str = "mask_fn"):
         self.kv_indices, self.kv_counts, self.kv_full = kv_indices, kv_counts, kv_full
         self.q_indices, self.q_counts, self.q_full = q_indices, q_counts, q_full
         self.block_q, self.block_k, self.seq_q, self.seq_k = block_q, block_k, seq_q, seq_k
+        self.mask_fn = _check_mask_fn(mask_fn)
+        self.partial_tiles = "mask_fn" if mask_fn is not None else _check_partial_tiles(partial_tiles)
 
     # -- pytree --------------------------------------------------------------------------------
     def tree_flatten(self):
         children = (self.kv_indices, self.kv_counts, self.kv_full, self.q_indices, self.q_counts, self.q_full)
-        return children, (self.block_q, self.block_k, self.seq_q, self.seq_k)
+        return children, (self.block_q, self.block_k, self.seq_q, self.seq_k, self.mask_fn, self.partial_tiles)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        block_q, block_k, seq_q, seq_k = aux
-        return cls(*children, block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k)
+        block_q, block_k, seq_q, seq_k, mask_fn, partial_tiles = aux
+        # Bypass __init__: tree_unflatten also receives non-array leaves (object(), None) from JAX internals.
+        obj = object.__new__(cls)
+        obj.kv_indices, obj.kv_counts, obj.kv_full, obj.q_indices, obj.q_counts, obj.q_full = children
+        obj.block_q, obj.block_k, obj.seq_q, obj.seq_k = block_q, block_k, seq_q, seq_k
+        obj.mask_fn, obj.partial_tiles = mask_fn, partial_tiles
+        return obj
+
+    # -- the mask function ---------------------------------------------------------------------
+    def with_mask_fn(self, mask_fn: Callable) -> "BlockMask":
+        """The same tiles carrying ``mask_fn`` (partial tiles apply it). Raises if another is carried."""
+        if not callable(mask_fn):
+            raise TypeError(f"mask_fn must be a callable mask_fn(b, h, q_idx, kv_idx), got {mask_fn!r}")
+        self.resolve_mask_fn(mask_fn)           # conflict check
+        children, _ = self.tree_flatten()
+        return BlockMask(*children, block_q=self.block_q, block_k=self.block_k, seq_q=self.seq_q,
+                         seq_k=self.seq_k, mask_fn=mask_fn)
+
+    def _has_interior_partial_tiles(self) -> bool | None:
+        """Listed, not full and inside both sequences (tail tiles are partial by construction); None if traced."""
+        indices, counts, full = (_concrete(x) for x in (self.kv_indices, self.kv_counts, self.kv_full))
+        if indices is None or counts is None or full is None:
+            return None
+        listed = np.arange(indices.shape[-1]) < counts[..., None]
+        q_inside = (np.arange(1, self.num_q_blocks + 1) * self.block_q <= self.seq_q)[:, None]
+        k_inside = (indices + 1) * self.block_k <= self.seq_k
+        return bool(np.any(listed & ~full & q_inside & k_inside))
+
+    def resolve_mask_fn(self, mask_fn: Callable | None = None) -> Callable | None:
+        """The mask function the kernels apply on partial tiles, given the call's ``mask_fn`` (or None).
+
+        Returns the carried function when ``mask_fn`` is None, ``mask_fn`` when nothing is carried, None
+        when partial tiles are fully visible. Raises ``ValueError`` when ``mask_fn`` conflicts with the
+        carried one, or when partial tiles need a mask function and none is known.
+        """
+        _check_mask_fn(mask_fn)
+        carried = self.mask_fn
+        if mask_fn is not None:
+            if carried is not None and not same_mask_fn(carried, mask_fn):
+                raise ValueError(
+                    f"mask_fn={mask_fn!r} conflicts with the mask function this BlockMask was built from "
+                    f"({carried!r}); omit mask_fn= (the carried one is used) or rebuild the BlockMask from "
+                    f"the mask function you mean")
+            return mask_fn
+        if carried is not None or self.partial_tiles == "visible":
+            return carried
+        interior = self._has_interior_partial_tiles()
+        if interior is False:
+            return None
+        why = "has partial tiles" if interior else "may have partial tiles (its tables are traced)"
+        raise ValueError(
+            f"mask_fn is needed: this BlockMask {why} but carries no mask function, so which of their "
+            f"elements are visible is unknown. Pass mask_fn=..., build the BlockMask with mask_fn=... "
+            f"(from_mask_fn does), or with partial_tiles='visible' if every element of a listed tile is "
+            f"meant to be visible")
 
     # -- shape ---------------------------------------------------------------------------------
     @property
@@ -341,9 +492,11 @@ class BlockMask:
 
     def __repr__(self) -> str:
         Bm, Hm, nQ, nK = self.shape
+        mask = (getattr(self.mask_fn, "__qualname__", None) or repr(self.mask_fn)) if self.mask_fn is not None \
+            else f"None, partial_tiles={self.partial_tiles!r}"
         text = (f"BlockMask(shape=[Bm={Bm}, Hm={Hm}, nQ={nQ}, nK={nK}], block=({self.block_q}, {self.block_k}), "
                 f"seq=({self.seq_q}, {self.seq_k}), max_kv_blocks={self.max_kv_blocks}, "
-                f"max_q_blocks={self.max_q_blocks}")
+                f"max_q_blocks={self.max_q_blocks}, mask_fn={mask}")
         counts, full = _concrete(self.kv_counts), _concrete(self.kv_full)
         if counts is not None and full is not None:
             kept, n_full = int(counts.sum()), int(full.sum())
@@ -363,6 +516,7 @@ class BlockMask:
                       heads: int | None = None):
         """Element-level bool mask ``[B, H, seq_q, seq_k]``: listed tile AND (full OR ``mask_fn``).
 
+        ``mask_fn`` follows the attention call's rule (``resolve_mask_fn``): None uses the carried one.
         ``batch``/``heads`` broadcast shared (size-1) dims so ``mask_fn`` sees every ``(b, h)``;
         by default the mask keeps the BlockMask's own ``[Bm, Hm]``. Meant for tests and small shapes.
         """
@@ -372,30 +526,38 @@ class BlockMask:
         for name, want, have in (("batch", B, Bm), ("heads", H, Hm)):
             if have not in (1, want):
                 raise ValueError(f"{name}={want} does not match the BlockMask's {name} dim {have}")
-        if mask_fn is not None and not callable(mask_fn):
-            raise TypeError(f"mask_fn must be None or a callable mask_fn(b, h, q_idx, kv_idx), got {mask_fn!r}")
+        mask_fn = self.resolve_mask_fn(mask_fn)
         return _dense_mask(self.to_dense_block_map(), self.to_dense_full_map(), mask_fn, B, H,
                            self.block_q, self.block_k, self.seq_q, self.seq_k)
 
     # -- builders ------------------------------------------------------------------------------
     @classmethod
-    def _from_maps(cls, block_map, full_map, *, block_q, block_k, seq_q, seq_k, max_kv=None):
+    def _from_maps(cls, block_map, full_map, *, block_q, block_k, seq_q, seq_k, max_kv=None, mask_fn=None,
+                   partial_tiles="visible"):
         """Lists (and transposed lists) from dense ``[Bm, Hm, nQ, nK]`` maps; tail tiles forced partial."""
         nQ, nK = block_map.shape[-2:]
         kv_lists, q_lists = _lists_from_maps(block_map, full_map,
                                              _tail_free_tiles(nQ, nK, block_q, block_k, seq_q, seq_k))
-        return cls(*_trim(kv_lists, max_kv), *_trim(q_lists, None),
-                   block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k)
+        return cls(*_trim(kv_lists, max_kv), *_trim(q_lists, None), block_q=block_q, block_k=block_k,
+                   seq_q=seq_q, seq_k=seq_k, mask_fn=mask_fn, partial_tiles=partial_tiles)
 
     @classmethod
     def from_dense_block_map(cls, block_map, *, block_q: int, block_k: int, seq_q: int, seq_k: int,
-                             full_map=None) -> "BlockMask":
+                             full_map=None, mask_fn: Callable | None = None,
+                             partial_tiles: str | None = None) -> "BlockMask":
         """From a bool tile map ``[B|1, H|1, nQ, nK]`` (True = visit).
 
         ``full_map`` (same shape, optional): tiles where ``mask_fn`` may be skipped; it is intersected
         with ``block_map`` and with the tail-free tiles. Default: every listed tile is partial.
+        ``mask_fn`` (optional): carried, applied on the partial tiles. ``partial_tiles`` (without
+        ``mask_fn``): default ``"visible"`` (every listed tile fully visible) when there is no
+        ``full_map`` or it covers every listed tile, else ``"mask_fn"`` (the tiles ``full_map`` leaves
+        partial need a mask function: the attention call must pass one).
         """
         block_q, block_k, seq_q, seq_k = _check_geometry(block_q, block_k, seq_q, seq_k)
+        _check_mask_fn(mask_fn)
+        if partial_tiles is not None:
+            _check_partial_tiles(partial_tiles)
         nQ, nK = math.ceil(seq_q / block_q), math.ceil(seq_k / block_k)
         for name, m in (("block_map", block_map), ("full_map", full_map)):
             if m is None:
@@ -411,15 +573,23 @@ class BlockMask:
         block_map = jnp.asarray(block_map)
         if full_map is None:
             full_map = jnp.zeros(block_map.shape, bool)
+            auto = "visible"
         elif full_map.shape != block_map.shape:
             raise ValueError(f"full_map must have block_map's shape {tuple(block_map.shape)}, got {describe(full_map)}")
+        else:
+            listed, full = _concrete(block_map), _concrete(full_map)
+            auto = "visible" if listed is not None and full is not None and not np.any(listed & ~full) else "mask_fn"
         return cls._from_maps(block_map, jnp.asarray(full_map), block_q=block_q, block_k=block_k,
-                              seq_q=seq_q, seq_k=seq_k)
+                              seq_q=seq_q, seq_k=seq_k, mask_fn=mask_fn,
+                              partial_tiles=auto if partial_tiles is None else partial_tiles)
 
     @classmethod
     def from_mask_fn(cls, mask_fn: Callable, B: int, H: int, seq_q: int, seq_k: int, block_q: int,
                      block_k: int) -> "BlockMask":
         """Tiles of ``mask_fn(b, h, q_idx, kv_idx)`` with any visible element; full where all are.
+
+        The BlockMask carries ``mask_fn``: ``block_sparse_attention(q, k, v, bm)`` applies it on the
+        partial tiles without being told again.
 
         Pass ``B=1`` / ``H=1`` when the mask does not depend on the batch / head. Evaluates one block
         row ``[B, H, block_q, seq_k]`` at a time, never the whole ``[B, H, seq_q, seq_k]`` mask.
@@ -430,15 +600,19 @@ class BlockMask:
         block_q, block_k, seq_q, seq_k = _check_geometry(block_q, block_k, seq_q, seq_k)
         nQ, nK = math.ceil(seq_q / block_q), math.ceil(seq_k / block_k)
         block_map, full_map = _mask_fn_tile_maps(mask_fn, B, H, seq_q, seq_k, block_q, block_k)
-        return cls._from_maps(block_map, full_map, block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k)
+        return cls._from_maps(block_map, full_map, block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k,
+                              mask_fn=mask_fn)
 
     @classmethod
-    def from_topk_indices(cls, indices, *, block_q: int, block_k: int, seq_q: int, seq_k: int) -> "BlockMask":
+    def from_topk_indices(cls, indices, *, block_q: int, block_k: int, seq_q: int, seq_k: int,
+                          mask_fn: Callable | None = None) -> "BlockMask":
         """From ``indices [B|1, H|1, nQ, k]``: kv-block ids per q block, any order, -1 = padding.
 
         Duplicates are merged. The kv tables have static width ``min(k, nK)`` even under ``jit``.
+        ``mask_fn`` (optional) is carried; without it every listed tile is fully visible.
         """
         block_q, block_k, seq_q, seq_k = _check_geometry(block_q, block_k, seq_q, seq_k)
+        _check_mask_fn(mask_fn)
         nQ, nK = math.ceil(seq_q / block_q), math.ceil(seq_k / block_k)
         indices = _check_int_array("indices", indices, 4)
         if indices.shape[2] != nQ or indices.shape[3] < 1:
@@ -448,29 +622,37 @@ class BlockMask:
         block_map = _topk_map(indices, nQ, nK)
         k = indices.shape[3]
         return cls._from_maps(block_map, jnp.zeros(block_map.shape, bool), block_q=block_q, block_k=block_k,
-                              seq_q=seq_q, seq_k=seq_k, max_kv=min(k, nK) if _concrete(indices) is None else None)
+                              seq_q=seq_q, seq_k=seq_k, max_kv=min(k, nK) if _concrete(indices) is None else None,
+                              mask_fn=mask_fn)
 
     @classmethod
-    def from_flat_indices(cls, flat_indices, *, block_q: int, block_k: int, seq_q: int, seq_k: int) -> "BlockMask":
-        """From ``flat_indices [B|1, H|1, n]``: tile ids ``q_block * nK + kv_block``, -1 = padding."""
+    def from_flat_indices(cls, flat_indices, *, block_q: int, block_k: int, seq_q: int, seq_k: int,
+                          mask_fn: Callable | None = None) -> "BlockMask":
+        """From ``flat_indices [B|1, H|1, n]``: tile ids ``q_block * nK + kv_block``, -1 = padding.
+
+        ``mask_fn`` (optional) is carried; without it every listed tile is fully visible.
+        """
         block_q, block_k, seq_q, seq_k = _check_geometry(block_q, block_k, seq_q, seq_k)
+        _check_mask_fn(mask_fn)
         nQ, nK = math.ceil(seq_q / block_q), math.ceil(seq_k / block_k)
         flat = _check_int_array("flat_indices", flat_indices, 3)
         _check_leading_dims("flat_indices", flat)
         _check_id_range("flat_indices", flat, nQ * nK)
         block_map = _flat_map(flat, nQ, nK)
         return cls._from_maps(block_map, jnp.zeros(block_map.shape, bool), block_q=block_q, block_k=block_k,
-                              seq_q=seq_q, seq_k=seq_k)
+                              seq_q=seq_q, seq_k=seq_k, mask_fn=mask_fn)
 
     @classmethod
     def from_token_block_indices(cls, indices, *, block_q: int, block_k: int, seq_q: int,
-                                 seq_k: int) -> "BlockMask":
+                                 seq_k: int, mask_fn: Callable | None = None) -> "BlockMask":
         """From ``indices [B|1, H|1, seq_q, k]``: each query token's kv-block ids (-1 = padding).
 
         A q block visits the union of its tokens' choices. Note the result is a tile cover: tokens
-        of the block also see the blocks their neighbours chose (restrict with a ``mask_fn``).
+        of the block also see the blocks their neighbours chose (restrict with a ``mask_fn``, carried
+        when given here).
         """
         block_q, block_k, seq_q, seq_k = _check_geometry(block_q, block_k, seq_q, seq_k)
+        _check_mask_fn(mask_fn)
         nQ, nK = math.ceil(seq_q / block_q), math.ceil(seq_k / block_k)
         indices = _check_int_array("indices", indices, 4)
         if indices.shape[2] != seq_q or indices.shape[3] < 1:
@@ -479,19 +661,21 @@ class BlockMask:
         _check_id_range("indices", indices, nK)
         block_map = _token_map(indices, block_q, nQ, nK)
         return cls._from_maps(block_map, jnp.zeros(block_map.shape, bool), block_q=block_q, block_k=block_k,
-                              seq_q=seq_q, seq_k=seq_k)
+                              seq_q=seq_q, seq_k=seq_k, mask_fn=mask_fn)
 
     @classmethod
     def from_vertical_slash(cls, vertical_indices, slash_offsets, *, block_q: int, block_k: int,
-                            seq_q: int, seq_k: int, causal: bool = False) -> "BlockMask":
+                            seq_q: int, seq_k: int, causal: bool = False,
+                            mask_fn: Callable | None = None) -> "BlockMask":
         """MInference-style vertical + slash pattern -> the tiles it crosses.
 
         ``vertical_indices [B|1, H|1, nV]``: key columns ``j`` every query attends (-1 = padding).
         ``slash_offsets [B|1, H|1, nS]``: diagonals ``o >= 0``: query ``i`` attends key ``i - o``
         (-1 = padding). With ``causal=True`` a vertical column only reaches q blocks containing a query
-        ``i >= j``. Tiles are partial; the exact lines are a ``mask_fn`` away.
+        ``i >= j``. Tiles are partial; the exact lines are a ``mask_fn`` away (carried when given here).
         """
         block_q, block_k, seq_q, seq_k = _check_geometry(block_q, block_k, seq_q, seq_k)
+        _check_mask_fn(mask_fn)
         if not isinstance(causal, bool):
             raise TypeError(f"causal must be a bool, got {causal!r}")
         nQ, nK = math.ceil(seq_q / block_q), math.ceil(seq_k / block_k)
@@ -509,4 +693,4 @@ class BlockMask:
                                  f"{describe(x)} against [Bm={Bm}, Hm={Hm}]")
         block_map = _vertical_slash_map(vertical, slash, Bm, Hm, block_q, block_k, seq_q, seq_k, causal)
         return cls._from_maps(block_map, jnp.zeros(block_map.shape, bool), block_q=block_q, block_k=block_k,
-                              seq_q=seq_q, seq_k=seq_k)
+                              seq_q=seq_q, seq_k=seq_k, mask_fn=mask_fn)

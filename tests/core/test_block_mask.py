@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jattn.core import masks
-from jattn.core.block_mask import BlockMask
+from jattn.core.block_mask import BlockMask, same_mask_fn
 
 
 def tiles_of(element_mask, block_q, block_k):
@@ -97,8 +97,12 @@ def test_from_mask_fn_matches_brute_force(name, mask_fn, B, H):
 
 
 def test_to_dense_mask_skips_mask_fn_on_full_tiles():
-    bm = BlockMask.from_mask_fn(masks.causal_mask(), 1, 1, 32, 32, 16, 16)
+    causal = BlockMask.from_mask_fn(masks.causal_mask(), 1, 1, 32, 32, 16, 16)
     nothing = lambda b, h, i, j: jnp.zeros(jnp.broadcast_shapes(jnp.shape(i), jnp.shape(j)), bool)
+    with pytest.raises(ValueError, match="mask_fn"):          # it carries causal_mask: nothing conflicts
+        causal.to_dense_mask(nothing)
+    bm = BlockMask.from_dense_block_map(causal.to_dense_block_map(), full_map=causal.to_dense_full_map(),
+                                        block_q=16, block_k=16, seq_q=32, seq_k=32)
     dense = np.asarray(bm.to_dense_mask(nothing, batch=2, heads=3))
     assert dense.shape == (2, 3, 32, 32)
     expected = np.zeros((32, 32), bool)
@@ -220,6 +224,87 @@ def test_pytree_round_trip_and_jit():
     assert "nQ=3" in text and "block=(16, 16)" in text and "density=" in text and "partial=" in text
 
 
+def test_pytree_keeps_the_mask_fn_static_through_jit_tree_map_and_vmap():
+    mask_fn = masks.sliding_window_mask(20)
+    bm = BlockMask.from_mask_fn(mask_fn, 1, 2, 48, 48, 16, 16)
+    assert bm.mask_fn is mask_fn and bm.partial_tiles == "mask_fn"
+    leaves, treedef = jax.tree_util.tree_flatten(bm)
+    assert len(leaves) == 6 and not any(leaf is mask_fn for leaf in leaves)      # static, not a leaf
+    for again in (jax.tree_util.tree_unflatten(treedef, leaves), jax.tree_util.tree_map(lambda x: x + 0, bm),
+                  jax.jit(lambda m: m)(bm)):
+        assert again.mask_fn is mask_fn and again.partial_tiles == "mask_fn"
+        np.testing.assert_array_equal(np.asarray(again.kv_indices), np.asarray(bm.kv_indices))
+    seen = jax.vmap(lambda m, x: m.mask_fn(0, 0, x, x - 25), in_axes=(None, 0))(bm, jnp.arange(3))
+    np.testing.assert_array_equal(np.asarray(seen), [False, False, False])
+    visible = jax.jit(lambda m: m.to_dense_mask())(bm)                           # the carried mask applies
+    np.testing.assert_array_equal(np.asarray(visible), np.asarray(masks.materialize(mask_fn, 1, 2, 48, 48)))
+
+
+def test_builders_say_what_partial_tiles_mean():
+    tiles = jnp.ones((1, 1, 2, 2), bool)
+    geometry = dict(block_q=8, block_k=8, seq_q=16, seq_k=16)
+    mask_fn = masks.causal_mask()
+    selectors = [
+        lambda **kw: BlockMask.from_dense_block_map(tiles, **geometry, **kw),
+        lambda **kw: BlockMask.from_topk_indices(jnp.array([[[[0], [1]]]]), **geometry, **kw),
+        lambda **kw: BlockMask.from_flat_indices(jnp.array([[[0, 3]]]), **geometry, **kw),
+        lambda **kw: BlockMask.from_token_block_indices(jnp.zeros((1, 1, 16, 1), jnp.int32), **geometry, **kw),
+        lambda **kw: BlockMask.from_vertical_slash(jnp.array([[[0]]]), jnp.array([[[0]]]), **geometry, **kw),
+    ]
+    for build in selectors:
+        plain, carrying = build(), build(mask_fn=mask_fn)
+        assert (plain.mask_fn, plain.partial_tiles) == (None, "visible")          # tiles are the pattern
+        assert plain.resolve_mask_fn() is None and plain.resolve_mask_fn(mask_fn) is mask_fn
+        assert (carrying.mask_fn, carrying.partial_tiles) == (mask_fn, "mask_fn")
+        assert carrying.resolve_mask_fn() is mask_fn
+    # A full_map that leaves listed tiles partial means "a mask function goes there": it must be given.
+    half = BlockMask.from_dense_block_map(tiles, full_map=jnp.eye(2, dtype=bool)[None, None], **geometry)
+    assert half.partial_tiles == "mask_fn"
+    with pytest.raises(ValueError, match="mask_fn"):
+        half.resolve_mask_fn()
+    with pytest.raises(ValueError, match="mask_fn"):
+        half.to_dense_mask()
+    assert half.resolve_mask_fn(mask_fn) is mask_fn
+    assert BlockMask.from_dense_block_map(tiles, full_map=jnp.eye(2, dtype=bool)[None, None], **geometry,
+                                          partial_tiles="visible").resolve_mask_fn() is None
+    # ... unless every listed tile is full: tail tiles (partial by construction) need nothing.
+    covered = BlockMask.from_dense_block_map(jnp.ones((1, 1, 2, 2), bool), full_map=jnp.ones((1, 1, 2, 2), bool),
+                                             block_q=8, block_k=8, seq_q=13, seq_k=15)
+    assert covered.partial_tiles == "visible" and not np.asarray(covered.kv_full).all()
+    assert np.asarray(covered.to_dense_mask()).all()
+
+
+def test_raw_constructor_with_partial_tiles_and_no_mask_fn_raises():
+    bm = BlockMask.from_mask_fn(masks.causal_mask(), 1, 1, 32, 32, 16, 16)
+    tables = jax.tree_util.tree_leaves(bm)
+    raw = BlockMask(*tables, block_q=16, block_k=16, seq_q=32, seq_k=32)          # partial_tiles="mask_fn"
+    with pytest.raises(ValueError, match="mask_fn is needed: this BlockMask has partial tiles"):
+        raw.resolve_mask_fn()
+    with pytest.raises(ValueError, match="traced"):                              # cannot be checked under jit
+        jax.jit(lambda *t: BlockMask(*t, block_q=16, block_k=16, seq_q=32, seq_k=32).to_dense_mask())(*tables)
+    full_only = BlockMask.from_mask_fn(masks.full_mask(), 1, 1, 32, 32, 16, 16)
+    raw_full = BlockMask(*jax.tree_util.tree_leaves(full_only), block_q=16, block_k=16, seq_q=32, seq_k=32)
+    assert raw_full.resolve_mask_fn() is None                                    # no partial tile: nothing needed
+    assert raw.with_mask_fn(masks.causal_mask()).resolve_mask_fn() is not None
+
+
+def test_conflicting_mask_fn_raises_and_equal_ones_are_accepted():
+    bm = BlockMask.from_mask_fn(masks.sliding_window_mask(64), 1, 1, 256, 256, 64, 64)
+    assert bm.resolve_mask_fn(masks.sliding_window_mask(64)) is not None        # a new closure, same mask
+    for other in (masks.sliding_window_mask(32), masks.causal_mask(), lambda b, h, i, j: i >= j):
+        with pytest.raises(ValueError, match="mask_fn"):
+            bm.resolve_mask_fn(other)
+        with pytest.raises(ValueError, match="mask_fn"):
+            bm.with_mask_fn(other)
+    combined = masks.and_masks(masks.causal_mask(), masks.chunked_mask(16))
+    assert same_mask_fn(combined, masks.and_masks(masks.causal_mask(), masks.chunked_mask(16)))
+    assert not same_mask_fn(combined, masks.and_masks(masks.causal_mask(), masks.chunked_mask(8)))
+    ids = jnp.array([[0, 0, 1, 1]])
+    assert same_mask_fn(masks.document_mask(ids), masks.document_mask(jnp.array([[0, 0, 1, 1]])))
+    assert not same_mask_fn(masks.document_mask(ids), masks.document_mask(jnp.array([[0, 1, 1, 1]])))
+    assert not same_mask_fn(masks.causal_mask(), None)
+
+
 # ------------------------------------------------------------------------------------------ validation
 
 BAD_BUILDS = [
@@ -255,6 +340,10 @@ BAD_BUILDS = [
                                            block_q=8, block_k=8, seq_q=16, seq_k=16), ValueError, "agree"),
     (lambda: BlockMask.from_mask_fn(masks.causal_mask(), 1, 1, 16, 16, 8, 8).to_dense_mask(batch=0),
      ValueError, "batch"),
+    (lambda: BlockMask.from_topk_indices(jnp.array([[[[0]]]]), block_q=8, block_k=8, seq_q=8, seq_k=16,
+                                         mask_fn="causal"), TypeError, "mask_fn"),
+    (lambda: BlockMask.from_dense_block_map(jnp.ones((1, 1, 2, 2), bool), block_q=8, block_k=8, seq_q=16,
+                                            seq_k=16, partial_tiles="full"), ValueError, "partial_tiles"),
 ]
 
 

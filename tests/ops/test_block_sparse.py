@@ -15,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 from jattn.core import masks
 from jattn.core.block_mask import BlockMask
 from jattn.core.reference import reference_attention
+from jattn.ops.attention import attention
 from jattn.ops.block_sparse import block_sparse_attention
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -124,10 +125,12 @@ def assert_close(actual, expected, tol, what):
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} * {scale:.3g}"
 
 
-def check_case(case: Case, impl: str, dtype=jnp.float32, seed: int = 0):
-    block_map, full_map = random_maps(case, seed)
+def check_case(case: Case, impl: str, dtype=jnp.float32, seed: int = 0, maps=None):
+    block_map, full_map = random_maps(case, seed) if maps is None else maps
+    # Partial tiles are fully visible unless the case's mask_fn (passed to the call) refines them.
     bm = BlockMask.from_dense_block_map(jnp.asarray(block_map), block_q=case.block_q, block_k=case.block_k,
-                                        seq_q=case.T, seq_k=case.S, full_map=jnp.asarray(full_map))
+                                        seq_q=case.T, seq_k=case.S, full_map=jnp.asarray(full_map),
+                                        partial_tiles="visible")
     q, k, v, sinks, d_out, d_lse = random_inputs(case, dtype, seed + 1)
     mask = expected_mask(case, block_map, full_map)
     flags = dict(causal=case.causal, softcap=case.softcap, use_sinks=case.sinks)
@@ -215,6 +218,174 @@ def test_topk_block_mask_built_under_jit():
             block_map[0, h, r, cols] = True
     mask = np.repeat(np.repeat(block_map, bq, -2), bk, -1)
     assert_close(attend(q, k, v, indices), reference_attention(q, k, v, mask=jnp.asarray(mask)), 1e-5, "out")
+
+
+# ------------------------------------------------------------------------------ xla: ragged work lists
+
+def ragged_maps(case: Case, seed: int):
+    """Random maps whose rows range from 0 tiles to every tile (per head and batch where Bm, Hm > 1)."""
+    block_map, full_map = random_maps(case, seed)
+    nQ = block_map.shape[2]
+    block_map[..., 0, :] = False                                  # an empty row
+    block_map[..., nQ - 1, :] = True                              # a row with every tile
+    if nQ > 3:
+        block_map[..., 1, :] = False
+        block_map[..., 1, -1] = True                              # a row with only the (tail) last tile
+    return block_map, full_map
+
+
+RAGGED = [
+    Case("mha_ragged_odd", 1, 53, 71, 1, 1, 8, 8, 16, density=0.3),
+    Case("gqa42_ragged_causal", 2, 45, 45, 4, 2, 16, 8, 8, Hm=4, causal=True, density=0.4),
+    Case("gqa62_ragged_window_softcap", 1, 37, 50, 6, 2, 8, 8, 8, Bm=1, Hm=6, density=0.5,
+         mask_fn=masks.sliding_window_mask(11, 4), softcap=4.0),
+    Case("gqa62_batch_head_shared_sinks", 3, 40, 33, 6, 2, 16, 16, 8, density=0.4, sinks=True,
+         mask_fn=masks.dilated_mask(2)),
+    Case("gqa42_per_batch_causal_dilated", 2, 31, 31, 4, 2, 8, 8, 8, Bm=2, Hm=1, causal=True,
+         mask_fn=masks.dilated_mask(3, 1), density=0.6),
+    Case("row_fully_masked_inside_listed_tile", 1, 24, 24, 2, 1, 8, 8, 8, density=0.8,
+         mask_fn=lambda b, h, i, j: (i != 5) & (i != 17)),
+]
+
+
+@pytest.mark.parametrize("case", RAGGED, ids=lambda c: c.name)
+def test_xla_ragged_rows_match_reference(case):
+    """Rows of 0 and of every tile, GQA (4, 2) and (6, 2), odd lengths, shared and per-(b, h) masks: the
+    flat work list gives out, lse, dq, dk, dv (and dsinks) of the reference at f32 tolerance."""
+    maps = ragged_maps(case, seed=11)
+    got = check_case(case, "xla", maps=maps)
+    first_rows = slice(0, case.block_q)                            # the empty row: 0 and lse -inf (or the sink)
+    np.testing.assert_array_equal(np.asarray(got[0][:, first_rows]), 0.0)
+    if not case.sinks:
+        assert np.isneginf(np.asarray(got[1][:, first_rows])).all()
+
+
+def test_xla_matches_reference_impl_on_ragged_maps():
+    """Against impl="reference" itself (same BlockMask, same call): f32 1e-5, grads 2e-5."""
+    case = RAGGED[2]
+    block_map, full_map = ragged_maps(case, seed=3)
+    bm = BlockMask.from_dense_block_map(jnp.asarray(block_map), full_map=jnp.asarray(full_map),
+                                        block_q=case.block_q, block_k=case.block_k, seq_q=case.T, seq_k=case.S,
+                                        mask_fn=case.mask_fn)
+    q, k, v, sinks, d_out, d_lse = random_inputs(case, jnp.float32, 4)
+    flags = dict(mask_fn=None, causal=True, softcap=case.softcap, use_sinks=False)
+    got = sparse_run(q, k, v, sinks, d_out, d_lse, bm, impl="xla", **flags)
+    want = sparse_run(q, k, v, sinks, d_out, d_lse, bm, impl="reference", **flags)
+    assert_close(got[0], want[0], 1e-5, "out")
+    assert_close(got[1], want[1], 1e-5, "lse")
+    for name, g, w in zip(("dq", "dk", "dv"), got[2][:3], want[2][:3]):
+        assert_close(g, w, 2e-5, name)
+
+
+def _nan_case_inputs():
+    B, T, H, Hkv, D, blk = 1, 40, 4, 2, 8, 8
+    rng = np.random.default_rng(21)
+    q = rng.standard_normal((B, T, H, D)).astype(np.float32)
+    k = rng.standard_normal((B, T, Hkv, D)).astype(np.float32)
+    v = rng.standard_normal((B, T, Hkv, D)).astype(np.float32)
+    block_map = rng.random((1, 1, 5, 5)) < 0.6
+    block_map[..., 2] = False                                      # kv block 2 is listed by no row
+    block_map[:, :, :, 0] = True
+    bm = BlockMask.from_dense_block_map(jnp.asarray(block_map), block_q=blk, block_k=blk, seq_q=T, seq_k=T)
+    return q, k, v, bm
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_xla_nan_in_an_unlisted_tile_leaves_the_output_exact(causal):
+    q, k, v, bm = _nan_case_inputs()
+    k_nan, v_nan = k.copy(), v.copy()
+    k_nan[:, 16:24] = np.nan
+    v_nan[:, 16:24] = np.nan
+    run = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, bm, causal=causal, impl="xla", return_lse=True))
+    loss = jax.jit(jax.grad(lambda q, k, v: jnp.sum(block_sparse_attention(q, k, v, bm, causal=causal,
+                                                                          impl="xla") ** 2), argnums=(0, 1, 2)))
+    clean, poisoned = run(q, k, v), run(q, k_nan, v_nan)
+    want = block_sparse_attention(q, k, v, bm, causal=causal, impl="reference", return_lse=True)
+    for got, ref, what in zip(poisoned, want, ("out", "lse")):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(clean[0 if what == "out" else 1]))
+        assert_close(got, ref, 1e-5, what)
+    g_clean, g_poisoned = loss(q, k, v), loss(q, k_nan, v_nan)
+    np.testing.assert_array_equal(np.asarray(g_poisoned[0]), np.asarray(g_clean[0]))           # dq exact
+    for g, c in zip(g_poisoned[1:], g_clean[1:]):                  # dk, dv: exact outside the poisoned tile
+        np.testing.assert_array_equal(np.asarray(g)[:, :16], np.asarray(c)[:, :16])
+        np.testing.assert_array_equal(np.asarray(g)[:, 24:], np.asarray(c)[:, 24:])
+
+
+def test_xla_nan_in_a_visible_logit_gives_nan_in_that_row_only():
+    q, k, v, bm = _nan_case_inputs()
+    q_nan = q.copy()
+    q_nan[0, 13, 1] = np.nan                                       # row 13, head 1: every key of block 0 sees it
+    run = jax.jit(lambda q: block_sparse_attention(q, k, v, bm, impl="xla", return_lse=True))
+    (out, lse), (clean_out, clean_lse) = run(q_nan), run(q)
+    out, lse, clean_out, clean_lse = (np.asarray(x) for x in (out, lse, clean_out, clean_lse))
+    assert np.isnan(out[0, 13, 1]).all() and np.isnan(lse[0, 13, 1])
+    hit = np.zeros(out.shape[:3], bool)
+    hit[0, 13, 1] = True
+    np.testing.assert_array_equal(out[~hit], clean_out[~hit])     # every other (row, head) bit-exact
+    np.testing.assert_array_equal(lse[~hit], clean_lse[~hit])
+    ref = np.asarray(block_sparse_attention(jnp.asarray(q_nan), k, v, bm, impl="reference"))
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+
+
+def test_xla_cost_follows_listed_tiles_not_the_widest_row():
+    """One full row among empty ones: the work list holds exactly the listed tiles (no per-row padding)."""
+    from jattn.ops.block_sparse_xla import _work_lists
+    from jattn.ops.block_sparse import SparseConfig
+    nQ = nK = 16
+    block_map = np.zeros((1, 2, nQ, nK), bool)
+    block_map[0, 0, 3] = True                                      # one row of 16 tiles
+    block_map[0, 1, :, 5] = True                                   # 16 rows of 1 tile
+    bm = BlockMask.from_dense_block_map(jnp.asarray(block_map), block_q=16, block_k=16, seq_q=256, seq_k=256)
+    cfg = SparseConfig(seq_q=256, seq_k=256, block_q=16, block_k=16, scale=1.0, softcap=None, causal=False,
+                       mask_fn=None)
+    (clean, masked), _ = _work_lists(cfg, (bm.kv_indices, bm.kv_counts, bm.kv_full), 1, 2, 2, nQ, nK)
+    assert masked is None and int(clean["count"]) == 32 == block_map.sum()
+    rows = np.asarray(clean["row"])[:32]
+    assert np.all(np.diff(rows) >= 0)                              # row order: one segment per q block
+
+
+# ------------------------------------------------------------------------------ BlockMask carries its mask
+
+@pytest.mark.parametrize("impl", ["xla", "reference", "pallas"])
+def test_block_mask_carries_its_mask_fn(impl):
+    """The issue's reproduction: without mask_fn= the carried sliding window applies to partial tiles."""
+    rng = np.random.default_rng(12)
+    q = jnp.asarray(rng.standard_normal((1, 256, 2, 32), np.float32))
+    bm = BlockMask.from_mask_fn(masks.sliding_window_mask(64), 1, 1, 256, 256, 64, 64)
+    want = attention(q, q, q, causal=True, window=(64, 0))
+    assert_close(block_sparse_attention(q, q, q, bm, impl=impl), want, 1e-5, impl)
+    # passing the same mask again (a new closure over the same window) is fine
+    assert_close(block_sparse_attention(q, q, q, bm, mask_fn=masks.sliding_window_mask(64), impl=impl), want,
+                 1e-5, impl)
+    with pytest.raises(ValueError, match="mask_fn"):
+        block_sparse_attention(q, q, q, bm, mask_fn=masks.sliding_window_mask(32), impl=impl)
+
+
+def test_carried_mask_fn_survives_jit_vmap_and_tree_map():
+    rng = np.random.default_rng(13)
+    qs = jnp.asarray(rng.standard_normal((3, 1, 96, 2, 16), np.float32))
+    mask_fn = masks.sliding_window_mask(20)
+    bm = BlockMask.from_mask_fn(mask_fn, 1, 1, 96, 96, 32, 32)
+    want = jnp.stack([attention(q, q, q, causal=True, window=(20, 0)) for q in qs])
+    attend = lambda q, m: block_sparse_attention(q, q, q, m, impl="xla")
+    assert_close(jax.jit(jax.vmap(attend, in_axes=(0, None)))(qs, bm), want, 1e-5, "jit(vmap)")
+    copied = jax.tree_util.tree_map(jnp.array, bm)
+    assert copied.mask_fn is mask_fn
+    assert_close(jax.jit(attend)(qs[0], copied), want[0], 1e-5, "tree_map")
+    g = jax.jit(jax.grad(lambda q, m: attend(q, m).sum()))(qs[0], bm)
+    g_want = jax.grad(lambda q: attention(q, q, q, causal=True, window=(20, 0)).sum())(qs[0])
+    assert_close(g, g_want, 2e-5, "grad")
+
+
+def test_partial_tiles_without_a_mask_fn_raise():
+    q = jnp.ones((1, 32, 2, 16))
+    bm = BlockMask.from_dense_block_map(jnp.ones((1, 1, 2, 2), bool), full_map=jnp.eye(2, dtype=bool)[None, None],
+                                        block_q=16, block_k=16, seq_q=32, seq_k=32)
+    for impl in ("xla", "reference"):
+        with pytest.raises(ValueError, match="mask_fn is needed"):
+            block_sparse_attention(q, q, q, bm, impl=impl)
+        out = block_sparse_attention(q, q, q, bm, mask_fn=masks.causal_mask(), impl=impl)   # told: fine
+        assert_close(out, attention(q, q, q, causal=True), 1e-5, impl)
 
 
 # ------------------------------------------------------------------------------------------ validation

@@ -148,14 +148,15 @@ def moa_mask_fn(alphas, betas, N: int, block: int = 64):
 
 
 def moa_attention_mask(alphas, betas, N: int, block: int = 64) -> BlockMask:
-    """Per-head ``BlockMask`` (``Hm = len(alphas)``): kept tiles full except the causal diagonal (partial);
-    run it with ``causal=True`` or ``mask_fn=moa_mask_fn(...)``."""
+    """Per-head ``BlockMask`` (``Hm = len(alphas)``): kept tiles full except the causal diagonal (partial),
+    carrying ``moa_mask_fn(...)`` for the partial tiles (so ``to_dense_mask()`` is the token mask)."""
     alphas, betas = _alphas_betas(alphas, betas)
     tiles = moa_block_mask(list(alphas), list(betas), N, block)
     full = tiles & ~np.eye(tiles.shape[-1], dtype=bool)
     with jax.ensure_compile_time_eval():  # static: concrete tables even when called under jit
         return BlockMask.from_dense_block_map(jnp.asarray(tiles)[None], full_map=jnp.asarray(full)[None],
-                                              block_q=block, block_k=block, seq_q=N, seq_k=N)
+                                              block_q=block, block_k=block, seq_q=N, seq_k=N,
+                                              mask_fn=moa_mask_fn(alphas, betas, N, block))
 
 
 def moa_attention(q, k, v, *, alphas, betas, block: int = 64, scale: float | None = None, impl: str = "auto"):

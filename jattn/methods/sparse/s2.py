@@ -136,8 +136,8 @@ def s2_attention_mask(num_heads: int, T: int, block: int = 64, *, local_blocks, 
                       head_sliding_step: int | None = None, causal: bool = True) -> BlockMask:
     """The per-head ``BlockMask`` ``s2_attention`` runs (``Hm = num_heads``, ``block x block`` tiles).
 
-    Every kept tile is full except the causal diagonal, which is partial: run it with ``causal=True`` (or
-    with ``mask_fn=s2_mask_fn(...)``) and ``to_dense_mask(s2_mask_fn(...))`` is the token mask.
+    Every kept tile is full except the causal diagonal, which is partial; the BlockMask carries
+    ``s2_mask_fn(...)`` for it, so ``to_dense_mask()`` is the token mask.
     """
     tiles = s2_block_mask(num_heads, T, block, local_blocks=local_blocks, vert_stride=vert_stride,
                           num_dense_heads=num_dense_heads, head_offset=head_offset, num_kv_heads=num_kv_heads,
@@ -145,8 +145,12 @@ def s2_attention_mask(num_heads: int, T: int, block: int = 64, *, local_blocks, 
     nb = tiles.shape[-1]
     full = tiles & ~np.eye(nb, dtype=bool) if causal else tiles
     with jax.ensure_compile_time_eval():  # static: concrete tables even when called under jit
-        return BlockMask.from_dense_block_map(jnp.asarray(tiles)[None], full_map=jnp.asarray(full)[None],
-                                              block_q=block, block_k=block, seq_q=T, seq_k=T)
+        return BlockMask.from_dense_block_map(
+            jnp.asarray(tiles)[None], full_map=jnp.asarray(full)[None], block_q=block, block_k=block, seq_q=T,
+            seq_k=T, mask_fn=s2_mask_fn(num_heads, block, local_blocks=local_blocks, vert_stride=vert_stride,
+                                        num_dense_heads=num_dense_heads, head_offset=head_offset,
+                                        num_kv_heads=num_kv_heads, head_sliding_step=head_sliding_step,
+                                        causal=causal))
 
 
 def s2_coverage(block_map, *, causal: bool = True) -> tuple[np.ndarray, float]:

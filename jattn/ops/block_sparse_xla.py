@@ -1,0 +1,345 @@
+"""The pure-JAX ("xla") block-sparse path: work proportional to the listed tiles, forward and backward.
+
+``block_sparse_attention(..., impl="xla")`` lands here (the CPU fast path, and the fallback everywhere).
+
+Work list. The BlockMask's kv tables ``[Bm, Hm, nQ, maxK]`` are broadcast to ``[B, H, nQ, maxK]`` and
+flattened into one list of tiles ``(b, h, q block, kv block)``, in row order (all tiles of one q block
+row are consecutive). Its static length is the table's capacity ``B * H * nQ * maxK``; its dynamic
+length is the number of listed tiles. Tiles the causal flag hides entirely are dropped. The rest are
+split into two lists, each still in row order:
+
+* clean tiles: every element visible (full, or partial with nothing to apply: no ``mask_fn``, inside
+  both sequences, below the causal diagonal) -- no mask is evaluated;
+* masked tiles: the element mask (sequence end, causal, ``mask_fn`` on partial tiles) is applied.
+
+Each list is processed in chunks of ``C`` tiles by a ``fori_loop`` whose trip count is
+``ceil(count / C)`` (dynamic): chunks past the count never run, so a row with 0 tiles costs nothing and
+a row with every tile costs its tiles, whatever the widest row. One chunk gathers its ``C`` q tiles and
+``C`` kv tiles, computes ``C`` independent ``[bq, bk]`` score tiles with their own row max, sum and
+``p @ v``, and merges them into per-q-block accumulators with the online-softmax (log-sum-exp) rule:
+a segment max/sum over the chunk's consecutive runs of equal q block (``jax.ops.segment_*``, NaN-safe:
+a NaN stays in its own row) followed by one rescale-and-store of each touched q block.
+
+Backward (``custom_vjp``): the same two lists and chunks recompute ``p = exp(s - lse)``; dq is
+segment-summed per q block and added to its rows, dk/dv are scatter-added to their kv tiles (GQA heads
+sharing a kv head add up). Nothing is materialised per row at the widest row's width.
+
+Semantics are exactly ``jattn.core.reference`` with ``BlockMask.to_dense_mask`` (and the causal flag):
+fully masked rows give output 0 and lse ``-inf`` (never NaN); NaN in a visible logit gives NaN in that
+row; tiles that are not listed are never read.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jattn.core.softmax import MASK_VALUE
+
+F32 = jnp.float32
+
+# Score elements per chunk: 8 tiles of 128 x 128, so a chunk's [C, bq, bk] temporaries (512 KiB each) stay
+# in cache; on the 2-core CPU, 8 tiles ran ~10% faster than 4 or 16 (T=8K and 16K, 10% Bernoulli maps).
+CHUNK_ELEMENTS = 8 * 128 * 128
+MAX_CHUNK = 512
+
+
+def chunk_size(block_q: int, block_k: int, capacity: int) -> int:
+    """Tiles per chunk: about ``CHUNK_ELEMENTS`` score elements, at most the list's capacity."""
+    return max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // (block_q * block_k), capacity))
+
+
+def block_sparse_xla(cfg, q, k, v, kv_tables):
+    """``(out [B, T, H, E] float32, lse [B, H, T])`` without sinks.
+
+    ``cfg``: the call's static, hashable config (``seq_q, seq_k, block_q, block_k, scale, softcap,
+    causal, mask_fn``, with ``mask_fn`` already resolved against the BlockMask). ``kv_tables``: the
+    BlockMask's ``(kv_indices, kv_counts, kv_full)``.
+    """
+    return _core(cfg, q, k, v, tuple(kv_tables))
+
+
+# ---------------------------------------------------------------------------------- layout
+
+def _geometry(cfg, q, k):
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    nQ, nK = math.ceil(cfg.seq_q / cfg.block_q), math.ceil(cfg.seq_k / cfg.block_k)
+    return B, H, Hkv, nQ, nK
+
+
+def _pad_axis(x, axis: int, length: int):
+    extra = length - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def _q_rows(x, nQ: int, bq: int):
+    """``[B, T, H, E]`` -> ``[B * H * nQ, bq, E]`` float32 (row ``r = (b * H + h) * nQ + q_block``)."""
+    B, _, H, E = x.shape
+    x = _pad_axis(x.astype(F32), 1, nQ * bq).reshape(B, nQ, bq, H, E)
+    return x.transpose(0, 3, 1, 2, 4).reshape(B * H * nQ, bq, E)
+
+
+def _from_q_rows(x, B: int, H: int, T: int):
+    """``[B * H * nQ, bq, E]`` -> ``[B, T, H, E]``."""
+    E = x.shape[-1]
+    return x.reshape(B, H, -1, E).transpose(0, 2, 1, 3)[:, :T]
+
+
+def _kv_tiles(x, nK: int, bk: int):
+    """``[B, S, Hkv, E]`` -> ``[B * Hkv * nK, bk, E]`` float32 (tile ``(b * Hkv + g) * nK + kv_block``)."""
+    B, _, Hkv, E = x.shape
+    x = _pad_axis(x.astype(F32), 1, nK * bk).reshape(B, nK, bk, Hkv, E)
+    return x.transpose(0, 3, 1, 2, 4).reshape(B * Hkv * nK, bk, E)
+
+
+def _from_kv_tiles(x, B: int, Hkv: int, S: int):
+    E = x.shape[-1]
+    return x.reshape(B, Hkv, -1, E).transpose(0, 2, 1, 3)[:, :S]
+
+
+def _rows_of(x, nQ: int, bq: int):
+    """``[B, H, T]`` -> ``[B * H * nQ, bq]``."""
+    B, H, _ = x.shape
+    return _pad_axis(x, 2, nQ * bq).reshape(B * H * nQ, bq)
+
+
+# ---------------------------------------------------------------------------------- work lists
+
+def _work_lists(cfg, tables, B: int, H: int, Hkv: int, nQ: int, nK: int):
+    """Two row-ordered tile lists (clean, masked), each a dict of ``[N_pad]`` int32 arrays plus a count.
+
+    Entry fields: ``row`` (q tile, ``R = B * H * nQ`` past the count), ``kv`` (kv tile, ``B * Hkv * nK``
+    past the count), ``b``, ``h``, ``qb``, ``kb``, ``full``. Returns ``(lists, C)``; a list is None when
+    it can hold nothing (decided statically).
+    """
+    indices, counts, full = tables
+    W = indices.shape[-1]
+    bq, bk = cfg.block_q, cfg.block_k
+    shape = (B, H, nQ, W)
+    indices = jnp.broadcast_to(indices, shape).astype(jnp.int32)
+    full = jnp.broadcast_to(full, shape)
+    counts = jnp.broadcast_to(counts, shape[:3])
+    b = jnp.arange(B, dtype=jnp.int32)[:, None, None, None]
+    h = jnp.arange(H, dtype=jnp.int32)[None, :, None, None]
+    qb = jnp.arange(nQ, dtype=jnp.int32)[None, None, :, None]
+    listed = jnp.arange(W, dtype=jnp.int32) < counts[..., None]
+    needs_mask = jnp.zeros(shape, bool)
+    if cfg.mask_fn is not None:
+        needs_mask = needs_mask | ~full
+    if cfg.seq_k % bk:
+        needs_mask = needs_mask | (indices == nK - 1)
+    if cfg.causal:
+        q_first, q_last = qb * bq, jnp.minimum(qb * bq + bq, cfg.seq_q) - 1
+        listed = listed & (indices * bk <= q_last)                    # tiles above the diagonal see nothing
+        needs_mask = needs_mask | ((indices + 1) * bk - 1 > q_first)
+    fields = dict(row=(b * H + h) * nQ + qb, kv=(b * Hkv + h // (H // Hkv)) * nK + indices, b=b, h=h, qb=qb,
+                  kb=indices, full=full.astype(jnp.int32))
+    fields = {name: jnp.broadcast_to(x, shape).reshape(-1) for name, x in fields.items()}
+    capacity = B * H * nQ * W
+    C = chunk_size(bq, bk, capacity)
+    n_pad = -(-capacity // C) * C
+    static_masked = cfg.mask_fn is not None or bool(cfg.seq_k % bk) or cfg.causal
+
+    def compact(selected):
+        count = jnp.sum(selected, dtype=jnp.int32)
+        (order,) = jnp.nonzero(selected.reshape(-1), size=capacity, fill_value=0)
+        live = jnp.arange(capacity) < count
+        out = {name: jnp.take(x, order) for name, x in fields.items()}
+        out["row"] = jnp.where(live, out["row"], B * H * nQ)
+        out["kv"] = jnp.where(live, out["kv"], B * Hkv * nK)
+        pad = n_pad - capacity
+        out = {name: jnp.pad(x, (0, pad), constant_values=0) if pad else x for name, x in out.items()}
+        if pad:
+            out["row"] = out["row"].at[capacity:].set(B * H * nQ)
+            out["kv"] = out["kv"].at[capacity:].set(B * Hkv * nK)
+        out["count"] = count
+        return out
+
+    clean = compact(listed & ~needs_mask)
+    masked = compact(listed & needs_mask) if static_masked else None
+    return (clean, masked), C
+
+
+def _chunk(lst, i, C: int):
+    return {name: jax.lax.dynamic_slice_in_dim(x, i * C, C) for name, x in lst.items() if name != "count"}
+
+
+def _segments(rows, C: int, sentinel: int):
+    """Local segment id of each entry (runs of equal row) and each segment's row (``sentinel`` unused)."""
+    new = jnp.concatenate([jnp.ones((1,), bool), rows[1:] != rows[:-1]])
+    local = jnp.cumsum(new.astype(jnp.int32)) - 1
+    seg_row = jnp.full((C,), sentinel, jnp.int32).at[local].set(rows)
+    return local, seg_row
+
+
+def _visibility(cfg, ch, C: int):
+    """Element mask ``[C, bq, bk]`` of a chunk of masked tiles."""
+    bq, bk = cfg.block_q, cfg.block_k
+    q_pos = ch["qb"][:, None, None] * bq + jnp.arange(bq, dtype=jnp.int32)[None, :, None]
+    kv_pos = ch["kb"][:, None, None] * bk + jnp.arange(bk, dtype=jnp.int32)[None, None, :]
+    visible = jnp.ones((C, bq, bk), bool)
+    if cfg.seq_k % bk:
+        visible = visible & (kv_pos < cfg.seq_k)
+    if cfg.causal:
+        visible = visible & (kv_pos <= q_pos)
+    if cfg.mask_fn is not None:
+        chosen = cfg.mask_fn(ch["b"][:, None, None], ch["h"][:, None, None], jnp.minimum(q_pos, cfg.seq_q - 1),
+                             jnp.minimum(kv_pos, cfg.seq_k - 1))
+        chosen = jnp.broadcast_to(chosen, (C, bq, bk)).astype(bool)
+        visible = visible & ((ch["full"] > 0)[:, None, None] | chosen)
+    return visible
+
+
+def _scores(cfg, q_t, k_t):
+    """Logits ``[C, bq, bk]`` after scale and softcap, and the tanh the softcap backward needs."""
+    s = jnp.einsum("cqd,ckd->cqk", q_t, k_t) * cfg.scale
+    if cfg.softcap is None:
+        return s, None
+    t = jnp.tanh(s / cfg.softcap)
+    return cfg.softcap * t, t
+
+
+# ---------------------------------------------------------------------------------- forward
+
+def _forward(cfg, q, k, v, tables):
+    B, H, Hkv, nQ, nK = _geometry(cfg, q, k)
+    T, E = q.shape[1], v.shape[-1]
+    R = B * H * nQ
+    q_rows = _q_rows(q, nQ, cfg.block_q)
+    k_tiles, v_tiles = _kv_tiles(k, nK, cfg.block_k), _kv_tiles(v, nK, cfg.block_k)
+    lists, C = _work_lists(cfg, tables, B, H, Hkv, nQ, nK)
+
+    def run(lst, masked: bool, state):
+        def body(i, state):
+            acc, m_row, l_row = state
+            ch = _chunk(lst, i, C)
+            rows = ch["row"]
+            q_t = jnp.take(q_rows, rows, axis=0, mode="clip")
+            k_t = jnp.take(k_tiles, ch["kv"], axis=0, mode="clip")
+            v_t = jnp.take(v_tiles, ch["kv"], axis=0, mode="clip")
+            s, _ = _scores(cfg, q_t, k_t)
+            if masked:
+                visible = _visibility(cfg, ch, C)
+                s = jnp.where(visible, s, MASK_VALUE)
+            m = jnp.max(s, axis=-1)                                        # [C, bq]
+            p = jnp.exp(s - m[..., None])
+            if masked:
+                p = jnp.where(visible, p, 0.0)
+            l = jnp.sum(p, axis=-1)
+            o = jnp.einsum("cqk,cke->cqe", p, v_t)
+            local, seg_row = _segments(rows, C, R)
+            seg = functools.partial(jax.ops.segment_max, segment_ids=local, num_segments=C,
+                                    indices_are_sorted=True)
+            m_old = jnp.take(m_row, seg_row, axis=0, mode="clip")
+            m_new = jnp.maximum(seg(m), m_old)                              # [C, bq]
+            alpha = jnp.exp(m - jnp.take(m_new, local, axis=0))            # each tile onto its row max
+            add = functools.partial(jax.ops.segment_sum, segment_ids=local, num_segments=C,
+                                    indices_are_sorted=True)
+            beta = jnp.exp(m_old - m_new)                                   # old rows onto the new max
+            acc_new = jnp.take(acc, seg_row, axis=0, mode="clip") * beta[..., None] + add(o * alpha[..., None])
+            l_new = jnp.take(l_row, seg_row, axis=0, mode="clip") * beta + add(l * alpha)
+            acc = acc.at[seg_row].set(acc_new, mode="drop")
+            m_row = m_row.at[seg_row].set(m_new, mode="drop")
+            l_row = l_row.at[seg_row].set(l_new, mode="drop")
+            return acc, m_row, l_row
+
+        n_chunks = (lst["count"] + C - 1) // C
+        return jax.lax.fori_loop(0, n_chunks, body, state)
+
+    # m starts at -inf: exp(-inf - m_new) = 0 drops the empty start (m_new >= MASK_VALUE is finite or NaN).
+    state = (jnp.zeros((R, cfg.block_q, E), F32), jnp.full((R, cfg.block_q), -jnp.inf, F32),
+             jnp.zeros((R, cfg.block_q), F32))
+    clean, masked = lists
+    state = run(clean, False, state)
+    if masked is not None:
+        state = run(masked, True, state)
+    acc, m_row, l_row = state
+    empty = l_row == 0.0                                                    # NaN rows stay NaN
+    safe_l = jnp.where(empty, 1.0, l_row)
+    out = jnp.where(empty[..., None], 0.0, acc / safe_l[..., None])
+    lse = jnp.where(empty, -jnp.inf, m_row + jnp.log(safe_l))
+    out = _from_q_rows(out, B, H, T)
+    lse = lse.reshape(B, H, -1)[:, :, :T]
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------- custom vjp
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(cfg, q, k, v, tables):
+    return _forward(cfg, q, k, v, tables)
+
+
+def _core_fwd(cfg, q, k, v, tables):
+    out, lse = _forward(cfg, q, k, v, tables)
+    return (out, lse), (q, k, v, tables, out, lse)
+
+
+def _core_bwd(cfg, residuals, cotangents):
+    q, k, v, tables, out, lse = residuals
+    d_out, d_lse = cotangents
+    B, H, Hkv, nQ, nK = _geometry(cfg, q, k)
+    T, S, D = q.shape[1], k.shape[1], q.shape[-1]
+    R = B * H * nQ
+    bq = cfg.block_q
+    q_rows = _q_rows(q, nQ, bq)
+    k_tiles, v_tiles = _kv_tiles(k, nK, cfg.block_k), _kv_tiles(v, nK, cfg.block_k)
+    d_out = d_out.astype(F32)
+    do_rows = _q_rows(d_out, nQ, bq)
+    # ds = p * (dp - delta), delta = rowsum(dO * out) - dlse (the lse output's own cotangent).
+    delta = jnp.einsum("bthe,bthe->bht", d_out, out) - d_lse.astype(F32)
+    delta_rows = _rows_of(delta, nQ, bq)
+    lse_rows = _rows_of(jnp.where(jnp.isneginf(lse), 0.0, lse), nQ, bq)   # empty rows: p is masked to 0
+    lists, C = _work_lists(cfg, tables, B, H, Hkv, nQ, nK)
+
+    def run(lst, masked: bool, state):
+        def body(i, state):
+            dq, dk, dv = state
+            ch = _chunk(lst, i, C)
+            rows, kv = ch["row"], ch["kv"]
+            q_t = jnp.take(q_rows, rows, axis=0, mode="clip")
+            do_t = jnp.take(do_rows, rows, axis=0, mode="clip")
+            k_t = jnp.take(k_tiles, kv, axis=0, mode="clip")
+            v_t = jnp.take(v_tiles, kv, axis=0, mode="clip")
+            s, tanh = _scores(cfg, q_t, k_t)
+            p = jnp.exp(s - jnp.take(lse_rows, rows, axis=0, mode="clip")[..., None])
+            if masked:
+                p = jnp.where(_visibility(cfg, ch, C), p, 0.0)
+            dv_t = jnp.einsum("cqk,cqe->cke", p, do_t)
+            dp = jnp.einsum("cqe,cke->cqk", do_t, v_t)
+            ds = p * (dp - jnp.take(delta_rows, rows, axis=0, mode="clip")[..., None])
+            if tanh is not None:
+                ds = ds * (1.0 - tanh * tanh)
+            ds = ds * cfg.scale
+            dq_t = jnp.einsum("cqk,ckd->cqd", ds, k_t)
+            dk_t = jnp.einsum("cqk,cqd->ckd", ds, q_t)
+            local, seg_row = _segments(rows, C, R)
+            dq_seg = jax.ops.segment_sum(dq_t, local, num_segments=C, indices_are_sorted=True)
+            dq = dq.at[seg_row].add(dq_seg, mode="drop")
+            dk = dk.at[kv].add(dk_t, mode="drop")                          # past the count: kv is out of range
+            dv = dv.at[kv].add(dv_t, mode="drop")
+            return dq, dk, dv
+
+        n_chunks = (lst["count"] + C - 1) // C
+        return jax.lax.fori_loop(0, n_chunks, body, state)
+
+    state = (jnp.zeros_like(q_rows), jnp.zeros_like(k_tiles), jnp.zeros_like(v_tiles))
+    clean, masked = lists
+    state = run(clean, False, state)
+    if masked is not None:
+        state = run(masked, True, state)
+    dq, dk, dv = state
+    dq = _from_q_rows(dq, B, H, T).astype(q.dtype)
+    dk = _from_kv_tiles(dk, B, Hkv, S).astype(k.dtype)
+    dv = _from_kv_tiles(dv, B, Hkv, S).astype(v.dtype)
+    return dq, dk, dv, None
+
+
+_core.defvjp(_core_fwd, _core_bwd)
