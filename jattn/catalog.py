@@ -20,6 +20,10 @@ class Paper:
     tests: tuple[str, ...] = ()
     status: str = "planned"
     note: str = ""
+    # The names this paper runs under in jattn.nn.Attention(method=...) (config keys:
+    # jattn.nn.describe_method(name)); for a built paper that is not an attention layer, why not.
+    layer_methods: tuple[str, ...] = ()
+    not_a_layer: str = ""
 
 
 _BASE = [
@@ -181,11 +185,43 @@ _PROGRESS = {
 }
 
 
+# id -> the Attention(method=...) names of every built paper whose method is an attention layer over
+# q, k, v (jattn/nn/paper_methods.py registers them from this table), or a str: why it is not one.
+_LAYER = {
+    "P03": "exact split-KV softmax (merge_partials): the layer it gives is method='softmax'",
+    "P65": "a decode-time split-K merge of exact softmax: the layer it gives is method='softmax'",
+    "P18": "LKA is a convolutional gate on images, not attention over q, k, v (jattn.methods.linear.LKA)",
+    "P20": ("linfusion",),
+    "P29": ("agent",),
+    "P50": ("sigmoid",),
+    "P57": "a framework (DSF) that writes attention and SSMs as one matrix, not a layer of its own",
+    "P58": ("lightning",),
+    "P62": "a training study of one-layer softmax attention (jattn.nn.icl.OneLayerMHSoftmax; method='softmax')",
+    "P73": "NiNformer mixes tokens with an MLP gating unit, not q, k, v attention (jattn.methods.linear.ninformer)",
+    "P74": ("lightning",),
+    "P48": ("neighborhood",),
+    "P60": ("neighborhood",),
+    "P04": ("radial",),
+    "P11": ("moa",),
+    "P15": ("s2",),
+    "P43": ("naavit",),
+    "P52": ("davit_window",),
+    "P61": ("biformer",),
+    "P63": ("clear",),
+    "P64": "needs a BlockMask calibrated on attention maps and per-head orders (paro.calibrate_block_mask, "
+           "paro.paro_attention), which a literal config cannot give",
+    "P70": ("sinklora_s2", "sinklora_sf"),
+}
+
+
 def _build():
     papers = []
     for pid, name, title, family in _BASE:
         entry_points, tests, status, note = _PROGRESS.get(pid, ((), (), "planned", ""))
-        papers.append(Paper(pid, name, title, family, tuple(entry_points), tuple(tests), status, note))
+        layer = _LAYER.get(pid, ())
+        layer_methods, not_a_layer = (tuple(layer), "") if isinstance(layer, tuple) else ((), layer)
+        papers.append(Paper(pid, name, title, family, tuple(entry_points), tuple(tests), status, note,
+                            layer_methods, not_a_layer))
     return tuple(papers)
 
 
@@ -208,10 +244,13 @@ def resolve(dotted: str):
 
 
 def format_table(papers=PAPERS) -> str:
-    header = f"{'id':4}  {'name':18}  {'family':18}  {'status':8}  note"
+    """One row per paper; ``Attention(method=)`` is the name(s) ``jattn.nn.Attention`` runs it under
+    (``-`` for a built paper that is not an attention layer)."""
+    header = f"{'id':4}  {'name':18}  {'family':18}  {'status':8}  {'Attention(method=)':26}  note"
     lines = [header, "-" * len(header)]
     for p in papers:
-        lines.append(f"{p.id:4}  {p.name[:18]:18}  {p.family:18}  {p.status:8}  {p.note}")
+        method = ", ".join(p.layer_methods) or ("-" if p.status != "planned" else "")
+        lines.append(f"{p.id:4}  {p.name[:18]:18}  {p.family:18}  {p.status:8}  {method:26}  {p.note}")
     counts = {s: sum(p.status == s for p in papers) for s in STATUSES}
     lines.append(f"{len(papers)} papers: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     return "\n".join(lines)

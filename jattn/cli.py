@@ -1,6 +1,8 @@
 """The ``jattn`` console script.
 
-* ``jattn papers [--status S]`` prints the catalogue.
+* ``jattn papers [--status S] [--methods]`` prints the catalogue; its ``Attention(method=)`` column names
+  each paper's ``jattn.nn.Attention(method=...)`` method; ``--methods`` also prints every method's config
+  keys, defaults and meaning.
 * ``jattn show-mask NAME --out FILE.png [--set key=value ...] [--head H]`` draws a named pattern from
   ``jattn.patterns``; ``jattn show-mask --list`` lists the names, their help and their options.
   ``--head`` picks the head of a per-head pattern (s2, moa, sinklora_*); on a pattern that is the same
@@ -25,6 +27,8 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     commands = parser.add_subparsers(dest="command", required=True)
     papers = commands.add_parser("papers", help="print the catalogue of the 75 papers")
     papers.add_argument("--status", choices=("planned", "partial", "works"), help="only rows with this status")
+    papers.add_argument("--methods", action="store_true",
+                        help="also print each jattn.nn.Attention(method=...) name with its config keys")
     show = commands.add_parser(
         "show-mask", help="draw a named attention pattern to an image file",
         description="Draw a named attention pattern (see --list) to an image file.")
@@ -44,6 +48,15 @@ def _papers(args) -> int:
     from jattn.catalog import PAPERS, format_table
     rows = [p for p in PAPERS if args.status is None or p.status == args.status]
     print(format_table(rows))
+    if args.methods:
+        from jattn.nn import available_methods, describe_method
+        print("\njattn.nn.Attention(method=NAME, **config):")
+        for name in available_methods():
+            print(describe_method(name))
+        print("\nBuilt papers that are not an attention layer (- above):")
+        for p in PAPERS:
+            if p.not_a_layer:
+                print(f"{p.id}  {p.name}: {p.not_a_layer}")
     return 0
 
 

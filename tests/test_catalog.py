@@ -33,3 +33,15 @@ def test_papers_command_prints_the_table(capsys):
     printed = capsys.readouterr().out
     assert "P74" in printed and "P00" not in printed
     assert format_table().splitlines()[-1].startswith("75 papers")
+
+
+def test_papers_command_names_each_papers_attention_method(capsys):
+    assert main(["papers"]) == 0
+    rows = {line[:3]: line for line in capsys.readouterr().out.splitlines() if line[:1] == "P"}
+    assert "radial" in rows["P04"] and "sinklora_s2, sinklora_sf" in rows["P70"] and "neighborhood" in rows["P60"]
+    for paper in PAPERS:
+        for name in paper.layer_methods:
+            assert name in rows[paper.id]
+    assert main(["papers", "--status", "works", "--methods"]) == 0
+    printed = capsys.readouterr().out
+    assert "radial: P04" in printed and "frames (required)" in printed and "window (required)" in printed

@@ -73,7 +73,27 @@ def build_task(cfg: dict) -> Task:
 MODELS = ("decoder_lm", "icl_mhsa")
 
 
+def check_model_method(cfg: dict) -> None:
+    """Checks ``model.method`` (a registered ``jattn.nn.Attention`` method name) and ``model.method_config``
+    (its documented keyword config: ``jattn.nn.describe_method(name)``) without building anything.
+
+    Raises the method's own ``ValueError``/``TypeError`` (an unknown name lists the valid ones; an unknown
+    key names the closest valid one), prefixed with where in the config it is."""
+    if cfg.get("kind") != "decoder_lm":
+        return
+    from jattn.nn.methods import get_method
+    method = cfg.get("method", "softmax")
+    config = cfg.get("method_config") or {}
+    if not isinstance(config, dict):
+        raise TypeError(f"model.method_config must be a dict of the method's options, got {config!r}")
+    try:
+        get_method(method).validate(dict(config))
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"model.method={method!r}, model.method_config={config!r}: {err}") from None
+
+
 def build_model(cfg: dict, task: Task, seed: int):
+    check_model_method(cfg)
     cfg = dict(cfg)
     kind = cfg.pop("kind", None)
     rngs = nnx.Rngs(seed)

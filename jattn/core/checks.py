@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -70,12 +71,20 @@ def check_broadcastable(name: str, x, target: Sequence[int], *, dtype_kind: str)
 
 
 def check_window(window) -> tuple[int, int] | None:
-    """`window` is None or a pair of non-negative ints (left, right)."""
+    """`window` is None, a pair of non-negative ints ``(left, right)`` or one int ``n`` meaning ``(n, n)``.
+
+    The one window convention of jattn: query ``i`` sees keys ``i - left <= j <= i + right``, so ``left``
+    and ``right`` count the keys on each side of the query, the query's own key not included (it is always
+    in the window). An int is symmetric, as ``jax.nn.dot_product_attention(local_window_size=n)``; with
+    ``causal=True`` it is the same as ``(n, 0)``: the query and the ``n`` keys before it.
+    """
     if window is None:
         return None
+    if isinstance(window, (int, np.integer)) and not isinstance(window, bool):
+        window = (int(window), int(window))
     if (not isinstance(window, (tuple, list)) or len(window) != 2
             or not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in window)):
-        raise TypeError(f"window must be a pair of ints (left, right), got {window!r}")
+        raise TypeError(f"window must be an int n (meaning (n, n)) or a pair of ints (left, right), got {window!r}")
     left, right = int(window[0]), int(window[1])
     if left < 0 or right < 0:
         raise ValueError(f"window sizes must be >= 0, got window={window!r}")
@@ -191,3 +200,49 @@ def check_self_attention_qkv(q, k, v, who: str) -> tuple[int, int, int, int, int
         raise ValueError(f"{who} is self-attention and needs T == S (q and k over the same sequence), got q "
                          f"{describe(q)} and k {describe(k)}")
     return B, T, H, Hkv, D
+
+
+def _traced(value) -> bool:
+    if isinstance(value, jax.core.Tracer):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_traced(x) for x in value)
+    return False
+
+
+def check_static(function: str, **static) -> None:
+    """Raises a ``TypeError`` when any of ``static`` (the arguments of ``jattn.<function>`` that choose the
+    computation: flags, sizes, window, impl) arrived as a JAX tracer.
+
+    That happens when the public function itself is wrapped in ``jax.jit`` and called with these as keyword
+    arguments (``jax.jit(jattn.attention)(q, k, v, causal=True)``): jit traces every argument. The message
+    names the traced arguments and every static one, and shows the two ways out.
+    """
+    traced = [name for name, value in static.items() if _traced(value)]
+    if not traced:
+        return
+    first = traced[0]
+    raise TypeError(
+        f"jattn.{function}: {', '.join(traced)} must be static (plain Python bool/int/float/str/tuple), "
+        f"got a traced JAX value for {first} (the call is probably jax.jit(jattn.{function}) with {first} "
+        f"passed as an argument, so jit traced it). The arguments {', '.join(static)} choose the computation "
+        f"and must be static: bind them before jit, e.g. jax.jit(functools.partial(jattn.{function}, "
+        f"{first}=...)), or mark them with jax.jit(jattn.{function}, static_argnames=({', '.join(repr(t) for t in traced)},)); "
+        f"only arrays (q, k, v, ...) are traced.")
+
+
+def causal_alias(causal, is_causal, where: str):
+    """``causal``, or the deprecated ``is_causal`` spelling of it (with a ``DeprecationWarning``).
+
+    jattn calls the flag ``causal`` in every op and layer; ``jax.nn.dot_product_attention`` and NATTEN
+    say ``is_causal``, so the neighborhood ops and layers still accept that name for a while.
+    """
+    if is_causal is None:
+        return causal
+    if causal is not False and causal != is_causal:
+        raise TypeError(f"{where}: got causal={causal!r} and its deprecated alias is_causal={is_causal!r}; "
+                        f"pass only causal")
+    import warnings
+    warnings.warn(f"{where}: is_causal is deprecated, use causal= (the name of this flag in every jattn op)",
+                  DeprecationWarning, stacklevel=3)
+    return is_causal

@@ -43,6 +43,11 @@ def _positive_int(name, value):
 class Attention(nnx.Module):
     """Multi-head attention running jattn method ``method`` with its keyword config.
 
+    ``method`` is any name in :func:`jattn.nn.available_methods` (generic ones and every built paper's
+    method, e.g. ``"radial"``, ``"s2"``, ``"neighborhood"``); :func:`jattn.nn.describe_method` lists its
+    config keys, defaults and meaning. ``causal`` is the flag of every jattn op; windows
+    (``method="sliding_window", window=n``) mean what ``jattn.attention(window=...)`` means.
+
     ``x [B, T, dim] -> [B, T, dim]``. GQA with ``num_kv_heads``; ``rope=True`` rotates q and k;
     ``output_gate=True`` multiplies the heads' output by a linear gate ``x W_u`` (TransNormerLLM's GLA).
     For decoding, call :meth:`init_cache` once, then ``__call__(x, decode=True)`` with one or more new

@@ -7,15 +7,26 @@ jattn method. Adding a method is one :func:`register_method` call with:
   returning ``out`` or ``(out, probs [B, H, T, S])`` when ``return_probs``;
 * ``validate(config) -> config``: checks and normalises the method's keyword config (raising errors
   that name the argument), so bad configs fail when the module is built, not inside jit;
+* ``options``: the documented keyword config, one :class:`Option` per key (name, default, meaning);
+  :func:`describe_method` prints them and :func:`make_validate` builds ``validate`` from them;
 * ``cache``: how decoding works. ``"kv"``: keys and values are cached and each new query attends over
   the cache through ``apply`` with ``causal=False`` and the dense mask ``decode_mask(config)`` evaluated
   at absolute positions (exact for every method whose visibility is a mask function). ``"state"``: the
   method is a recurrence and ``apply`` takes ``initial_state`` / ``return_final_state`` (linear
   attention). ``None``: no decoding.
+
+The generic methods (softmax, sliding_window, masked, block_sparse, sigmoid, lightning) are here; the
+paper methods (radial, s2, moa, neighborhood, ...) are in ``paper_methods.py``, registered from the
+catalogue (``jattn/catalog.py``, ``Paper.layer_methods``). ``available_methods()`` lists every name.
+
+Windows follow jattn's one convention (``jattn.attention``): ``window=(left, right)`` counts the keys on
+each side of the query, the query's own key always included; an int ``n`` means ``(n, n)``, which under
+``causal=True`` is ``(n, 0)``: the query and the ``n`` keys before it.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from typing import Any, Callable
 
@@ -27,6 +38,23 @@ from jattn.core import checks, masks
 from jattn.core.reference import HIGHEST, attention_logits, reference_attention
 
 Config = dict[str, Any]
+
+
+class _Required:
+    def __repr__(self):
+        return "REQUIRED"
+
+
+REQUIRED = _Required()   # an Option default: the key must be given
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One documented config key of a method: ``convert(key, value) -> value`` checks it (naming the key)."""
+    name: str
+    default: Any
+    doc: str
+    convert: Callable[[str, Any], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +70,8 @@ class AttentionMethod:
     # Per-layer config the model fills in (e.g. TNL decay slopes depend on the layer index).
     layer_aware: bool = False
     description: str = ""
+    # The documented keyword config (keys, defaults, meaning); see describe_method.
+    options: tuple[Option, ...] = ()
 
 
 _REGISTRY: dict[str, AttentionMethod] = {}
@@ -65,7 +95,9 @@ def get_method(name: str) -> AttentionMethod:
     if not isinstance(name, str):
         raise TypeError(f"method must be a method name (str), got {name!r}")
     if name not in _REGISTRY:
-        raise ValueError(f"method must be one of {available_methods()}, got {name!r}")
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown attention method {name!r}{hint}; method must be one of {available_methods()}")
     return _REGISTRY[name]
 
 
@@ -73,10 +105,45 @@ def available_methods() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
+def describe_method(name: str) -> str:
+    """``name``, its description and its config keys with their defaults and meaning (one per line)."""
+    method = get_method(name)
+    lines = [f"{name}: {method.description}"]
+    for option in method.options:
+        default = "required" if option.default is REQUIRED else f"default {option.default!r}"
+        lines.append(f"  {option.name} ({default}): {option.doc}")
+    if not method.options:
+        lines.append("  (no config keys)")
+    return "\n".join(lines)
+
+
 def _check_config_keys(method: str, config: Config, allowed: tuple[str, ...]) -> None:
     unknown = sorted(set(config) - set(allowed))
     if unknown:
-        raise TypeError(f"method {method!r} got unknown config {unknown}; it accepts {allowed}")
+        close = difflib.get_close_matches(unknown[0], list(allowed), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise TypeError(f"method {method!r} got unknown config {unknown}{hint}; it accepts {allowed}")
+
+
+def make_validate(method: str, options: tuple[Option, ...]) -> Callable[[Config], Config]:
+    """A ``validate`` from documented options: unknown keys (with the closest valid one), missing required
+    keys and each value's ``convert`` raise errors that name the key; returns the config with defaults."""
+    allowed = tuple(option.name for option in options)
+
+    def validate(config: Config) -> Config:
+        _check_config_keys(method, config, allowed)
+        out = {}
+        for option in options:
+            if option.name not in config:
+                if option.default is REQUIRED:
+                    raise TypeError(f"method {method!r} needs config {option.name!r} ({option.doc}); it accepts "
+                                    f"{allowed}")
+                out[option.name] = option.default
+                continue
+            value = config[option.name]
+            out[option.name] = option.convert(option.name, value) if option.convert else value
+        return out
+    return validate
 
 
 def _check_impl(config: Config) -> None:
@@ -128,20 +195,23 @@ def _validate_softmax(config: Config) -> Config:
 
 def _validate_sliding_window(config: Config) -> Config:
     _check_config_keys("sliding_window", config, ("window", "softcap", "impl"))
-    window = config.get("window")
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-        raise ValueError(f"sliding_window needs window = number of visible keys (int >= 1), got {window!r}")
+    if "window" not in config:
+        raise TypeError("method 'sliding_window' needs config 'window' (an int n = keys on each side, or a "
+                        "pair (left, right)); it accepts ('window', 'softcap', 'impl')")
+    try:
+        window = checks.check_window(config["window"])
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"method 'sliding_window': {err}") from None
     checks.check_positive_float("softcap", config.get("softcap"))
     _check_impl(config)
-    return {**config, "window": int(window)}
+    return {**config, "window": window}
 
 
 def _sliding_window_apply(q, k, v, *, causal, mask, scale, return_probs, window, softcap=None, impl="auto"):
-    # `window` counts visible keys including the query's own position; bidirectional models see
-    # `window - 1` keys on each side.
-    span = (window - 1, 0 if causal else window - 1)
+    # `window` is jattn.attention's: (left, right) keys on each side of the query (an int n was made (n, n)
+    # by validation); the causal flag cuts the right side.
     return dense_softmax(q, k, v, causal=causal, mask=mask, scale=scale, return_probs=return_probs,
-                         window=span, softcap=softcap, impl=impl)
+                         window=window, softcap=softcap, impl=impl)
 
 
 def _validate_masked(config: Config) -> Config:
@@ -309,27 +379,54 @@ def _importable(module: str) -> bool:
 register_method(AttentionMethod(
     "softmax", dense_softmax, _validate_softmax, cache="kv",
     decode_mask=lambda config: masks.full_mask(), decode_apply=dense_softmax_decode,
+    options=(Option("softcap", None, "logit soft cap s -> softcap * tanh(s / softcap)"),
+             Option("impl", "auto", "jattn.attention impl: 'auto' | 'xla' | 'pallas' | 'reference'")),
     description="exact softmax attention (flash kernel via jattn.ops.attention when available)"))
 register_method(AttentionMethod(
     "sliding_window", _sliding_window_apply, _validate_sliding_window, cache="kv",
-    decode_mask=lambda config: masks.sliding_window_mask(config["window"] - 1, 0),
+    decode_mask=lambda config: masks.sliding_window_mask(*config["window"]),
     decode_apply=dense_softmax_decode,
-    description="softmax over the last `window` keys (causal) or `window - 1` each side"))
+    options=(Option("window", REQUIRED, "keys seen on each side of the query, its own key not counted: an int n "
+                    "means (n, n), with the layer's causal=True (n, 0) (the query and the n keys before it); "
+                    "or a pair (left, right). The same meaning as jattn.attention(window=...)"),
+             Option("softcap", None, "logit soft cap s -> softcap * tanh(s / softcap)"),
+             Option("impl", "auto", "jattn.attention impl")),
+    description="softmax attention over a sliding window (jattn.attention's window convention)"))
 register_method(AttentionMethod(
     "masked", _masked_apply, _validate_masked, cache="kv",
     decode_mask=lambda config: config["mask_fn"],
     decode_apply=dense_softmax_decode,
+    options=(Option("mask_fn", REQUIRED, "a mask function mask_fn(b, h, q_idx, kv_idx) -> bool (Python only: "
+                    "from a config file or the command line use a named pattern method instead)"),
+             Option("softcap", None, "logit soft cap"), Option("impl", "auto", "jattn.attention impl")),
     description="softmax under any static mask function (dense; block_sparse runs the same pattern fast)"))
 register_method(AttentionMethod(
     "sigmoid", _sigmoid_apply, _validate_sigmoid, cache="kv",
     decode_mask=lambda config: masks.full_mask(),
+    options=(Option("normalize", False, "divide each row by its sum (+1e-8)"),
+             Option("bias", 0.0, "added to the logits before the sigmoid")),
     description="P50 sigmoid attention, unnormalised by default"))
 if _importable("jattn.ops.linear"):
     register_method(AttentionMethod(
         "lightning", lightning_attention_heads, _validate_lightning, cache="state", supports_probs=False,
-        layer_aware=True, description="P58/P74 lightning attention (TransNormerLLM NormAttention)"))
+        layer_aware=True, description="P58/P74 lightning attention (TransNormerLLM NormAttention)",
+        options=(Option("feature_map", "silu", f"phi of q and k: one of {tuple(FEATURE_MAPS)}"),
+                 Option("decay", "alibi", f"per-head decay: one of {DECAYS}"),
+                 Option("output_norm", True, "SRMSNorm over all heads' output"),
+                 Option("chunk_size", 64, "chunk length of the chunked kernel"),
+                 Option("impl", "auto", "jattn.linear_attention impl"),
+                 Option("layer_index", None, "filled in by the model (layer-dependent decay)"),
+                 Option("num_layers", 1, "filled in by the model"))))
 if _importable("jattn.ops.block_sparse") and _importable("jattn.core.block_mask"):
     register_method(AttentionMethod(
         "block_sparse", _block_sparse_apply, _validate_block_sparse, cache="kv",
         decode_mask=lambda config: config["mask_fn"], decode_apply=dense_softmax_decode,
+        options=(Option("mask_fn", REQUIRED, "a mask function (Python only; see the named pattern methods)"),
+                 Option("block_size", 16, "kernel tile, a power of two >= 16"),
+                 Option("softcap", None, "logit soft cap"), Option("impl", "auto", "block_sparse_attention impl")),
         description="softmax under a static mask function, run by the block-sparse kernel"))
+
+# The paper methods, registered from the catalogue (jattn/catalog.py, Paper.layer_methods).
+from jattn.nn import paper_methods as _paper_methods  # noqa: E402
+
+_paper_methods.register_all(register_method, _REGISTRY)

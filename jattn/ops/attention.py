@@ -31,8 +31,13 @@ def attention(q, k, v, *, bias=None, mask=None, causal: bool = False, window=Non
       q: ``[B, T, H, D]``; k, v: ``[B, S, Hkv, D]`` with H a multiple of Hkv (GQA/MQA).
       bias: float, broadcastable to ``[B, H, T, S]``, added to the logits (after softcap).
       mask: bool, broadcastable to ``[B, H, T, S]``; True = attend.
-      causal: key j visible to query i only if ``j <= i``.
-      window: ``(left, right)``: query i sees keys ``i - left <= j <= i + right``.
+      causal: key j visible to query i only if ``j <= i``. (Named ``causal`` like every jattn op's flag;
+        ``jax.nn.dot_product_attention`` calls it ``is_causal``.)
+      window: ``(left, right)``: query i sees keys ``i - left <= j <= i + right``: ``left``/``right`` count
+        the keys on each side, the query's own key always included. An int ``n`` means ``(n, n)``, as
+        ``jax.nn.dot_product_attention(local_window_size=n)``; with causal=True that is ``(n, 0)``: the
+        query and the n keys before it (n + 1 keys). Every jattn window (``masks.sliding_window_mask``,
+        ``nn.Attention(method="sliding_window", window=...)``) means the same.
       segment_ids: ``[B, T]`` (needs T == S) or a pair ``(q_ids [B, T], kv_ids [B, S])``.
       scale: logit scale, default ``D ** -0.5``. softcap: ``s -> softcap * tanh(s / softcap)``.
       sinks: ``[H]`` logits of one value-less extra term per row's softmax (GPT-OSS).
@@ -41,6 +46,7 @@ def attention(q, k, v, *, bias=None, mask=None, causal: bool = False, window=Non
 
     Returns ``out [B, T, H, D]`` in q's dtype, and ``lse`` when asked.
     """
+    checks.check_static("attention", causal=causal, window=window, scale=scale, softcap=softcap, return_lse=return_lse, impl=impl, block_q=block_q, block_k=block_k)
     (B, T, S, H, Hkv, D), window, segments, scale = checks.check_attention_args(
         q, k, v, bias=bias, mask=mask, window=window, segment_ids=segment_ids, scale=scale, softcap=softcap,
         sinks=sinks)

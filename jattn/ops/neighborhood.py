@@ -156,22 +156,25 @@ class NAGeometry:
 
 # ---------------------------------------------------------------------------------- public API
 
-def neighborhood_attention(q, k, v, kernel_size, *, stride=1, dilation=1, is_causal=False, scale=None,
-                           impl: str = "auto", tile_shape=None):
+def neighborhood_attention(q, k, v, kernel_size, *, stride=1, dilation=1, causal=False, scale=None,
+                           impl: str = "auto", tile_shape=None, is_causal=None):
     """Neighborhood attention over a 1-D, 2-D or 3-D token grid, exactly as NATTEN defines it.
 
     Args:
       q: ``[B, *spatial, H, D]``; k, v: ``[B, *spatial, Hkv, D]`` (H a multiple of Hkv: GQA/MQA).
       kernel_size, stride, dilation: an int or one int per spatial axis (``1 <= stride <= kernel_size``,
-        ``kernel_size * dilation <= size``). is_causal: a bool or one per axis.
+        ``kernel_size * dilation <= size``). causal: a bool or one per axis (``causal``, the flag's name
+        in every jattn op; ``is_causal``, NATTEN's and jax.nn's name, is a deprecated alias that warns).
       scale: logit scale (default ``D ** -0.5``).
       impl: "auto" | "xla" | "pallas" | "reference".
       tile_shape: query tile per axis (xla: any ints; pallas: powers of two whose product is >= 16).
 
     Returns ``[B, *spatial, H, D]`` in q's dtype.
     """
+    causal = checks.causal_alias(causal, is_causal, "jattn.neighborhood_attention")
+    checks.check_static("neighborhood_attention", kernel_size=kernel_size, stride=stride, dilation=dilation, causal=causal, scale=scale, impl=impl, tile_shape=tile_shape)
     spatial = checks.check_grid_qkv(q, k, v)
-    geometry = NAGeometry.create(spatial, kernel_size, stride, dilation, is_causal)
+    geometry = NAGeometry.create(spatial, kernel_size, stride, dilation, causal)
     scale = checks.check_positive_float("scale", scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     checks.check_choice("impl", impl, checks.IMPLS)

@@ -41,7 +41,11 @@ def test_unknown_or_bad_method_config_names_the_argument():
     with pytest.raises(TypeError, match="unknown config"):
         Attention(16, 2, rngs=nnx.Rngs(0), method="softmax", window=3)
     with pytest.raises(ValueError, match="window"):
-        Attention(16, 2, rngs=nnx.Rngs(0), method="sliding_window", window=0)
+        Attention(16, 2, rngs=nnx.Rngs(0), method="sliding_window", window=-1)
+    with pytest.raises(TypeError, match="window"):
+        Attention(16, 2, rngs=nnx.Rngs(0), method="sliding_window", window=(1, 2, 3))
+    with pytest.raises(TypeError, match="needs config 'window'"):
+        Attention(16, 2, rngs=nnx.Rngs(0), method="sliding_window")
     with pytest.raises(ValueError, match="num_kv_heads"):
         Attention(16, 4, num_kv_heads=3, rngs=nnx.Rngs(0))
     attn = Attention(16, 2, rngs=nnx.Rngs(0))
@@ -60,7 +64,8 @@ def test_softmax_attention_equals_reference_with_gqa(num_kv_heads):
 
 def test_sliding_window_equals_reference_window_and_masked_pattern():
     x = _x(T=20)
-    sw = Attention(32, 4, rngs=nnx.Rngs(2), method="sliding_window", window=5, **REF)
+    # one window convention: window=4 is jattn.attention's window=(4, 0) under causal (query + 4 keys before)
+    sw = Attention(32, 4, rngs=nnx.Rngs(2), method="sliding_window", window=4, **REF)
     np.testing.assert_allclose(sw(x), _manual(sw, x, causal=True, window=(4, 0)), **TOL)
     masked = Attention(32, 4, rngs=nnx.Rngs(2), method="masked", mask_fn=masks.sliding_window_mask(4, 0), **REF)
     np.testing.assert_allclose(masked(x), sw(x), **TOL)

@@ -37,10 +37,10 @@ def test_decoder_lm_is_causal_and_decodes_like_its_forward():
 
 def test_decoder_lm_returns_one_attention_map_per_layer_and_accepts_hybrid_layers():
     model = DecoderLM(40, 32, 2, 4, rngs=nnx.Rngs(1),
-                      layer_methods=[("softmax", REF), ("sliding_window", {"window": 3, **REF})])
+                      layer_methods=[("softmax", REF), ("sliding_window", {"window": 2, **REF})])
     logits, maps = _call(model, _tokens(), return_probs=True)
     assert len(maps) == 2 and maps[1].shape == (2, 4, 10, 10)
-    # the sliding-window layer sees exactly 3 keys on every row after the second
+    # window=2: the query and the 2 keys before it, so exactly 3 keys on every row after the second
     assert int(jnp.max(jnp.sum(maps[1] > 0, -1))) == 3
     with pytest.raises(ValueError, match="layer_methods"):
         DecoderLM(40, 32, 2, 4, rngs=nnx.Rngs(1), layer_methods=[("softmax", {})])

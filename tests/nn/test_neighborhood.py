@@ -23,13 +23,13 @@ def manual(layer, x, mask):
 
 @pytest.mark.parametrize("grid, kernel, kwargs", [
     ((11, 9), (5, 3), dict(dilation=(2, 1))),
-    ((23,), 6, dict(stride=2, is_causal=True, num_kv_heads=2)),
+    ((23,), 6, dict(stride=2, causal=True, num_kv_heads=2)),
 ])
 def test_layer_equals_its_dense_composition(grid, kernel, kwargs):
     layer = NeighborhoodAttention(32, 4, kernel, rngs=nnx.Rngs(0), impl="xla", **kwargs)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, *grid, 32))
     mask = jattn.neighborhood_mask(grid, kernel, stride=kwargs.get("stride", 1), dilation=kwargs.get("dilation", 1),
-                                   is_causal=kwargs.get("is_causal", False))
+                                   is_causal=kwargs.get("causal", False))
     assert_close(layer(x), manual(layer, x, mask))
 
 
@@ -49,3 +49,14 @@ def test_bad_input_is_named():
         layer(jnp.ones((1, 4, 8, 16)))
     with pytest.raises(ValueError, match="num_heads"):
         NeighborhoodAttention(16, 3, 5, rngs=nnx.Rngs(0))
+
+
+def test_is_causal_is_a_deprecated_alias_of_causal():
+    x = jax.random.normal(jax.random.PRNGKey(3), (1, 9, 16))
+    want = NeighborhoodAttention(16, 2, 3, rngs=nnx.Rngs(0), causal=True, impl="xla")(x)
+    with pytest.warns(DeprecationWarning, match="is_causal is deprecated, use causal="):
+        layer = NeighborhoodAttention(16, 2, 3, rngs=nnx.Rngs(0), is_causal=True, impl="xla")
+    assert layer.causal is True
+    assert_close(layer(x), want)
+    with pytest.raises(TypeError, match="pass only causal"):
+        NeighborhoodAttention(16, 2, 3, rngs=nnx.Rngs(0), causal=True, is_causal=False)

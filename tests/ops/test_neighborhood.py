@@ -118,7 +118,7 @@ def test_causal_rows_are_inside_the_causal_mask():
 def test_xla_forward_equals_dense_reference(config, heads, seed):
     shape, kernel, stride, dilation, causal = config
     q, k, v = grid_qkv(seed, shape, H=heads[0], Hkv=heads[1])
-    out = neighborhood_attention(q, k, v, kernel, stride=stride, dilation=dilation, is_causal=causal, impl="xla",
+    out = neighborhood_attention(q, k, v, kernel, stride=stride, dilation=dilation, causal=causal, impl="xla",
                                  tile_shape=(3,) * len(shape))
     assert_close(out, dense_oracle(q, k, v, natten_mask(shape, kernel, stride, dilation, causal)))
 
@@ -137,7 +137,7 @@ def test_forward_and_gradients_equal_dense_reference(impl, config):
     q, k, v = grid_qkv(7, shape, B=2, H=4, Hkv=2)
     weights = jax.random.normal(jax.random.PRNGKey(1), q.shape)
     mask = natten_mask(shape, kernel, stride, dilation, causal)
-    kwargs = dict(stride=stride, dilation=dilation, is_causal=causal)
+    kwargs = dict(stride=stride, dilation=dilation, causal=causal)
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(weights * fn(q, k, v))
@@ -179,7 +179,7 @@ def test_full_kernel_equals_full_attention():
 def test_causal_full_kernel_1d_equals_causal_attention():
     q, k, v = grid_qkv(7, (23,))
     want = jattn.reference_attention(q, k, v, causal=True)
-    assert_close(neighborhood_attention(q, k, v, 23, is_causal=True, impl="xla"), want)
+    assert_close(neighborhood_attention(q, k, v, 23, causal=True, impl="xla"), want)
 
 
 def test_dilation_equals_na_on_strided_subsequences():
@@ -204,7 +204,7 @@ def test_translation_equivariance_away_from_borders():
 
 def test_every_output_is_finite():
     q, k, v = grid_qkv(10, (9, 11), H=4, Hkv=1)
-    out = neighborhood_attention(q * 30, k * 30, v, (3, 4), stride=(3, 2), is_causal=(True, False), impl="xla")
+    out = neighborhood_attention(q * 30, k * 30, v, (3, 4), stride=(3, 2), causal=(True, False), impl="xla")
     assert np.all(np.isfinite(np.asarray(out)))
 
 
@@ -225,7 +225,7 @@ BAD_CALLS = [
     (dict(kernel_size=3, dilation=0), "dilation"),
     (dict(kernel_size=3, dilation=3), "kernel_size"),
     (dict(kernel_size=3.0), "kernel_size"),
-    (dict(kernel_size=3, is_causal=1), "is_causal"),
+    (dict(kernel_size=3, causal=1), "causal"),
     (dict(kernel_size=3, impl="cuda"), "impl"),
     (dict(kernel_size=3, scale=-1.0), "scale"),
     (dict(kernel_size=3, tile_shape=(0, 4)), "tile_shape"),

@@ -1,6 +1,9 @@
 """The linear and attention-free family: P58 TransNormerLLM (Lightning-1), P74 Lightning-2, P29 Agent
 Attention, P20 LinFusion, P50 sigmoid / kernel attention and the KV-bias sink slot, P57 DSF, P18 VAN's
-LKA, P73 NiNformer. The shared kernel is ``jattn.ops.linear.linear_attention``."""
+LKA, P73 NiNformer. The shared kernel is ``jattn.ops.linear.linear_attention``.
+
+As layers: ``jattn.nn.Attention(method=NAME)`` with NAME one of lightning (P58/P74), sigmoid (P50),
+linfusion (P20), agent (P29) (``jattn.nn.describe_method(NAME)``)."""
 from jattn.methods.linear.agent import AgentAttention, agent_attention, agent_attention_as_linear, pool_agents
 from jattn.methods.linear.dsf import (DSF, dsf_attention_matrix, dsf_recurrent, dsf_to_linear_attention,
                                       linear_attention_dsf, normalized_linear_attention_dsf,

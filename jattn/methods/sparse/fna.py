@@ -27,7 +27,12 @@ def neighborhood_mask(shape, kernel_size, dilation=1, causal=False) -> np.ndarra
     return _neighborhood_mask(shape, kernel_size, dilation=dilation, is_causal=causal)
 
 
-def na_attention(q, k, v, kernel_size, dilation=1, is_causal=False, *, scale=None, impl: str = "auto"):
-    """NA in 1-D, 2-D or 3-D (chosen by q's rank): ``q [B, *spatial, H, D]``, ``k, v [B, *spatial, Hkv, D]``."""
-    return neighborhood_attention(q, k, v, kernel_size, dilation=dilation, is_causal=is_causal, scale=scale,
+def na_attention(q, k, v, kernel_size, dilation=1, causal=False, *, scale=None, impl: str = "auto",
+                 is_causal=None):
+    """NA in 1-D, 2-D or 3-D (chosen by q's rank): ``q [B, *spatial, H, D]``, ``k, v [B, *spatial, Hkv, D]``.
+
+    ``causal`` is the flag's name in every jattn op; ``is_causal`` (NATTEN's name) is a deprecated alias."""
+    from jattn.core.checks import causal_alias
+    causal = causal_alias(causal, is_causal, "na_attention")
+    return neighborhood_attention(q, k, v, kernel_size, dilation=dilation, causal=causal, scale=scale,
                                   impl=impl)

@@ -35,7 +35,7 @@ def gna_mask(shape, window, stride=1, dilation=1, causal=False) -> np.ndarray:
 
 def gna_attention_reference(q, k, v, window, stride=1, dilation=1, causal=False, scale=None):
     """Dense masked fp32 attention with ``gna_mask`` (the oracle); q, k, v ``[B, *shape, H, D]``."""
-    return neighborhood_attention(q, k, v, window, stride=stride, dilation=dilation, is_causal=causal, scale=scale,
+    return neighborhood_attention(q, k, v, window, stride=stride, dilation=dilation, causal=causal, scale=scale,
                                   impl="reference")
 
 
