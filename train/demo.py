@@ -28,7 +28,7 @@ from train.tasks import MQAR, mqar_copy_plateau, mqar_one_hop_ceiling
 METHODS = {
     "softmax": ("softmax", {}),
     "lightning": ("lightning", {"chunk_size": 64}),
-    "sliding_window": ("sliding_window", {"window": 32}),
+    "sliding_window": ("sliding_window", {"window": 31}),  # 31 keys back + the query's own: 32 visible
     "sparse(sink+local)": ("block_sparse", {"mask_fn": masks.sink_local_mask(16, 32), "block_size": 16}),
 }
 
@@ -44,14 +44,14 @@ BIG = {"dim": 256, "num_layers": 4, "num_heads": 4, "seq_len": 512, "batch_size"
        "lr": 1e-3, "mqar_lr": 1e-3, "mqar_steps": 3000, "mqar_pairs": 16, "mqar_vocab": 128, "mqar_batch": 128,
        "mqar_eval_every": 200, "max_bytes": 4_000_000}
 # The MQAR patterns: short enough windows that some pairs fall out of reach (sequences are 15 tokens).
-MQAR_WINDOW = 8
+MQAR_WINDOW = 7  # keys back: 8 visible with the query's own
 MQAR_SINK_LOCAL = (4, 8)
 
 
 def method_config(name: str, size: dict) -> tuple[str, dict]:
     method, config = METHODS[name]
     if method == "sliding_window":
-        config = {**config, "window": max(4, size["seq_len"] // 4)}
+        config = {**config, "window": max(4, size["seq_len"] // 4) - 1}  # keys back, the query's own not counted
     return method, config
 
 
@@ -84,7 +84,7 @@ def attention_pattern(method: str, config: dict):
     if method in ("softmax", "lightning"):
         return masks.causal_mask()
     if method == "sliding_window":
-        return masks.sliding_window_mask(config["window"] - 1)  # `window` counts the query's own key
+        return masks.sliding_window_mask(config["window"])  # `window` keys back (jattn's one convention)
     if method == "block_sparse":
         return config["mask_fn"]
     raise ValueError(f"method must be one of softmax, lightning, sliding_window, block_sparse; got {method!r}")

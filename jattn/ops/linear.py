@@ -431,6 +431,20 @@ def _chunked_with_state(q, k, v, initial_state, **kwargs):
     return linear_attention_chunked(q, k, v, initial_state=initial_state, **kwargs)
 
 
+def _is_pallas_chunk(chunk_size) -> bool:
+    return chunk_size >= PALLAS_MIN_DIM and not chunk_size & (chunk_size - 1)
+
+
+def _unsupported_chunk(chunk_size: int, q, v):
+    from pallas_kernels.common import unsupported_on_target
+    B, T, H, D = q.shape
+    shapes = [jax.ShapeDtypeStruct((B, T, H, v.shape[3]), q.dtype),
+              jax.ShapeDtypeStruct((B, H, D, v.shape[3]), jnp.float32)]
+    message = (f"chunk_size={chunk_size} cannot run the Pallas lightning kernel that impl='auto' uses on GPU/TPU: "
+               f"it must be a power of two >= {PALLAS_MIN_DIM}")
+    return lambda q, k, v, s0: tuple(unsupported_on_target(message, shapes)(q, k, v, s0))
+
+
 def _pallas_with_state(q, k, v, initial_state, **kwargs):
     return linear_attention_pallas(q, k, v, initial_state=initial_state, **kwargs)
 
@@ -470,5 +484,8 @@ def linear_attention(q, k, v, *, log_decay=None, causal: bool = True, scale: flo
     else:
         xla = functools.partial(_chunked_with_state, chunk_size=int(chunk_size), **kwargs)
         pallas = functools.partial(_pallas_with_state, chunk_size=int(chunk_size), **kwargs)
+        if impl == "auto" and causal and not _is_pallas_chunk(chunk_size):
+            # Legal for the xla path that CPU runs; the kernels' targets fail, naming it, only when lowered.
+            pallas = _unsupported_chunk(chunk_size, q, v)
         out, final = run_impl(impl, (q, k, v, initial_state), xla=xla, pallas=pallas, choices=LINEAR_IMPLS)
     return _finish(out, final, q.dtype, return_final_state)
