@@ -18,7 +18,9 @@ from pallas_kernels.flash import BlockSizes, flash_attention as flash_attention_
 from pallas_kernels.common import MIN_DOT_DIM, fit_block
 
 # Tile sizes that measured fastest on a 2-core CPU (benchmarks/cpu.py) and on GPU (benchmarks/gpu_suite.py).
-DEFAULT_BLOCKS = {"xla": (512, 512)}  # Pallas defaults are per target: pallas_kernels.flash.DEFAULTS
+# xla: a [H, 512, 128] f32 logit tile (2 MiB) stays in a core's L2 (benchmarks/cpu.py measured 512x512 ~20% slower).
+# Pallas defaults are per target: pallas_kernels.flash.DEFAULTS
+DEFAULT_BLOCKS = {"xla": (512, 128)}
 MIN_BLOCK = MIN_DOT_DIM
 
 

@@ -42,6 +42,7 @@ class TileConfig:
     has_bias: bool
     has_segments: bool
     has_sinks: bool
+    scale_in_q: bool = False  # q arrives multiplied by `scale` (see `_prepare`): tiles skip the multiply
 
     @property
     def num_q_blocks(self) -> int:
@@ -135,7 +136,9 @@ def _tile_visible(cfg: TileConfig, ops, qi, kj):
 def _tile_logits(cfg: TileConfig, ops, q_blk, qi, kj):
     """float32 logits of tile (qi, kj) after scale, softcap and bias; also returns tanh for softcap's VJP."""
     k_blk = lax.dynamic_slice_in_dim(ops["k"], kj * cfg.block_k, cfg.block_k, axis=2)
-    s = jnp.einsum("bkgqd,bkcd->bkgqc", q_blk, k_blk, preferred_element_type=F32) * cfg.scale
+    s = jnp.einsum("bkgqd,bkcd->bkgqc", q_blk, k_blk, preferred_element_type=F32)
+    if not cfg.scale_in_q:
+        s = s * cfg.scale
     capped = None
     if cfg.softcap is not None:
         capped = jnp.tanh(s / cfg.softcap)
@@ -160,15 +163,42 @@ def _run(lo, hi, body, carry):
 
 
 def _forward_q_block(cfg: TileConfig, ops, qi):
-    q_blk = lax.dynamic_slice_in_dim(ops["q"], qi * cfg.block_q, cfg.block_q, axis=3)
-    B, Hkv, G, bq, _ = q_blk.shape
-    state = OnlineSoftmax.init((B, Hkv, G, bq), ops["v"].shape[-1])
+    """Output and lse of query block ``qi``.
+
+    The tile math runs on 3-D arrays: rows ``R = G * block_q`` (the query heads of a kv group stacked over
+    the block's rows) against the group's kv tile, batched over ``N = B * Hkv``. One dot_general per tile
+    serves every head, and no tile array carries size-1 axes: XLA:CPU copies a [.., 1, .., bq, bk] tile
+    whose size-1 axes it laid out differently from the dot's output, a full extra pass per tile.
+    """
+    bq, bk = cfg.block_q, cfg.block_k
+    q_blk = lax.dynamic_slice_in_dim(ops["q"], qi * bq, bq, axis=3)
+    B, Hkv, G, _, D = q_blk.shape
+    N, R = B * Hkv, G * bq
+    q3 = q_blk.reshape(N, R, D)
+    k3, v3 = ops["k"].reshape(N, -1, D), ops["v"].reshape(N, ops["v"].shape[2], -1)
+    state = OnlineSoftmax.init((N, R), v3.shape[-1])
 
     def step(kj, state, masked: bool):
-        s, _, _ = _tile_logits(cfg, ops, q_blk, qi, kj)
-        if masked:
-            s = jnp.where(_tile_visible(cfg, ops, qi, kj), s, MASK_VALUE)
-        v_blk = lax.dynamic_slice_in_dim(ops["v"], kj * cfg.block_k, cfg.block_k, axis=2)
+        k_blk = lax.dynamic_slice_in_dim(k3, kj * bk, bk, axis=1)
+        s = jnp.einsum("nrd,ncd->nrc", q3, k_blk, preferred_element_type=F32)
+        if not cfg.scale_in_q:
+            s = s * cfg.scale
+        if cfg.softcap is not None:
+            s = cfg.softcap * jnp.tanh(s / cfg.softcap)
+        if cfg.has_bias or (masked and cfg.dynamic_mask):
+            # Per-(batch, head) operands: back to [B, Hkv, G, bq, bk] for this tile.
+            s = s.reshape(B, Hkv, G, bq, bk)
+            if cfg.has_bias:
+                bias = _slice_axis(_slice_axis(ops["bias"], 3, qi * bq, bq), 4, kj * bk, bk)
+                s = s + bias.astype(F32)
+            if masked:
+                s = jnp.where(_tile_visible(cfg, ops, qi, kj), s, MASK_VALUE)
+            s = s.reshape(N, R, bk)
+        elif masked:
+            visible = _tile_visible(cfg, ops, qi, kj)[0, 0]  # [1, bq, bk]: positions only
+            visible = jnp.broadcast_to(visible, (G, bq, bk)).reshape(R, bk)
+            s = jnp.where(visible, s, MASK_VALUE)
+        v_blk = lax.dynamic_slice_in_dim(v3, kj * bk, bk, axis=1)
         return _online_update(state, s, v_blk)
 
     def masked_step(kj, state):
@@ -181,6 +211,8 @@ def _forward_q_block(cfg: TileConfig, ops, qi):
     state = _run(lo, full_lo, masked_step, state)
     state = _run(full_lo, full_hi, lambda kj, st: step(kj, st, False), state)
     state = _run(full_hi, hi, masked_step, state)
+    state = OnlineSoftmax(state.m.reshape(B, Hkv, G, bq), state.l.reshape(B, Hkv, G, bq),
+                          state.acc.reshape(B, Hkv, G, bq, -1))
     # A row whose every logit was masked has m == MASK_VALUE: its l counts masked entries, so zero it.
     # NaN in gives NaN out: a max that skips NaN (XLA's CPU one does) leaves m at the mask value, but l is NaN.
     unseen = (state.m <= MASK_VALUE * 0.5) & jnp.logical_not(jnp.isnan(state.l))
@@ -192,11 +224,12 @@ def _forward_q_block(cfg: TileConfig, ops, qi):
 
 
 def _online_update(state: OnlineSoftmax, s, v_blk):
+    """Folds one [N, R, bk] logit tile into the [N, R] state (v_blk [N, bk, E])."""
     m_new = jnp.maximum(state.m, jnp.max(s, axis=-1))
     correction = jnp.exp(state.m - m_new)
     p = jnp.exp(s - m_new[..., None])
     l_new = state.l * correction + jnp.sum(p, axis=-1)
-    pv = jnp.einsum("bkgqc,bkcd->bkgqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=F32)
+    pv = jnp.einsum("nrc,ncd->nrd", p.astype(v_blk.dtype), v_blk, preferred_element_type=F32)
     return OnlineSoftmax(m_new, l_new, state.acc * correction[..., None] + pv)
 
 
@@ -301,7 +334,8 @@ def _dkv_k_block(cfg: TileConfig, ops, res, kj):
     carry = _run(lo, full_lo, masked_step, carry)
     carry = _run(full_lo, full_hi, lambda qi, c: step(qi, c, False), carry)
     dk, dv = _run(full_hi, hi, masked_step, carry)
-    return dk * cfg.scale, dv
+    # ds^T (scale q): with q pre-scaled the scale is already in.
+    return (dk if cfg.scale_in_q else dk * cfg.scale), dv
 
 
 def _stack_blocks(x, axis: int):
@@ -334,6 +368,9 @@ def _prepare(cfg: TileConfig, q, k, v, bias, mask, q_segments, kv_segments, sink
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     Tp, Sp = cfg.num_q_blocks * cfg.block_q, cfg.num_k_blocks * cfg.block_k
+    if cfg.scale_in_q:
+        # One multiply of q instead of one per [block_q, block_k] logit tile (a full pass over each tile).
+        q = q * jnp.asarray(cfg.scale, q.dtype)
     ops = {
         "q": _pad_axis(jnp.transpose(q, (0, 2, 1, 3)).reshape(B, Hkv, H // Hkv, T, D), 3, Tp),
         "k": _pad_axis(jnp.transpose(k, (0, 2, 1, 3)), 2, Sp),
@@ -441,12 +478,12 @@ _flash.defvjp(_flash_fwd_rule, _flash_bwd)
 
 def flash_attention_xla(q, k, v, *, bias=None, mask=None, q_segment_ids=None, kv_segment_ids=None, sinks=None,
                         causal=False, window=None, scale: float, softcap=None, block_q: int = 512,
-                        block_k: int = 512):
+                        block_k: int = 128):
     """Blockwise attention with the reference's semantics; returns ``(out, lse)``. Arguments are
     assumed validated (see ``jattn.ops.attention``)."""
     cfg = TileConfig(T=q.shape[1], S=k.shape[1], block_q=block_q, block_k=block_k, scale=float(scale),
                      causal=bool(causal), window=None if window is None else tuple(window),
                      softcap=None if softcap is None else float(softcap), has_mask=mask is not None,
                      has_bias=bias is not None, has_segments=q_segment_ids is not None,
-                     has_sinks=sinks is not None)
+                     has_sinks=sinks is not None, scale_in_q=q.dtype == jnp.float32)
     return _flash(cfg, q, k, v, bias, mask, q_segment_ids, kv_segment_ids, sinks)

@@ -197,7 +197,7 @@ BAD_CALLS = [
     (dict(k=jnp.concatenate([k0, k0, k0], 2), v=jnp.concatenate([v0, v0, v0], 2)), ValueError,
      "multiple of k/v heads"),
     (dict(window=(-1, 2)), ValueError, "window sizes must be >= 0"),
-    (dict(window=3), TypeError, "window must be a pair"),
+    (dict(window=(1, 2, 3)), TypeError, "window must be an int n"),
     (dict(mask=jnp.ones((2, 4, 8, 5), bool)), ValueError, "mask must be broadcastable"),
     (dict(mask=jnp.ones((2, 4, 8, 6))), TypeError, "mask must be a bool array"),
     (dict(bias=jnp.ones((3, 1, 8, 6))), ValueError, "bias must be broadcastable"),
