@@ -41,7 +41,7 @@ def test_map_kl_is_zero_for_equal_maps_and_positive_otherwise():
 
 
 @pytest.mark.parametrize("method,config,map_weight", [
-    ("sliding_window", {"window": 8, **REF}, 0.0),
+    ("sliding_window", {"window": 7, **REF}, 0.0),  # 7 keys back + the query: 8 visible
     ("sigmoid", {"normalize": True}, 0.1),   # dense support, so its maps can match the teacher's
     pytest.param("lightning", {"chunk_size": 16}, 0.0,
                  marks=pytest.mark.skipif("lightning" not in available_methods(), reason="no jattn.ops.linear")),
