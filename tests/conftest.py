@@ -1,6 +1,8 @@
-"""Shared test configuration: deterministic hypothesis profile, random-input helpers, tolerances."""
+"""Shared test configuration: deterministic hypothesis profile, random-input helpers, THE tolerance table,
+THE head groupings, one ``assert_close`` and the trace-count check every family's test base uses."""
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,18 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 if jax.default_backend() == "gpu":  # f32 dots run as TF32 on GPU
     TOLERANCE[jnp.float32] = 2e-3
+
+
+# (H, Hkv) head groupings every family is checked with: MHA, MQA, GQA 2:1, GQA 3:1.
+GROUPINGS = [(1, 1), (4, 1), (8, 4), (6, 2)]
+
+
+def assert_traced_once(fn, *calls):
+    """``jax.jit(fn)`` called on each argument tuple in ``calls`` (same shapes, fresh values) traces once:
+    static configuration is hashable and stable, so a second call with the same shapes reuses the program."""
+    chex.clear_trace_counter()
+    jitted = jax.jit(chex.assert_max_traces(fn, n=1))
+    return [jax.block_until_ready(jitted(*args)) for args in calls]
 
 
 def random_qkv(seed: int, B: int, T: int, S: int, H: int, Hkv: int, D: int, dtype=jnp.float32):

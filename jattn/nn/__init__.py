@@ -1,7 +1,7 @@
 """Flax NNX modules: ``Attention(method=...)`` over the method registry, blocks, LM, ViT, BERT encoder,
 ``NeighborhoodAttention`` (NATTEN-style, 1-3-D grids), attention-map statistics, the P62 in-context-regression model and the all-MiniLM-L6-v2 loader."""
 from jattn.nn.methods import (AttentionMethod, Option, available_methods, describe_method, get_method,
-                              register_method, sigmoid_attention)
+                              register_method, sigmoid_attention, unregister_method)
 from jattn.nn.attention import Attention, apply_rope
 from jattn.nn.neighborhood import NeighborhoodAttention
 from jattn.nn.models import (MLP, BertEncoder, DecoderLM, SRMSNorm, TransformerBlock, ViT, l2_normalize,

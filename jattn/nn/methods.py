@@ -91,6 +91,13 @@ def register_method(method: AttentionMethod, *, overwrite: bool = False) -> Atte
     return method
 
 
+def unregister_method(name: str) -> AttentionMethod:
+    """Removes a registered method (e.g. one a test or a notebook added) and returns it."""
+    method = get_method(name)
+    del _REGISTRY[name]
+    return method
+
+
 def get_method(name: str) -> AttentionMethod:
     if not isinstance(name, str):
         raise TypeError(f"method must be a method name (str), got {name!r}")

@@ -7,7 +7,8 @@ from flax import nnx
 
 from jattn.core import masks
 from jattn.core.reference import reference_attention
-from jattn.nn import Attention, apply_rope, available_methods, get_method, register_method, sigmoid_attention
+from jattn.nn import (Attention, apply_rope, available_methods, get_method, register_method, sigmoid_attention,
+                      unregister_method)
 from jattn.nn.methods import AttentionMethod
 
 TOL = dict(atol=2e-5, rtol=2e-5)
@@ -146,12 +147,16 @@ def test_a_new_method_plugs_in_with_one_registry_entry():
     register_method(AttentionMethod("test_doubled", doubled_softmax, lambda config: dict(config),
                                     decode_mask=lambda config: masks.full_mask(), supports_probs=False),
                     overwrite=True)
-    x = _x()
-    custom = Attention(32, 4, rngs=nnx.Rngs(9), method="test_doubled")
-    base = Attention(32, 4, rngs=nnx.Rngs(9), **REF)
-    np.testing.assert_allclose(custom(x), 2.0 * base(x), **TOL)
-    with pytest.raises(ValueError, match="return_probs"):
-        custom(x, return_probs=True)
+    try:
+        x = _x()
+        custom = Attention(32, 4, rngs=nnx.Rngs(9), method="test_doubled")
+        base = Attention(32, 4, rngs=nnx.Rngs(9), **REF)
+        np.testing.assert_allclose(custom(x), 2.0 * base(x), **TOL)
+        with pytest.raises(ValueError, match="return_probs"):
+            custom(x, return_probs=True)
+    finally:
+        unregister_method("test_doubled")
+    assert "test_doubled" not in available_methods()
 
 
 @pytest.mark.skipif("lightning" not in available_methods(), reason="jattn.ops.linear is not importable")
