@@ -28,7 +28,10 @@ def assert_traced_once(fn, *calls):
     """``jax.jit(fn)`` called on each argument tuple in ``calls`` (same shapes, fresh values) traces once:
     static configuration is hashable and stable, so a second call with the same shapes reuses the program."""
     chex.clear_trace_counter()
-    jitted = jax.jit(chex.assert_max_traces(fn, n=1))
+
+    def traced(*args):  # chex counts traces of a plain function (not a partial)
+        return fn(*args)
+    jitted = jax.jit(chex.assert_max_traces(traced, n=1))
     return [jax.block_until_ready(jitted(*args)) for args in calls]
 
 

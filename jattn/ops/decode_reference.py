@@ -1,0 +1,61 @@
+"""The decode family's oracle: the dense float32 reference over the cache laid out contiguously.
+
+A paged cache is gathered into ``[B, W * page_size, Hkv, D]`` through its page table; the decode rule
+(see ``jattn.ops.decode``) becomes an explicit mask, and ``jattn.core.reference.reference_attention``
+(the library's semantics) does the rest.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from jattn.core.reference import reference_attention
+
+
+def contiguous_cache(cache, page_table):
+    """``cache`` as ``[B, S, Hkv, D]``: itself, or its pages gathered in ``page_table`` order."""
+    if page_table is None:
+        return cache
+    B, W = page_table.shape
+    num_pages, page_size = cache.shape[:2]
+    pages = cache[jnp.clip(page_table, 0, num_pages - 1)]           # [B, W, P, Hkv, D]
+    return pages.reshape(B, W * page_size, *cache.shape[2:])
+
+
+def decode_visibility(lengths, new_tokens: int, capacity: int, window_left: int | None):
+    """``[B, Tq, S]`` bool: query ``t`` (at position ``length - Tq + t``) sees key ``kv`` iff
+    ``kv <= position``, ``kv < length`` and, with a window, ``kv >= position - window_left``."""
+    q_pos = lengths[:, None] - new_tokens + jnp.arange(new_tokens)[None, :]
+    kv = jnp.arange(capacity)[None, None, :]
+    visible = (kv <= q_pos[..., None]) & (kv < lengths[:, None, None])
+    if window_left is not None:
+        visible = visible & (kv >= q_pos[..., None] - window_left)
+    return visible
+
+
+def decode_attention_reference(q: Float[Array, "B Tq H D"], k_cache: Float[Array, "..."],
+                               v_cache: Float[Array, "..."], lengths: Int[Array, "B"], *, page_table=None,
+                               window_left: int | None = None, sinks=None, softcap=None, scale: float):
+    """Dense fp32 decode attention (arguments already validated by ``jattn.decode_attention``).
+
+    Args:
+      q: ``[B, Tq, H, D]`` new-token queries.
+      k_cache: ``[B, S, Hkv, D]``, or a page pool ``[num_pages, page_size, Hkv, D]`` with ``page_table``.
+      v_cache: like ``k_cache`` with value dim ``Dv``.
+      lengths: ``[B]`` valid keys per sequence, the new tokens included.
+      page_table: ``[B, W]`` pool page of each logical page, or None.
+      window_left: keys back from each query's position it may see, or None.
+      sinks: ``[H]`` value-less softmax terms, or None.
+      softcap: logit soft cap, or None.
+      scale: logit scale.
+
+    Returns:
+      ``(out [B, Tq, H, Dv] float32, lse [B, Tq, H] float32)``.
+    """
+    k = contiguous_cache(k_cache, page_table)
+    v = contiguous_cache(v_cache, page_table)
+    visible = decode_visibility(lengths, q.shape[1], k.shape[1], window_left)
+    out, lse = reference_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                                   mask=visible[:, None], scale=scale, softcap=softcap, sinks=sinks,
+                                   return_lse=True)
+    return out, lse

@@ -1,0 +1,256 @@
+"""Split-K decode attention in Pallas: a few new query tokens against a (paged) KV cache.
+
+Kernels only, no policy: ``jattn.ops.decode`` validates user input, lays a contiguous cache out as pages,
+merges the per-split partials (``merge_partials``) and the sinks; this module runs the tiles.
+
+Layout. The cache is a page pool viewed as ``[num_pages, page_size, Hkv * D]`` (a free reshape of
+``[num_pages, page_size, Hkv, D]``), and ``page_table [B, W]`` names the pool page that holds logical
+tile ``t`` of sequence ``b``. A contiguous ``[B, S, Hkv, D]`` cache is the same pool with
+``page_table[b, t] = b * (S / page_size) + t``, so one kernel serves both. One tile is one page.
+
+Queries are GQA-packed (P22 Duplex): ``q [B, Hkv, R, D]`` holds, for kv head ``g``, the rows
+``(member, t)`` of its ``G = H / Hkv`` query heads and ``Tq`` new tokens (``R = G * Tq``, padded), so
+each K/V tile is loaded once for the whole group. Row ``r`` is token ``t = r % Tq`` at position
+``length - Tq + t``; it sees keys ``length - Tq + t - window <= kv <= length - Tq + t`` (causal within the
+new tokens). Padding rows see nothing.
+
+Split-K (P65 Lean Attention's stream-K decomposition): the tiles a sequence needs are cut into
+``num_splits`` contiguous ranges on the grid; each program returns a partial ``(out, lse)`` over its range
+(``lse = -inf`` when it saw nothing), and the caller merges them exactly.
+
+Two structures over the same tile math (``dispatch`` picks one when the program is lowered):
+
+* ``"triton"`` (GPU, and the CPU interpreter): grid ``(B, Hkv, splits)``; a program reads its length and
+  page-table row (kernel inputs: Triton has no scalar prefetch) and loops over its needed tiles with
+  ``lax.fori_loop``, loading each page by index from the pool.
+* ``"mosaic"`` (TPU): grid ``(B, Hkv, splits, tiles per split)``; the lengths and the page table are
+  scalar-prefetched into SMEM and drive the K/V ``index_map``, so each step DMAs one page; steps outside
+  the needed range repeat the nearest needed page (no new DMA) and skip compute. The online-softmax state
+  lives in VMEM scratch. Mosaic's lane rule needs ``D % 128 == 0`` unless ``Hkv == 1``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import common
+from pallas_kernels.common import MASK_VALUE
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    new_tokens: int          # Tq
+    group: int               # G = H / Hkv
+    rows: int                # R: G * Tq padded to a hardware-legal size
+    page_size: int           # tile = page
+    num_splits: int
+    tiles_per_split: int
+    scale: float
+    softcap: Optional[float]
+    window: Optional[int]    # keys back from each query's position; None: all
+    target: str
+    interpret: bool
+    poison_outputs: bool
+
+
+def _needed_tiles(cfg: DecodeConfig, length):
+    """``[first, end)`` of the tiles any row of a sequence of ``length`` keys can see."""
+    end = lax.div(length + cfg.page_size - 1, cfg.page_size)
+    if cfg.window is None:
+        return jnp.zeros_like(end), end
+    first_position = jnp.maximum(length - cfg.new_tokens - cfg.window, 0)
+    return jnp.minimum(lax.div(first_position, cfg.page_size), end), end
+
+
+def _split_range(cfg: DecodeConfig, split, length):
+    """The needed tiles of split ``split``: ``[lo, hi)``, empty when the split has none."""
+    first, end = _needed_tiles(cfg, length)
+    lo = jnp.maximum(split * cfg.tiles_per_split, first)
+    hi = jnp.minimum((split + 1) * cfg.tiles_per_split, end)
+    return lo, jnp.maximum(hi, lo)
+
+
+def _attend_tile(cfg: DecodeConfig, state, q, k_tile, v_tile, length, kv_start):
+    """One online-softmax update of the packed rows' ``(m, l, acc)`` with one page of keys."""
+    rows, page = cfg.rows, cfg.page_size
+    s = common.dot_nt(q, k_tile) * cfg.scale
+    if cfg.softcap is not None:
+        s = cfg.softcap * jnp.tanh(s / cfg.softcap)
+    row = lax.broadcasted_iota(jnp.int32, (rows, page), 0)
+    kv_pos = kv_start + lax.broadcasted_iota(jnp.int32, (rows, page), 1)
+    q_pos = length - cfg.new_tokens + lax.rem(row, cfg.new_tokens)
+    visible = (kv_pos <= q_pos) & (kv_pos < length) & (row < cfg.group * cfg.new_tokens)
+    if cfg.window is not None:
+        visible = visible & (kv_pos >= q_pos - cfg.window)
+    return _online_softmax_step(state, jnp.where(visible, s, MASK_VALUE), v_tile)
+
+
+# TODO(issue 10): switch to the one home in pallas_kernels.common once it lands.
+def _online_softmax_step(state, s, v_tile):
+    m, l, acc = state
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    correction = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new)
+    return (m_new, l * correction + jnp.sum(p, axis=1, keepdims=True),
+            acc * correction + common.dot_nn(p.astype(v_tile.dtype), v_tile))
+
+
+def _finalize_rows(m, l, acc):
+    unseen = (m <= 0.5 * MASK_VALUE) & jnp.logical_not(jnp.isnan(l))
+    safe_l = jnp.where(unseen, 1.0, l)
+    return jnp.where(unseen, 0.0, acc / safe_l), jnp.where(unseen, -jnp.inf, m + jnp.log(safe_l))
+
+
+def _initial_state(rows: int, dv: int):
+    return (jnp.full((rows, 1), MASK_VALUE, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
+            jnp.zeros((rows, dv), jnp.float32))
+
+
+# ------------------------------------------------------------------- GPU structure: loop inside a program
+
+def _gpu_kernel(length_ref, table_ref, q_ref, k_ref, v_ref, *rest, cfg: DecodeConfig):
+    out_ref, lse_ref = rest[-2:]  # leading entries are the (unread) NaN buffers aliased to the outputs
+    length = length_ref[0]
+    lo, hi = _split_range(cfg, pl.program_id(2), length)
+    q = q_ref[...]
+
+    def visit(t, state):
+        page = table_ref[t]
+        return _attend_tile(cfg, state, q, k_ref[page], v_ref[page], length, t * cfg.page_size)
+
+    out, lse = _finalize_rows(*lax.fori_loop(lo, hi, visit, _initial_state(cfg.rows, out_ref.shape[-1])))
+    out_ref[...] = out
+    lse_ref[...] = lse
+
+
+def _gpu_call(cfg: DecodeConfig, lengths, table, q, k_pool, v_pool):
+    B, Hkv, R, D = q.shape
+    num_pages, P = k_pool.shape[:2]
+    Dv = v_pool.shape[-1] // Hkv
+    W = table.shape[1]
+    row_block = pl.BlockSpec((None, None, None, R, Dv), lambda b, g, s: (b, g, s, 0, 0))
+    return common.pallas_call(
+        functools.partial(_gpu_kernel, cfg=cfg), out_shape=_out_shapes(cfg, B, Hkv, R, Dv),
+        target=cfg.target, interpret=cfg.interpret, name="jattn_decode", grid=(B, Hkv, cfg.num_splits),
+        in_specs=[pl.BlockSpec((None, 1), lambda b, g, s: (b, 0)),
+                  pl.BlockSpec((None, W), lambda b, g, s: (b, 0)),
+                  pl.BlockSpec((None, None, R, D), lambda b, g, s: (b, g, 0, 0)),
+                  pl.BlockSpec((num_pages, P, D), lambda b, g, s: (0, 0, g)),
+                  pl.BlockSpec((num_pages, P, Dv), lambda b, g, s: (0, 0, g))],
+        out_specs=[row_block, pl.BlockSpec((None, None, None, R, 1), lambda b, g, s: (b, g, s, 0, 0))],
+        poison_outputs=cfg.poison_outputs)(lengths[:, None], table, q, k_pool, v_pool)
+
+
+# ------------------------------------------------------------- TPU structure: needed pages on the grid
+
+def _tpu_page(cfg: DecodeConfig, lengths_ref, table_ref, b, split, t):
+    """Pool page of step ``t`` of a split, clamped into the needed range (no re-fetch outside it)."""
+    lo, hi = _split_range(cfg, split, lengths_ref[b])
+    tile = jnp.clip(split * cfg.tiles_per_split + t, lo, jnp.maximum(hi - 1, lo))
+    return table_ref[b, jnp.minimum(tile, table_ref.shape[1] - 1)]
+
+
+def _tpu_kernel(lengths_ref, table_ref, q_ref, k_ref, v_ref, *rest, cfg: DecodeConfig):
+    out_ref, lse_ref, m_scratch, l_scratch, acc_scratch = rest[-5:]
+    b, split, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    length = lengths_ref[b]
+    lo, hi = _split_range(cfg, split, length)
+    tile = split * cfg.tiles_per_split + t
+
+    @pl.when(t == 0)
+    def _init():
+        m_scratch[...], l_scratch[...], acc_scratch[...] = _initial_state(cfg.rows, acc_scratch.shape[-1])
+
+    @pl.when((tile >= lo) & (tile < hi))
+    def _visit():
+        state = (m_scratch[...], l_scratch[...], acc_scratch[...])
+        m, l, acc = _attend_tile(cfg, state, q_ref[...], k_ref[...], v_ref[...], length, tile * cfg.page_size)
+        m_scratch[...], l_scratch[...], acc_scratch[...] = m, l, acc
+
+    @pl.when(t == pl.num_programs(3) - 1)
+    def _write():
+        out, lse = _finalize_rows(m_scratch[...], l_scratch[...], acc_scratch[...])
+        out_ref[...] = out
+        lse_ref[...] = lse
+
+
+def _tpu_call(cfg: DecodeConfig, lengths, table, q, k_pool, v_pool):
+    B, Hkv, R, D = q.shape
+    P = k_pool.shape[1]
+    Dv = v_pool.shape[-1] // Hkv
+    if Hkv > 1 and (D % 128 or Dv % 128):
+        message = (f"the decode kernel cannot run on TPU with Hkv={Hkv} kv heads of D={D}, Dv={Dv}: one kv "
+                   f"head's columns of the [pages, page_size, Hkv * D] cache must be a multiple of 128 lanes")
+        return tuple(common.unsupported_on_target(message, _out_shapes(cfg, B, Hkv, R, Dv))(
+            lengths, table, q, k_pool, v_pool))
+
+    def page_spec(dim):
+        return pl.BlockSpec((None, P, dim), lambda b, g, s, t, lens, tab: (
+            _tpu_page(cfg, lens, tab, b, s, t), 0, g))
+
+    def row_spec(dim):
+        return pl.BlockSpec((None, None, None, R, dim), lambda b, g, s, t, lens, tab: (b, g, s, 0, 0))
+
+    return common.pallas_call(
+        functools.partial(_tpu_kernel, cfg=cfg), out_shape=_out_shapes(cfg, B, Hkv, R, Dv),
+        target=cfg.target, interpret=cfg.interpret, name="jattn_decode",
+        grid=(B, Hkv, cfg.num_splits, cfg.tiles_per_split),
+        in_specs=[pl.BlockSpec((None, None, R, D), lambda b, g, s, t, lens, tab: (b, g, 0, 0)),
+                  page_spec(D), page_spec(Dv)],
+        out_specs=[row_spec(Dv), row_spec(1)], poison_outputs=cfg.poison_outputs, num_scalar_prefetch=2,
+        scratch_shapes=[common.vmem_scratch((R, 1), jnp.float32), common.vmem_scratch((R, 1), jnp.float32),
+                        common.vmem_scratch((R, Dv), jnp.float32)],
+        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))(lengths, table, q, k_pool, v_pool)
+
+
+def _out_shapes(cfg: DecodeConfig, B: int, Hkv: int, R: int, Dv: int):
+    return [jax.ShapeDtypeStruct((B, Hkv, cfg.num_splits, R, Dv), jnp.float32),
+            jax.ShapeDtypeStruct((B, Hkv, cfg.num_splits, R, 1), jnp.float32)]
+
+
+def _build(target: str, interpret: bool, *, cfg: DecodeConfig):
+    cfg = dataclasses.replace(cfg, target=target, interpret=interpret)
+    if target == "mosaic":
+        return functools.partial(_tpu_call, cfg)
+    return functools.partial(_gpu_call, cfg)
+
+
+def decode_partials(q, k_pool, v_pool, lengths, page_table, *, new_tokens: int, group: int, num_splits: int,
+                    tiles_per_split: int, scale: float, softcap: float | None = None, window: int | None = None,
+                    interpret=None, poison_outputs: bool = False):
+    """Per-split partial attention of packed decode rows over a paged KV pool.
+
+    Args:
+      q: ``[B, Hkv, R, D]`` packed query rows (``R >= group * new_tokens``, a power of two >= 16).
+      k_pool: ``[num_pages, page_size, Hkv * D]`` key pages.
+      v_pool: ``[num_pages, page_size, Hkv * Dv]`` value pages.
+      lengths: ``[B]`` int32 valid keys per sequence (the new tokens included).
+      page_table: ``[B, W]`` int32 pool page of each logical tile (``W >= num_splits * tiles_per_split``).
+      new_tokens: ``Tq``, the new tokens per sequence (the last ``Tq`` positions).
+      group: query heads per kv head.
+      num_splits: tile ranges per sequence on the grid (split-K).
+      tiles_per_split: tiles in each range.
+      scale: logit scale.
+      softcap: ``softcap * tanh(s / softcap)`` on the logits, or None.
+      window: keys back from each query's position that it sees (itself included counts 0), or None.
+      interpret: None (decided at lowering), True/"triton" or "mosaic" (forced, interpreted).
+      poison_outputs: NaN-fill every output buffer first (tests: unwritten tiles show).
+
+    Returns:
+      ``(out [B, Hkv, num_splits, R, Dv], lse [B, Hkv, num_splits, R, 1])`` float32 partials; a split
+      that saw nothing has ``out = 0, lse = -inf``.
+    """
+    cfg = DecodeConfig(new_tokens=int(new_tokens), group=int(group), rows=int(q.shape[2]),
+                       page_size=int(k_pool.shape[1]), num_splits=int(num_splits),
+                       tiles_per_split=int(tiles_per_split), scale=float(scale),
+                       softcap=None if softcap is None else float(softcap),
+                       window=None if window is None else int(window), target="", interpret=False,
+                       poison_outputs=bool(poison_outputs))
+    return common.dispatch(functools.partial(_build, cfg=cfg), lengths.astype(jnp.int32),
+                           page_table.astype(jnp.int32), q, k_pool, v_pool, interpret=interpret)

@@ -1,0 +1,224 @@
+"""The decode family's test base: one feature table, every impl checked against the dense fp32 oracle.
+
+``check_against_reference(impl, case)`` compares out, lse and the q / k_cache / v_cache gradients of a
+random-weighted loss. Mutations it catches (each tried by hand): the causal rule within the new tokens
+(``kv <= p`` -> ``kv < p``), the window bound off by one, a wrong GQA head mapping in the row packing,
+the length mask dropped on the last partial page, a split range that skips or repeats a tile, merging
+splits by sum instead of the lse merge, sinks dropped, softcap dropped, a page table read in the wrong
+order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jattn.ops.decode import decode_attention
+from tests.conftest import assert_close, assert_traced_once
+
+IMPLS = {"xla": dict(impl="xla"), "pallas": dict(impl="pallas", interpret=True),
+         "mosaic": dict(impl="pallas", interpret="mosaic")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    B: int = 2
+    Tq: int = 1
+    H: int = 4
+    Hkv: int = 2
+    D: int = 16
+    S: int = 64
+    lengths: tuple = (37, 64)
+    paged: bool = False
+    window: int | None = None
+    softcap: float | None = None
+    sinks: bool = False
+    num_splits: int | None = 2
+    squeeze_q: bool = False
+    kernel_grads: bool = False   # the Pallas impl's backward is the xla path's: checked once, on one case
+    mosaic: bool = False         # cases also run through the TPU structure (interpreted)
+
+    def __str__(self):
+        return self.name
+
+
+CASES = [
+    Case("one token, ragged lengths incl. 0 and S_max", B=3, lengths=(0, 37, 64), squeeze_q=True, mosaic=True),
+    Case("few tokens, causal among them, MQA", Tq=3, H=4, Hkv=1, lengths=(5, 50)),
+    Case("GQA 3:1, odd length, window", Tq=2, H=6, Hkv=2, lengths=(33, 17), window=9, mosaic=True),
+    Case("paged, shuffled pool, sinks", Tq=2, H=4, Hkv=2, lengths=(40, 64), paged=True, sinks=True, mosaic=True,
+         kernel_grads=True),
+    Case("softcap, MHA, many splits", H=2, Hkv=2, lengths=(64, 1), softcap=3.0, num_splits=4),
+    Case("more new tokens than keys", Tq=4, lengths=(2, 16)),
+]
+
+
+def make_inputs(case: Case, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))  # noqa: E731
+    q = normal(case.B, case.Tq, case.H, case.D)
+    k, v = normal(case.B, case.S, case.Hkv, case.D), normal(case.B, case.S, case.Hkv, case.D)
+    args = dict(lengths=jnp.asarray(case.lengths, jnp.int32), window=case.window, softcap=case.softcap,
+                sinks=normal(case.H) if case.sinks else None)
+    if case.paged:
+        k, v, args["page_table"] = as_page_pool(k, v, page_size=16, seed=seed)
+    return (q[:, 0] if case.squeeze_q else q), k, v, args
+
+
+def as_page_pool(k, v, *, page_size: int, seed: int):
+    """The contiguous caches scattered into a pool with spare pages, pages in a random order."""
+    B, S = k.shape[:2]
+    per_seq = S // page_size
+    num_pages = B * per_seq + 3
+    order = np.random.default_rng(seed + 1).permutation(num_pages)[:B * per_seq].reshape(B, per_seq)
+    pool_k = jnp.full((num_pages, page_size, *k.shape[2:]), 7.0, k.dtype)
+    pool_v = jnp.full((num_pages, page_size, *v.shape[2:]), -7.0, v.dtype)
+    pages = lambda x: x.reshape(B * per_seq, page_size, *x.shape[2:])  # noqa: E731
+    pool_k = pool_k.at[order.reshape(-1)].set(pages(k))
+    pool_v = pool_v.at[order.reshape(-1)].set(pages(v))
+    return pool_k, pool_v, jnp.asarray(order, jnp.int32)
+
+
+def run(q, k, v, args, weights, grads=True, **impl):
+    """out, lse and the q/k/v gradients of ``sum(weights * out)`` (None without ``grads``)."""
+    def loss(q, k, v):
+        out, lse = decode_attention(q, k, v, return_lse=True, **args, **impl)
+        return jnp.sum(weights * out), (out, lse)
+    if not grads:
+        return (*jax.jit(loss)(q, k, v)[1], None)
+    (_, (out, lse)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return out, lse, grads
+
+
+def check_against_reference(impl: str, case: Case):
+    q, k, v, args = make_inputs(case)
+    weights = jnp.asarray(np.random.default_rng(9).standard_normal(q.shape[:-1] + (case.D,), np.float32))
+    kwargs = dict(IMPLS[impl], num_splits=case.num_splits) if impl != "xla" else IMPLS[impl]
+    with_grads = impl == "xla" or case.kernel_grads
+    out, lse, grads = run(q, k, v, args, weights, grads=with_grads, **kwargs)
+    want, want_lse, want_grads = run(q, k, v, args, weights, grads=with_grads, impl="reference")
+    chex.assert_shape(out, q.shape)
+    chex.assert_shape(lse, q.shape[:-1])
+    assert_close(out, want, what=f"{impl} out")
+    assert_close(lse, want_lse, what=f"{impl} lse")
+    for name, g, wg in zip(("q", "k_cache", "v_cache"), grads or (), want_grads or ()):
+        assert_close(g, wg, factor=2, what=f"{impl} d{name}")
+    return out
+
+
+@pytest.mark.parametrize("impl, case", [(impl, case) for impl in IMPLS for case in CASES
+                                        if impl != "mosaic" or case.mosaic], ids=str)
+def test_every_impl_matches_the_reference(impl, case):
+    check_against_reference(impl, case)
+
+
+def test_reference_follows_the_decode_rule_on_a_hand_checked_row():
+    """Token t of Tq sits at position length - Tq + t and sees exactly keys 0..that position (window: the
+    last left + 1 of them); checked against a literal softmax over those keys."""
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((1, 2, 1, 8), np.float32))
+    k = jnp.asarray(rng.standard_normal((1, 16, 1, 8), np.float32))
+    v = jnp.asarray(rng.standard_normal((1, 16, 1, 8), np.float32))
+    out = decode_attention(q, k, v, jnp.array([10]), window=3, impl="reference", scale=1.0)
+    for t, position in ((0, 8), (1, 9)):
+        keys = np.arange(position - 3, position + 1)
+        logits = np.asarray(k[0, keys, 0]) @ np.asarray(q[0, t, 0])
+        p = np.exp(logits - logits.max())
+        np.testing.assert_allclose(out[0, t, 0], (p / p.sum()) @ np.asarray(v[0, keys, 0]), atol=1e-5)
+
+
+def test_paged_and_contiguous_caches_give_identical_results():
+    case = Case("paged", Tq=2, lengths=(40, 64))
+    q, k, v, args = make_inputs(case)
+    pool_k, pool_v, table = as_page_pool(k, v, page_size=16, seed=4)
+    for impl in ("xla", "pallas"):
+        contiguous = decode_attention(q, k, v, args["lengths"], **IMPLS[impl])
+        paged = decode_attention(q, pool_k, pool_v, args["lengths"], page_table=table, **IMPLS[impl])
+        assert_close(paged, contiguous, what=impl)
+
+
+def test_split_count_does_not_change_the_result():
+    q, k, v, args = make_inputs(Case("splits", Tq=2, lengths=(64, 23)))
+    outs = [decode_attention(q, k, v, args["lengths"], page_size=16, num_splits=n, **IMPLS["pallas"])
+            for n in (1, 3, 4)]
+    for out in outs[1:]:
+        assert_close(out, outs[0], what="splits")
+
+
+def test_every_kernel_output_is_written():
+    """NaN-poisoned partial buffers: every (split, row) the merge reads is written by the kernel."""
+    q, k, v, args = make_inputs(CASES[0])
+    for impl in ("pallas", "mosaic"):
+        poisoned = decode_attention(q, k, v, args["lengths"], poison_outputs=True, num_splits=4, **IMPLS[impl])
+        assert np.isfinite(np.asarray(poisoned)).all(), impl
+
+
+def test_nan_in_gives_nan_out_in_that_row_only():
+    q, k, v, args = make_inputs(Case("nan", B=2, Tq=1, lengths=(30, 64)))
+    q = q.at[1, 0, 3].set(jnp.nan)
+    for impl in IMPLS:
+        out = np.asarray(decode_attention(q, k, v, args["lengths"], **IMPLS[impl]))
+        assert np.isnan(out[1, 0, 3]).all() and np.isfinite(out[0]).all() and np.isfinite(out[1, 0, :3]).all(), impl
+
+
+@pytest.mark.parametrize("transform", [jax.jit, lambda f: f], ids=["jit", "eager"])
+def test_traced_and_eager_agree(transform):
+    q, k, v, args = make_inputs(CASES[1])
+    fn = functools.partial(decode_attention, impl="xla", window=4)
+    assert_close(transform(fn)(q, k, v, args["lengths"]), jax.jit(fn)(q, k, v, args["lengths"]), what="eager")
+
+
+def test_a_second_step_with_the_same_shapes_does_not_retrace():
+    q, k, v, args = make_inputs(CASES[0])
+    step = functools.partial(decode_attention, impl="pallas", interpret=True)
+    assert_traced_once(step, (q, k, v, args["lengths"]), (q + 1, k, v, args["lengths"] - 1))
+
+
+def test_traced_out_of_range_lengths_make_their_rows_nan():
+    q, k, v, _ = make_inputs(CASES[0])
+    out = jax.jit(lambda lengths: decode_attention(q, k, v, lengths, impl="xla"))(jnp.array([3, 65, -1]))
+    out = np.asarray(out)
+    assert np.isfinite(out[0]).all() and np.isnan(out[1]).all() and np.isnan(out[2]).all()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(lengths=np.array([3, 65])), "lengths must lie in"),
+    (dict(lengths=np.array([-1, 3])), "lengths must lie in"),
+    (dict(lengths=np.array([3, 4, 5])), "lengths must have shape"),
+    (dict(lengths=np.array([3.0, 4.0])), "lengths must be an integer"),
+    (dict(k_cache="bf16"), "k_cache must have q's dtype"),
+    (dict(k_cache="short_head"), "k_cache's head dim"),
+    (dict(q="5d"), "q must be"),
+    (dict(page_table=np.array([[99, 1, 2, 3], [4, 5, 6, 7]])), "page_table\\[0\\] points outside"),
+    (dict(page_table=np.array([0, 1])), "page_table must be"),
+    (dict(window=-1), "window"),
+    (dict(softcap=0.0), "softcap"),
+    (dict(impl="cuda"), "impl must be one of"),
+    (dict(page_size=24, impl="pallas"), "page_size"),
+])
+def test_bad_input_names_the_argument(bad, match):
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, 4, 16)), jnp.float32)
+    k = v = jnp.asarray(rng.standard_normal((2, 64, 2, 16)), jnp.float32)
+    args = dict(q=q, k_cache=k, v_cache=v, lengths=np.array([3, 64]))
+    extra = {}
+    for key, value in bad.items():
+        if key == "k_cache":
+            args[key] = k.astype(jnp.bfloat16) if value == "bf16" else k[..., :8]
+        elif key == "q":
+            args[key] = q[None, None]
+        elif key == "page_table":
+            args["k_cache"] = args["v_cache"] = jnp.asarray(rng.standard_normal((8, 16, 2, 16)), jnp.float32)
+            extra[key] = jnp.asarray(value, jnp.int32)
+        elif key == "lengths":
+            args[key] = jnp.asarray(value)
+        else:
+            extra[key] = value
+    with pytest.raises((ValueError, TypeError), match=match):
+        decode_attention(args["q"], args["k_cache"], args["v_cache"], jnp.asarray(args["lengths"]), **extra)
