@@ -3,10 +3,11 @@
 Kernels only, no policy: ``jattn.ops.decode`` validates user input, lays a contiguous cache out as pages,
 merges the per-split partials (``merge_partials``) and the sinks; this module runs the tiles.
 
-Layout. The cache is a page pool viewed as ``[num_pages, page_size, Hkv * D]`` (a free reshape of
-``[num_pages, page_size, Hkv, D]``), and ``page_table [B, W]`` names the pool page that holds logical
-tile ``t`` of sequence ``b``. A contiguous ``[B, S, Hkv, D]`` cache is the same pool with
-``page_table[b, t] = b * (S / page_size) + t``, so one kernel serves both. One tile is one page.
+Layout: head-major caches. The kernel sees the cache as ``[Bc, Hkv, pages, page_size, D]``: a contiguous
+``[B, Hkv, S, D]`` cache is that (a free reshape, ``Bc = B``) with ``page_table[b, t] = t``; a page pool
+``[Hkv, num_pages, page_size, D]`` is that with ``Bc = 1`` and ``page_table[b, t]`` the pool page holding
+logical tile ``t`` of sequence ``b``. So one kernel, whose K/V index map reads the page table, serves both;
+one tile is one page. Every block's last two dims are ``(page_size, D)``: legal on TPU for every D.
 
 Queries are GQA-packed (P22 Duplex): ``q [B, Hkv, R, D]`` holds, for kv head ``g``, the rows
 ``(member, t)`` of its ``G = H / Hkv`` query heads and ``Tq`` new tokens (``R = G * Tq``, padded), so
@@ -54,6 +55,7 @@ class DecodeConfig:
     scale: float
     softcap: Optional[float]
     window: Optional[int]    # keys back from each query's position; None: all
+    per_sequence: bool       # the cache's leading axis is the batch (contiguous) rather than one shared pool
     target: str
     interpret: bool
     poison_outputs: bool
@@ -129,10 +131,14 @@ def _gpu_kernel(length_ref, table_ref, q_ref, k_ref, v_ref, *rest, cfg: DecodeCo
     lse_ref[...] = lse
 
 
-def _gpu_call(cfg: DecodeConfig, lengths, table, q, k_pool, v_pool):
+def _cache_batch(cfg: DecodeConfig, b):
+    return b if cfg.per_sequence else 0
+
+
+def _gpu_call(cfg: DecodeConfig, lengths, table, q, k_pages, v_pages):
     B, Hkv, R, D = q.shape
-    num_pages, P = k_pool.shape[:2]
-    Dv = v_pool.shape[-1] // Hkv
+    num_pages, P = k_pages.shape[2:4]
+    Dv = v_pages.shape[-1]
     W = table.shape[1]
     row_block = pl.BlockSpec((None, None, None, R, Dv), lambda b, g, s: (b, g, s, 0, 0))
     return common.pallas_call(
@@ -141,10 +147,10 @@ def _gpu_call(cfg: DecodeConfig, lengths, table, q, k_pool, v_pool):
         in_specs=[pl.BlockSpec((None, 1), lambda b, g, s: (b, 0)),
                   pl.BlockSpec((None, W), lambda b, g, s: (b, 0)),
                   pl.BlockSpec((None, None, R, D), lambda b, g, s: (b, g, 0, 0)),
-                  pl.BlockSpec((num_pages, P, D), lambda b, g, s: (0, 0, g)),
-                  pl.BlockSpec((num_pages, P, Dv), lambda b, g, s: (0, 0, g))],
+                  pl.BlockSpec((None, None, num_pages, P, D), lambda b, g, s: (_cache_batch(cfg, b), g, 0, 0, 0)),
+                  pl.BlockSpec((None, None, num_pages, P, Dv), lambda b, g, s: (_cache_batch(cfg, b), g, 0, 0, 0))],
         out_specs=[row_block, pl.BlockSpec((None, None, None, R, 1), lambda b, g, s: (b, g, s, 0, 0))],
-        poison_outputs=cfg.poison_outputs)(lengths[:, None], table, q, k_pool, v_pool)
+        poison_outputs=cfg.poison_outputs)(lengths[:, None], table, q, k_pages, v_pages)
 
 
 # ------------------------------------------------------------- TPU structure: needed pages on the grid
@@ -180,19 +186,13 @@ def _tpu_kernel(lengths_ref, table_ref, q_ref, k_ref, v_ref, *rest, cfg: DecodeC
         lse_ref[...] = lse
 
 
-def _tpu_call(cfg: DecodeConfig, lengths, table, q, k_pool, v_pool):
+def _tpu_call(cfg: DecodeConfig, lengths, table, q, k_pages, v_pages):
     B, Hkv, R, D = q.shape
-    P = k_pool.shape[1]
-    Dv = v_pool.shape[-1] // Hkv
-    if Hkv > 1 and (D % 128 or Dv % 128):
-        message = (f"the decode kernel cannot run on TPU with Hkv={Hkv} kv heads of D={D}, Dv={Dv}: one kv "
-                   f"head's columns of the [pages, page_size, Hkv * D] cache must be a multiple of 128 lanes")
-        return tuple(common.unsupported_on_target(message, _out_shapes(cfg, B, Hkv, R, Dv))(
-            lengths, table, q, k_pool, v_pool))
+    P, Dv = k_pages.shape[3], v_pages.shape[-1]
 
     def page_spec(dim):
-        return pl.BlockSpec((None, P, dim), lambda b, g, s, t, lens, tab: (
-            _tpu_page(cfg, lens, tab, b, s, t), 0, g))
+        return pl.BlockSpec((None, None, None, P, dim), lambda b, g, s, t, lens, tab: (
+            _cache_batch(cfg, b), g, _tpu_page(cfg, lens, tab, b, s, t), 0, 0))
 
     def row_spec(dim):
         return pl.BlockSpec((None, None, None, R, dim), lambda b, g, s, t, lens, tab: (b, g, s, 0, 0))
@@ -206,7 +206,7 @@ def _tpu_call(cfg: DecodeConfig, lengths, table, q, k_pool, v_pool):
         out_specs=[row_spec(Dv), row_spec(1)], poison_outputs=cfg.poison_outputs, num_scalar_prefetch=2,
         scratch_shapes=[common.vmem_scratch((R, 1), jnp.float32), common.vmem_scratch((R, 1), jnp.float32),
                         common.vmem_scratch((R, Dv), jnp.float32)],
-        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))(lengths, table, q, k_pool, v_pool)
+        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))(lengths, table, q, k_pages, v_pages)
 
 
 def _out_shapes(cfg: DecodeConfig, B: int, Hkv: int, R: int, Dv: int):
@@ -221,15 +221,16 @@ def _build(target: str, interpret: bool, *, cfg: DecodeConfig):
     return functools.partial(_gpu_call, cfg)
 
 
-def decode_partials(q, k_pool, v_pool, lengths, page_table, *, new_tokens: int, group: int, num_splits: int,
+def decode_partials(q, k_pages, v_pages, lengths, page_table, *, new_tokens: int, group: int, num_splits: int,
                     tiles_per_split: int, scale: float, softcap: float | None = None, window: int | None = None,
                     interpret=None, poison_outputs: bool = False):
     """Per-split partial attention of packed decode rows over a paged KV pool.
 
     Args:
       q: ``[B, Hkv, R, D]`` packed query rows (``R >= group * new_tokens``, a power of two >= 16).
-      k_pool: ``[num_pages, page_size, Hkv * D]`` key pages.
-      v_pool: ``[num_pages, page_size, Hkv * Dv]`` value pages.
+      k_pages: ``[Bc, Hkv, pages, page_size, D]`` key pages: ``Bc = B`` (a contiguous cache, one set of
+        pages per sequence) or ``Bc = 1`` (one pool shared by every sequence).
+      v_pages: ``[Bc, Hkv, pages, page_size, Dv]`` value pages.
       lengths: ``[B]`` int32 valid keys per sequence (the new tokens included).
       page_table: ``[B, W]`` int32 pool page of each logical tile (``W >= num_splits * tiles_per_split``).
       new_tokens: ``Tq``, the new tokens per sequence (the last ``Tq`` positions).
@@ -247,10 +248,11 @@ def decode_partials(q, k_pool, v_pool, lengths, page_table, *, new_tokens: int, 
       that saw nothing has ``out = 0, lse = -inf``.
     """
     cfg = DecodeConfig(new_tokens=int(new_tokens), group=int(group), rows=int(q.shape[2]),
-                       page_size=int(k_pool.shape[1]), num_splits=int(num_splits),
+                       page_size=int(k_pages.shape[3]), num_splits=int(num_splits),
                        tiles_per_split=int(tiles_per_split), scale=float(scale),
                        softcap=None if softcap is None else float(softcap),
-                       window=None if window is None else int(window), target="", interpret=False,
+                       window=None if window is None else int(window),
+                       per_sequence=k_pages.shape[0] > 1, target="", interpret=False,
                        poison_outputs=bool(poison_outputs))
     return common.dispatch(functools.partial(_build, cfg=cfg), lengths.astype(jnp.int32),
-                           page_table.astype(jnp.int32), q, k_pool, v_pool, interpret=interpret)
+                           page_table.astype(jnp.int32), q, k_pages, v_pages, interpret=interpret)

@@ -53,21 +53,21 @@ def _check_caches(q, k_cache, v_cache, page_table):
     if k_cache.shape[:3] != v_cache.shape[:3]:
         raise ValueError(f"v_cache must match k_cache in all but the last dim, got k_cache "
                          f"{checks.describe(k_cache)} and v_cache {checks.describe(v_cache)}")
-    Hkv, Dk, Dv = k_cache.shape[2], k_cache.shape[3], v_cache.shape[3]
+    Hkv, Dk, Dv = k_cache.shape[0 if page_table is not None else 1], k_cache.shape[3], v_cache.shape[3]
     if Dk != D:
         raise ValueError(f"k_cache's head dim must be q's D={D}, got {checks.describe(k_cache)}")
     if H % Hkv:
         raise ValueError(f"q's heads H={H} must be a multiple of the caches' kv heads Hkv={Hkv}")
     if page_table is None:
         if k_cache.shape[0] != B:
-            raise ValueError(f"k_cache must be [B={B}, S_max, Hkv, D] (contiguous; pass page_table for a page "
-                             f"pool), got {checks.describe(k_cache)}")
-        return B, Tq, H, D, Hkv, Dv, k_cache.shape[1], None
+            raise ValueError(f"k_cache must be [B={B}, Hkv, S_max, D] (contiguous; pass page_table for a page "
+                             f"pool [Hkv, num_pages, page_size, D]), got {checks.describe(k_cache)}")
+        return B, Tq, H, D, Hkv, Dv, k_cache.shape[2], None
     if not hasattr(page_table, "dtype") or not jnp.issubdtype(page_table.dtype, jnp.integer):
         raise TypeError(f"page_table must be an integer array [B, max_pages], got {checks.describe(page_table)}")
     if page_table.ndim != 2 or page_table.shape[0] != B:
         raise ValueError(f"page_table must be [B={B}, max_pages], got {checks.describe(page_table)}")
-    page_size = k_cache.shape[1]
+    page_size = k_cache.shape[2]
     return B, Tq, H, D, Hkv, Dv, page_table.shape[1] * page_size, page_size
 
 
@@ -116,8 +116,10 @@ def decode_attention(q: Float[Array, "B *Tq H D"], k_cache: Float[Array, "..."],
     Args:
       q: ``[B, H, D]`` (one new token per sequence) or ``[B, Tq, H, D]`` (a few: speculative or chunked
         prefill), causal within the new tokens.
-      k_cache: ``[B, S_max, Hkv, D]`` (contiguous), or a page pool ``[num_pages, page_size, Hkv, D]`` with
-        ``page_table``. H must be a multiple of Hkv (GQA/MQA). Same dtype as q.
+      k_cache: head-major ``[B, Hkv, S_max, D]`` (contiguous), or a page pool
+        ``[Hkv, num_pages, page_size, D]`` with ``page_table``. H must be a multiple of Hkv (GQA/MQA).
+        Same dtype as q. (Head-major, as PyTorch's SDPA and JAX's TPU paged attention: each kv head's keys
+        are contiguous, so every path reads them in place.)
       v_cache: like ``k_cache``, value dim ``Dv``.
       lengths: ``[B]`` int valid keys per sequence, the new tokens included, in ``[0, S_max]``.
       page_table: ``[B, max_pages]`` int: the pool page holding logical page ``i`` of sequence ``b``
@@ -146,7 +148,7 @@ def decode_attention(q: Float[Array, "B *Tq H D"], k_cache: Float[Array, "..."],
                         impl=impl, page_size=page_size, num_splits=num_splits)
     B, Tq, H, D, Hkv, Dv, capacity, pool_page = _check_caches(q, k_cache, v_cache, page_table)
     _check_lengths(lengths, B, capacity)
-    num_pages = k_cache.shape[0] if page_table is not None else B * capacity
+    num_pages = k_cache.shape[1] if page_table is not None else B * capacity
     _check_page_table(page_table, lengths, num_pages, pool_page or 1)
     window = checks.check_window(window)
     window_left = None if window is None else window[0]
@@ -249,20 +251,20 @@ def _unpack_rows(x, Tq: int, H: int):
 def _kernel(plan: tuple, q4, k_cache, v_cache, lengths, page_table):
     plan = dict(plan)
     B, Tq, H, D = q4.shape
-    Hkv, Dv = k_cache.shape[2], v_cache.shape[3]
     tile = plan["tile"]
-    if page_table is None:      # a contiguous cache is a pool of B * S / tile pages, in order
-        per_seq = k_cache.shape[1] // tile
-        page_table = jnp.arange(B * per_seq, dtype=jnp.int32).reshape(B, per_seq)
-        k_cache = k_cache.reshape(B * per_seq, tile, Hkv, D)
-        v_cache = v_cache.reshape(B * per_seq, tile, Hkv, Dv)
+    if page_table is None:      # each sequence's own pages, in order: [B, Hkv, S / tile, tile, D]
+        Hkv, S = k_cache.shape[1:3]
+        page_table = jnp.broadcast_to(jnp.arange(S // tile, dtype=jnp.int32), (B, S // tile))
+        k_pages = k_cache.reshape(B, Hkv, S // tile, tile, D)
+        v_pages = v_cache.reshape(B, Hkv, S // tile, tile, v_cache.shape[-1])
+    else:                       # one pool shared by every sequence: [1, Hkv, num_pages, page_size, D]
+        Hkv = k_cache.shape[0]
+        k_pages, v_pages = k_cache[None], v_cache[None]
     splits, per_split = split_plan(B, Hkv, page_table.shape[1], plan["num_splits"])
     width = common.next_power_of_two(max(page_table.shape[1], splits * per_split))
     table = common.pad_axis(page_table.astype(jnp.int32), 1, width)
-    num_pages = k_cache.shape[0]
     out, lse = decode_partials(
-        _pack_rows(q4, Hkv), k_cache.reshape(num_pages, tile, Hkv * D), v_cache.reshape(num_pages, tile, Hkv * Dv),
-        lengths, table, new_tokens=Tq, group=H // Hkv, num_splits=splits, tiles_per_split=per_split,
+        _pack_rows(q4, Hkv), k_pages, v_pages, lengths, table, new_tokens=Tq, group=H // Hkv, num_splits=splits, tiles_per_split=per_split,
         scale=plan["scale"], softcap=plan["softcap"], window=plan["window_left"], interpret=plan["interpret"],
         poison_outputs=plan["poison_outputs"])
     out, lse = merge_partials(jnp.moveaxis(out, 2, 0), jnp.moveaxis(lse[..., 0], 2, 0))

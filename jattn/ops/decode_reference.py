@@ -1,6 +1,7 @@
 """The decode family's oracle: the dense float32 reference over the cache laid out contiguously.
 
-A paged cache is gathered into ``[B, W * page_size, Hkv, D]`` through its page table; the decode rule
+Caches are head-major: ``[B, Hkv, S, D]``, or a page pool ``[Hkv, num_pages, page_size, D]`` gathered into
+``[B, Hkv, W * page_size, D]`` through its page table. The decode rule
 (see ``jattn.ops.decode``) becomes an explicit mask, and ``jattn.core.reference.reference_attention``
 (the library's semantics) does the rest.
 """
@@ -13,13 +14,13 @@ from jattn.core.reference import reference_attention
 
 
 def contiguous_cache(cache, page_table):
-    """``cache`` as ``[B, S, Hkv, D]``: itself, or its pages gathered in ``page_table`` order."""
+    """``cache`` as ``[B, Hkv, S, D]``: itself, or the pool's pages gathered in ``page_table`` order."""
     if page_table is None:
         return cache
     B, W = page_table.shape
-    num_pages, page_size = cache.shape[:2]
-    pages = cache[jnp.clip(page_table, 0, num_pages - 1)]           # [B, W, P, Hkv, D]
-    return pages.reshape(B, W * page_size, *cache.shape[2:])
+    Hkv, num_pages, page_size, D = cache.shape
+    pages = cache[:, jnp.clip(page_table, 0, num_pages - 1)]        # [Hkv, B, W, P, D]
+    return jnp.moveaxis(pages, 1, 0).reshape(B, Hkv, W * page_size, D)
 
 
 def decode_visibility(lengths, new_tokens: int, capacity: int, window_left: int | None):
@@ -40,7 +41,7 @@ def decode_attention_reference(q: Float[Array, "B Tq H D"], k_cache: Float[Array
 
     Args:
       q: ``[B, Tq, H, D]`` new-token queries.
-      k_cache: ``[B, S, Hkv, D]``, or a page pool ``[num_pages, page_size, Hkv, D]`` with ``page_table``.
+      k_cache: ``[B, Hkv, S, D]``, or a page pool ``[Hkv, num_pages, page_size, D]`` with ``page_table``.
       v_cache: like ``k_cache`` with value dim ``Dv``.
       lengths: ``[B]`` valid keys per sequence, the new tokens included.
       page_table: ``[B, W]`` pool page of each logical page, or None.
@@ -52,8 +53,8 @@ def decode_attention_reference(q: Float[Array, "B Tq H D"], k_cache: Float[Array
     Returns:
       ``(out [B, Tq, H, Dv] float32, lse [B, Tq, H] float32)``.
     """
-    k = contiguous_cache(k_cache, page_table)
-    v = contiguous_cache(v_cache, page_table)
+    k = jnp.swapaxes(contiguous_cache(k_cache, page_table), 1, 2)
+    v = jnp.swapaxes(contiguous_cache(v_cache, page_table), 1, 2)
     visible = decode_visibility(lengths, q.shape[1], k.shape[1], window_left)
     out, lse = reference_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                                    mask=visible[:, None], scale=scale, softcap=softcap, sinks=sinks,

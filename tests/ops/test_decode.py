@@ -63,7 +63,7 @@ def make_inputs(case: Case, seed: int = 0):
     rng = np.random.default_rng(seed)
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))  # noqa: E731
     q = normal(case.B, case.Tq, case.H, case.D)
-    k, v = normal(case.B, case.S, case.Hkv, case.D), normal(case.B, case.S, case.Hkv, case.D)
+    k, v = normal(case.B, case.Hkv, case.S, case.D), normal(case.B, case.Hkv, case.S, case.D)
     args = dict(lengths=jnp.asarray(case.lengths, jnp.int32), window=case.window, softcap=case.softcap,
                 sinks=normal(case.H) if case.sinks else None)
     if case.paged:
@@ -72,17 +72,18 @@ def make_inputs(case: Case, seed: int = 0):
 
 
 def as_page_pool(k, v, *, page_size: int, seed: int):
-    """The contiguous caches scattered into a pool with spare pages, pages in a random order."""
-    B, S = k.shape[:2]
+    """The contiguous ``[B, Hkv, S, D]`` caches scattered into an ``[Hkv, pages, page_size, D]`` pool with
+    spare pages (filled with +-7), the pages in a random order."""
+    B, Hkv, S = k.shape[:3]
     per_seq = S // page_size
     num_pages = B * per_seq + 3
     order = np.random.default_rng(seed + 1).permutation(num_pages)[:B * per_seq].reshape(B, per_seq)
-    pool_k = jnp.full((num_pages, page_size, *k.shape[2:]), 7.0, k.dtype)
-    pool_v = jnp.full((num_pages, page_size, *v.shape[2:]), -7.0, v.dtype)
-    pages = lambda x: x.reshape(B * per_seq, page_size, *x.shape[2:])  # noqa: E731
-    pool_k = pool_k.at[order.reshape(-1)].set(pages(k))
-    pool_v = pool_v.at[order.reshape(-1)].set(pages(v))
-    return pool_k, pool_v, jnp.asarray(order, jnp.int32)
+
+    def scatter(x, fill):
+        pages = jnp.moveaxis(x.reshape(B, Hkv, per_seq, page_size, x.shape[-1]), 1, 0)
+        pool = jnp.full((Hkv, num_pages, page_size, x.shape[-1]), fill, x.dtype)
+        return pool.at[:, order.reshape(-1)].set(pages.reshape(Hkv, B * per_seq, page_size, x.shape[-1]))
+    return scatter(k, 7.0), scatter(v, -7.0), jnp.asarray(order, jnp.int32)
 
 
 def run(q, k, v, args, weights, grads=True, **impl):
@@ -123,14 +124,14 @@ def test_reference_follows_the_decode_rule_on_a_hand_checked_row():
     last left + 1 of them); checked against a literal softmax over those keys."""
     rng = np.random.default_rng(3)
     q = jnp.asarray(rng.standard_normal((1, 2, 1, 8), np.float32))
-    k = jnp.asarray(rng.standard_normal((1, 16, 1, 8), np.float32))
-    v = jnp.asarray(rng.standard_normal((1, 16, 1, 8), np.float32))
+    k = jnp.asarray(rng.standard_normal((1, 1, 16, 8), np.float32))
+    v = jnp.asarray(rng.standard_normal((1, 1, 16, 8), np.float32))
     out = decode_attention(q, k, v, jnp.array([10]), window=3, impl="reference", scale=1.0)
     for t, position in ((0, 8), (1, 9)):
         keys = np.arange(position - 3, position + 1)
-        logits = np.asarray(k[0, keys, 0]) @ np.asarray(q[0, t, 0])
+        logits = np.asarray(k[0, 0, keys]) @ np.asarray(q[0, t, 0])
         p = np.exp(logits - logits.max())
-        np.testing.assert_allclose(out[0, t, 0], (p / p.sum()) @ np.asarray(v[0, keys, 0]), atol=1e-5)
+        np.testing.assert_allclose(out[0, t, 0], (p / p.sum()) @ np.asarray(v[0, 0, keys]), atol=1e-5)
 
 
 def test_paged_and_contiguous_caches_give_identical_results():
@@ -195,6 +196,7 @@ def test_traced_out_of_range_lengths_make_their_rows_nan():
     (dict(k_cache="bf16"), "k_cache must have q's dtype"),
     (dict(k_cache="short_head"), "k_cache's head dim"),
     (dict(q="5d"), "q must be"),
+    (dict(k_cache="seq_major"), "k_cache must be \\[B=2, Hkv, S_max, D\\]"),
     (dict(page_table=np.array([[99, 1, 2, 3], [4, 5, 6, 7]])), "page_table\\[0\\] points outside"),
     (dict(page_table=np.array([0, 1])), "page_table must be"),
     (dict(window=-1), "window"),
@@ -205,16 +207,19 @@ def test_traced_out_of_range_lengths_make_their_rows_nan():
 def test_bad_input_names_the_argument(bad, match):
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((2, 4, 16)), jnp.float32)
-    k = v = jnp.asarray(rng.standard_normal((2, 64, 2, 16)), jnp.float32)
+    k = v = jnp.asarray(rng.standard_normal((2, 2, 64, 16)), jnp.float32)
     args = dict(q=q, k_cache=k, v_cache=v, lengths=np.array([3, 64]))
     extra = {}
     for key, value in bad.items():
         if key == "k_cache":
-            args[key] = k.astype(jnp.bfloat16) if value == "bf16" else k[..., :8]
+            args[key] = {"bf16": lambda: k.astype(jnp.bfloat16), "short_head": lambda: k[..., :8],
+                         "seq_major": lambda: jnp.ones((64, 2, 2, 16))}[value]()
+            if value == "seq_major":
+                args["v_cache"] = args[key]
         elif key == "q":
             args[key] = q[None, None]
         elif key == "page_table":
-            args["k_cache"] = args["v_cache"] = jnp.asarray(rng.standard_normal((8, 16, 2, 16)), jnp.float32)
+            args["k_cache"] = args["v_cache"] = jnp.asarray(rng.standard_normal((2, 8, 16, 16)), jnp.float32)
             extra[key] = jnp.asarray(value, jnp.int32)
         elif key == "lengths":
             args[key] = jnp.asarray(value)
