@@ -2,6 +2,10 @@
 THE head groupings, one ``assert_close`` and the trace-count check every family's test base uses."""
 import os
 
+# 8 host CPU devices for the distributed tests (tests/test_distributed.py); must precede JAX's first use.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -113,3 +117,48 @@ def dense_vjp_run(q, k, v, w, mask):
     """The dense fp32 oracle with an explicit mask, forward and gradients (compiled once per shape)."""
     from jattn.core.reference import reference_attention
     return vjp_run(lambda q, k, v: reference_attention(q, k, v, mask=mask), q, k, v, w)
+
+
+def random_array(seed: int, *shape):
+    """A normal float32 array of ``shape``, NumPy-drawn (in float64, then cast): no per-shape compile."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def forward_and_grads(fn, q, k, v, seed: int = 99):
+    """``(fn(q, k, v), (dq, dk, dv))``: the gradients of ``sum(w * fn(q, k, v))`` for ``w =
+    random_array(seed, ...)``, forward and backward in one jit."""
+    weights = random_array(seed, *jax.eval_shape(fn, q, k, v).shape)
+    return jax.jit(lambda q, k, v, w: vjp_run(fn, q, k, v, w))(q, k, v, weights)
+
+
+def assert_forward_and_grads_close(result, expected, what: str = ""):
+    """Two ``(out, (dq, dk, dv))`` results agree: the output at the tolerance, the gradients at twice it."""
+    (out, grads), (ref_out, ref_grads) = result, expected
+    assert_close(out, ref_out, what=f"{what} out".strip())
+    for g, r, n in zip(grads, ref_grads, "qkv"):
+        assert_close(g, r, factor=2.0, what=f"{what} d{n}".strip())
+
+
+def build_module(constructor, seed: int = 0, scale: float = 0.3):
+    """An NNX module with fresh random parameters, built without compiling its initializers (eval_shape,
+    then NumPy normals times ``scale``): eager initializers cost a compile per parameter shape."""
+    from flax import nnx
+    graphdef, state = nnx.split(nnx.eval_shape(constructor))
+    rng = np.random.default_rng(seed)
+    state = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.standard_normal(s.shape) * scale, s.dtype), state)
+    return nnx.merge(graphdef, state)
+
+
+def assert_close_to_scale(actual, expected, dtype=jnp.float32, factor: float = 1.0, what: str = ""):
+    """The strict form of ``assert_close``: ``|actual - expected| <= tol * max|expected|`` over the finite
+    entries (no floor of 1 on the scale), no NaN in ``actual``, and the same infinities (sign included)."""
+    actual = np.asarray(jnp.asarray(actual, jnp.float32))
+    expected = np.asarray(jnp.asarray(expected, jnp.float32))
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    assert not np.isnan(actual).any(), f"{what}: NaN in the result"
+    finite = np.isfinite(expected)
+    np.testing.assert_array_equal(actual[~finite], expected[~finite], err_msg=f"{what}: infinities differ")
+    scale = max(float(np.abs(expected[finite]).max(initial=0.0)), 1e-6)
+    err = float(np.abs(actual[finite] - expected[finite]).max(initial=0.0))
+    tol = TOLERANCE[dtype] * factor
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} * scale {scale:.3g}"

@@ -23,11 +23,13 @@ def contiguous_cache(cache, page_table):
     return jnp.moveaxis(pages, 1, 0).reshape(B, Hkv, W * page_size, D)
 
 
-def decode_visibility(lengths, new_tokens: int, capacity: int, window_left: int | None):
+def decode_visibility(lengths, new_tokens: int, capacity: int, window_left: int | None, kv_offset=0):
     """``[B, Tq, S]`` bool: query ``t`` (at position ``length - Tq + t``) sees key ``kv`` iff
-    ``kv <= position``, ``kv < length`` and, with a window, ``kv >= position - window_left``."""
+    ``kv <= position``, ``kv < length`` and, with a window, ``kv >= position - window_left``.
+
+    ``kv_offset`` is the position of the cache's first key (a shard of a longer cache; may be traced)."""
     q_pos = lengths[:, None] - new_tokens + jnp.arange(new_tokens)[None, :]
-    kv = jnp.arange(capacity)[None, None, :]
+    kv = kv_offset + jnp.arange(capacity)[None, None, :]
     visible = (kv <= q_pos[..., None]) & (kv < lengths[:, None, None])
     if window_left is not None:
         visible = visible & (kv >= q_pos[..., None] - window_left)

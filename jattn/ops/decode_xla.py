@@ -17,8 +17,11 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def decode_attention_xla(q, k_cache, v_cache, lengths, *, page_table=None, window_left=None, sinks=None,
-                         softcap=None, scale: float):
-    """Same contract as ``decode_attention_reference``: returns float32 ``(out [B, Tq, H, Dv], lse [B, Tq, H])``."""
+                         softcap=None, scale: float, kv_offset=0):
+    """Same contract as ``decode_attention_reference``: returns float32 ``(out [B, Tq, H, Dv], lse [B, Tq, H])``.
+
+    ``kv_offset``: the global position of the cache's first key, when the cache is one shard of a longer
+    one (``jattn.distributed.sharded_decode_attention``); ``lengths`` are then global."""
     k = contiguous_cache(k_cache, page_table)
     v = contiguous_cache(v_cache, page_table)
     B, Tq, H, D = q.shape
@@ -31,7 +34,7 @@ def decode_attention_xla(q, k_cache, v_cache, lengths, *, page_table=None, windo
     s = jnp.einsum("bkrd,bksd->bkrs", rows.reshape(B, Hkv, R, D), k.astype(jnp.float32), precision=HIGHEST)
     if softcap is not None:
         s = softcap * jnp.tanh(s / softcap)
-    visible = decode_visibility(lengths, Tq, S, window_left)                    # [B, Tq, S]
+    visible = decode_visibility(lengths, Tq, S, window_left, kv_offset)         # [B, Tq, S]
     visible = jnp.broadcast_to(visible[:, None, None], (B, 1, G, Tq, S)).reshape(B, 1, R, S)
     s = jnp.where(visible, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
