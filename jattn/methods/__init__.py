@@ -1,11 +1,11 @@
 """Paper methods, one file per method: jattn/methods/<family>/<method>.py (docstring names its Pxx id).
 
-``jattn.methods.linear`` and ``jattn.methods.sparse`` load on first access (``import jattn`` stays light),
+``jattn.methods.kv``, ``jattn.methods.linear`` and ``jattn.methods.sparse`` load on first access (``import jattn`` stays light),
 and each re-exports its methods' public functions, e.g. ``jattn.methods.sparse.radial_attention``.
 """
 import importlib as _importlib
 
-__all__ = ["linear", "sparse"]
+__all__ = ["kv", "linear", "sparse"]
 
 
 def __getattr__(name):
