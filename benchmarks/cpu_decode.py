@@ -18,22 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cpu import best_times  # the interleaved best-of-rounds timer (run as a script: benchmarks/ is on the path)
 from jattn import decode_attention
 
 B, H, HKV, D = 1, 32, 8, 128
 COPY_BYTES = 512 * 2**20
-
-
-def best_times(cases: dict, reps: int) -> dict:
-    for fn in cases.values():
-        fn()
-    best = {name: float("inf") for name in cases}
-    for _ in range(reps):
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def copy_case():
