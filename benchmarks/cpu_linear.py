@@ -24,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from jattn.ops.linear import alibi_log_decay, linear_attention  # noqa: E402
+from jattn.core.decay import alibi_log_decay  # noqa: E402
+from jattn.ops.linear import linear_attention  # noqa: E402
 
 B, H, D = 1, 8, 64
 

@@ -56,7 +56,7 @@ for path in (ROOT, HERE):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from pallas_kernels.flash import BlockSizes, flash_attention  # noqa: E402
+from pallas_kernels.attention import BlockSizes, flash_attention  # noqa: E402
 
 CASE_MODULES = ("sparse_cases", "linear_cases", "neighborhood_cases", "decode_cases")
 TIME_BUDGET_S = 7.5 * 60  # stop starting new cases after this (the suite must finish in 8 minutes)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jattn.ops.linear import alibi_log_decay, linear_attention
+from jattn.core.decay import alibi_log_decay
+from jattn.ops.linear import linear_attention
 
 
 def linear_attention_flops(B, T, H, D, E, *, chunk: int) -> float:

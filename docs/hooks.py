@@ -137,7 +137,7 @@ def tile_defaults_table() -> str:
     from jattn.ops import attention as attention_op
     from jattn.ops import linear as linear_op
     from jattn.ops import neighborhood as na_op
-    from pallas_kernels import flash
+    from pallas_kernels import attention as flash
 
     rows = []
     xla_q, xla_k = attention_op.DEFAULT_BLOCKS["xla"]
@@ -149,7 +149,7 @@ def tile_defaults_table() -> str:
         text = ", ".join(f"{f.name}={getattr(sizes, f.name)}" for f in dataclasses.fields(sizes))
         rows.append(["`jattn.attention`", where, f"`{text}`",
                      "`attention(block_q=, block_k=)` sets the forward tiles; the backward tiles keep these "
-                     "defaults (`pallas_kernels.flash.BlockSizes` sets all six)"])
+                     "defaults (`pallas_kernels.attention.BlockSizes` sets all six)"])
     rows.append(["`jattn.block_sparse_attention`", "every impl", "the `BlockMask`'s `block_q`, `block_k`",
                  "the builder's `block_q`/`block_k`; in `Attention(method=...)`: `block_size` "
                  "(`block_sparse`) or `block` (the paper methods)"])

@@ -4,7 +4,7 @@ The ops, masks and BlockMask are imported with ``jattn``; the subpackages ``jatt
 ``Attention(method=...)``, models) and ``jattn.methods`` (one module per paper method) load on first use,
 so ``import jattn`` does not pay for Flax.
 """
-import importlib as _importlib
+from jattn._lazy import lazy_submodules as _lazy_submodules
 
 from jattn.core import masks
 from jattn.core.block_mask import BlockMask
@@ -13,25 +13,17 @@ from jattn.core.reference import reference_attention
 from jattn.core.softmax import OnlineSoftmax, merge_partials
 from jattn.ops.attention import attention
 from jattn.ops.block_sparse import block_sparse_attention
-from jattn.ops.linear import alibi_log_decay, linear_attention, linear_attention_step, linear_log_decay
+from jattn.ops.decode import decode_attention
+from jattn.core.decay import alibi_log_decay, linear_log_decay
+from jattn.ops.linear import linear_attention, linear_attention_step
 from jattn.ops.neighborhood import neighborhood_attention, neighborhood_mask
 from jattn.viz import plot_mask
 
 __all__ = [
-    "BlockMask", "OnlineSoftmax", "alibi_log_decay", "attention", "block_sparse_attention", "linear_attention",
+    "BlockMask", "OnlineSoftmax", "alibi_log_decay", "attention", "block_sparse_attention", "decode_attention", "linear_attention",
     "linear_attention_step", "linear_log_decay", "masks", "materialize", "merge_partials", "neighborhood_attention",
-    "neighborhood_mask", "plot_mask", "reference_attention", "nn", "methods", "catalog",
+    "neighborhood_mask", "plot_mask", "reference_attention", "nn", "methods", "catalog", "cache", "distributed",
 ]
 
-_LAZY_SUBMODULES = ("nn", "methods", "catalog")
-
-
-def __getattr__(name):
-    """``jattn.nn``, ``jattn.methods`` and ``jattn.catalog`` are imported on first access."""
-    if name in _LAZY_SUBMODULES:
-        return _importlib.import_module(f"jattn.{name}")
-    raise AttributeError(f"module 'jattn' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+# jattn.nn, jattn.methods, jattn.catalog, jattn.cache and jattn.distributed import on first access.
+__getattr__, __dir__ = _lazy_submodules("jattn", ("nn", "methods", "catalog", "cache", "distributed"), globals())

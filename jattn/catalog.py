@@ -108,11 +108,20 @@ _LINEAR = "jattn.methods.linear."
 _SPARSE = "jattn.methods.sparse."
 # id -> (entry points, tests, status, note) for every paper with code in the tree.
 _PROGRESS = {
-    "P03": (("jattn.merge_partials", "jattn.core.softmax.merge_two", "jattn.reference_attention"),
-            ("tests/core/test_softmax.py",), "partial",
-            "exact partitioned softmax + LSE merge; no paged decode kernel or sharded decode yet"),
-    "P65": (("jattn.merge_partials",), ("tests/core/test_softmax.py",), "partial",
-            "split-K LSE merge only; the decode (stream-K) kernel is not written yet"),
+    "P03": (("jattn.distributed.ring_attention", "jattn.distributed.kv_partitioned_attention",
+             "jattn.distributed.sharded_decode_attention", "jattn.distributed.merge_across", "jattn.merge_partials",
+             "jattn.decode_attention"),
+            ("tests/test_distributed.py", "tests/core/test_softmax.py", "tests/ops/test_decode.py"), "partial",
+            "exact partitioned softmax across devices (KV-partitioned, zigzag ring prefill fwd+bwd, sharded decode; "
+            "8 forced host devices) and a paged decode kernel returning lse; no per-device KV memory model yet"),
+    "P22": (("jattn.methods.kv.duplex.decode_cost", "jattn.decode_attention"),
+            ("tests/methods/kv/test_duplex.py", "tests/ops/test_decode.py"), "partial",
+            "Op/B model (checked against XLA's FLOP count) and the GQA-packed decode kernel; no H200 roofline "
+            "measurement yet (no GPU lent)"),
+    "P65": (("jattn.decode_attention", "pallas_kernels.decode.decode_partials", "jattn.merge_partials"),
+            ("tests/ops/test_decode.py", "tests/kernels/test_lowering.py"), "partial",
+            "split-K decode kernel (GPU and TPU structures, paged or contiguous, exact LSE merge of the splits); "
+            "the stream-K schedule whose ranges cross head/batch boundaries is not implemented"),
     "P18": (tuple(_LINEAR + n for n in ("lka.lka", "lka.lka_gate", "lka.LKA", "lka.VANAttention")),
             ("tests/methods/linear/test_lka.py",), "partial", "LKA and VAN attention; no VAN-B0..B2 models"),
     "P20": (tuple(_LINEAR + n for n in ("linfusion.generalized_linear_attention", "linfusion.LinFusionAttention")),
@@ -136,9 +145,9 @@ _PROGRESS = {
             ("tests/nn/test_icl.py",), "works", "trained model reproduces the KQ/OV patterns (docs/experiments.md)"),
     "P73": (tuple(_LINEAR + n for n in ("ninformer.MixerGatingUnit", "ninformer.NiNBlock", "ninformer.NiNformer")),
             ("tests/methods/linear/test_ninformer.py",), "partial", "no CIFAR run"),
-    "P74": (("jattn.linear_attention", "jattn.linear_attention_step", "pallas_kernels.lightning.lightning_attention",
+    "P74": (("jattn.linear_attention", "jattn.linear_attention_step", "pallas_kernels.linear.lightning_attention",
              _LINEAR + "lightning2.lightning_attention"),
-            ("tests/ops/test_linear.py", "tests/kernels/test_lightning.py"), "partial",
+            ("tests/ops/test_linear.py", "tests/kernels/test_linear.py"), "partial",
             "exact and tested on CPU (interpret mode); GPU speed not measured"),
     "P48": (("jattn.neighborhood_attention", _SPARSE + "gna.gna_attention", _SPARSE + "gna.gna_mask",
              _SPARSE + "gna.gna_tile_map", _SPARSE + "gna.gna_cost_model", _SPARSE + "gna.token_permute"),
@@ -190,6 +199,7 @@ _PROGRESS = {
 _LAYER = {
     "P03": "exact split-KV softmax (merge_partials): the layer it gives is method='softmax'",
     "P65": "a decode-time split-K merge of exact softmax: the layer it gives is method='softmax'",
+    "P22": "an Op/B cost model and the GQA-packed decode kernel under exact softmax: the layer is method='softmax'",
     "P18": "LKA is a convolutional gate on images, not attention over q, k, v (jattn.methods.linear.LKA)",
     "P20": ("linfusion",),
     "P29": ("agent",),

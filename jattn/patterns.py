@@ -224,8 +224,8 @@ def neighborhood(height: int = 12, width: int = 12, kernel: int = 5, stride: int
     n = _check_int("height", height, 1) * _check_int("width", width, 1)
     check_dense_size(f"height={height} x width={width}", n, n)
     if height == 1:
-        return neighborhood_mask((width,), kernel, stride=stride, dilation=dilation, is_causal=causal)
-    return neighborhood_mask((height, width), kernel, stride=stride, dilation=dilation, is_causal=causal)
+        return neighborhood_mask((width,), kernel, stride=stride, dilation=dilation, causal=causal)
+    return neighborhood_mask((height, width), kernel, stride=stride, dilation=dilation, causal=causal)
 
 
 def radial(frames: int = 12, tokens_per_frame: int = 32, text: int = 0, block: int = 8, token_level: bool = True):

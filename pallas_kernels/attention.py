@@ -35,6 +35,10 @@ Lengths need not be multiples of the blocks: inputs are zero-padded and the key 
 NaN: a NaN logit propagates through ``max`` into the row's running maximum, so the row's output, lse and
 gradients are NaN (never silently zero): only a row whose maximum is still exactly the mask value saw no
 visible key and finalises to ``out = 0, lse = -inf``.
+
+The online-softmax step and finalisation (``common.online_softmax_step``, ``common.finalize_rows``), the tile
+ranges (``common.tile_ranges``) and the mask/segment tile table (``common.visible_tiles``) are shared with the
+block-sparse kernel and the pure-JAX path (``jattn.ops.attention_xla``).
 """
 from __future__ import annotations
 
@@ -45,13 +49,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels import common
 from pallas_kernels.common import MASK_VALUE
 
-__all__ = ["flash_attention", "BlockSizes"]
-
-F32 = jnp.float32
+__all__ = ["flash_attention", "BlockSizes", "DEFAULTS", "tpu_block_problem"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +199,7 @@ def _tile_logits(spec: _Spec, q, k, *, row_start, col_start, bias, mask, q_seg, 
         tanh_s = jnp.tanh(s / spec.softcap)
         s = spec.softcap * tanh_s
     if bias is not None:
-        s = s + bias.astype(F32)
+        s = s + bias.astype(jnp.float32)
     visible = None
 
     def both(a, b):
@@ -230,24 +233,25 @@ def _loop_tiles(ranges, body, carry, *, position_masked: bool):
     return lax.fori_loop(f_hi, hi, functools.partial(body, position_mask=True), carry)
 
 
-def _table_entry(spec: _Spec, table_ref, row, col):
+def _table_entry(spec: _Spec, table_ref, program, row, col):
     """The visibility-table entry of tile (row, col) for this program's batch and head.
 
     GPU: the table arrives as this program's ``[n_rows, n_cols]`` block. TPU: the whole table sits in SMEM
-    and is indexed by the program's batch and head.
+    and is indexed by the program's batch and head, ``program = (b, h)``: program ids the kernel read at its
+    top level (the Pallas interpreter cannot read them inside loops).
     """
     if spec.target == "mosaic":
-        b, h = pl.program_id(1), pl.program_id(2)
+        b, h = program
         full_b, full_h = spec.table_full
         return table_ref[b if full_b else 0, h if full_h else 0, row, col]
     return table_ref[row, col]
 
 
-def _skip_invisible(spec: _Spec, table_ref, row, col, update, carry):
+def _skip_invisible(spec: _Spec, table_ref, program, row, col, update, carry):
     """Skips a tile the visibility table marks as fully masked (no table: always computes)."""
     if table_ref is None:
         return update(carry)
-    return lax.cond(_table_entry(spec, table_ref, row, col) != 0, update, lambda c: c, carry)
+    return lax.cond(_table_entry(spec, table_ref, program, row, col) != 0, update, lambda c: c, carry)
 
 
 def _slice_cols(ref, full: bool, start, size):
@@ -255,14 +259,20 @@ def _slice_cols(ref, full: bool, start, size):
     return ref[:, pl.ds(start, size)] if full else ref[...]
 
 
-def is_unseen(m, l):
-    """Rows whose running maximum never rose above the mask value saw no visible key.
-
-    A NaN logit must give a NaN row, never a silent zero one: a max reduction may skip NaN (XLA's CPU
-    vectorised max does), leaving ``m`` at the mask value, but then ``l`` holds ``exp(NaN)``, so a row
-    with a NaN denominator is never "unseen".
-    """
-    return (m <= 0.5 * MASK_VALUE) & jnp.logical_not(jnp.isnan(l))
+def _row_tile(spec: _Spec, kv_refs, q, q_seg, row_start, j, bk: int, position_mask: bool):
+    """kv tile ``j`` of a q-row program (forward, dq): ``(s, tanh_s, k, v, start)``, the tile's masked logits
+    (``_tile_logits``), its k and v slices and its first key."""
+    k_ref, v_ref, bias_ref, mask_ref, kv_seg_ref = kv_refs
+    start = pl.multiple_of(j * bk, bk)
+    k = k_ref[pl.ds(start, bk), :]
+    v = v_ref[pl.ds(start, bk), :]
+    s, tanh_s = _tile_logits(
+        spec, q, k, row_start=row_start, col_start=start,
+        bias=None if bias_ref is None else _slice_cols(bias_ref, spec.bias_full[3], start, bk),
+        mask=None if mask_ref is None else _slice_cols(mask_ref, spec.mask_full[3], start, bk),
+        q_seg=q_seg, kv_seg=kv_seg_ref[:, pl.ds(start, bk)] if spec.segments else None,
+        position_mask=position_mask)
+    return s, tanh_s, k, v, start
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,37 +284,25 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_r
     out_ref, lse_ref = refs[-2:]
     bq, bk = spec.blocks.block_q, spec.blocks.block_k
     q_block = pl.program_id(0)
+    program = (pl.program_id(1), pl.program_id(2))
     q = q_ref[...]
     q_seg = q_seg_ref[...] if spec.segments else None
+    kv_refs = (k_ref, v_ref, bias_ref, mask_ref, kv_seg_ref)
 
     def body(j, carry, position_mask):
         def update(carry):
-            m, l, acc = carry
-            start = pl.multiple_of(j * bk, bk)
-            k = k_ref[pl.ds(start, bk), :]
-            v = v_ref[pl.ds(start, bk), :]
-            s, _ = _tile_logits(
-                spec, q, k, row_start=q_block * bq, col_start=start,
-                bias=None if bias_ref is None else _slice_cols(bias_ref, spec.bias_full[3], start, bk),
-                mask=None if mask_ref is None else _slice_cols(mask_ref, spec.mask_full[3], start, bk),
-                q_seg=q_seg, kv_seg=kv_seg_ref[:, pl.ds(start, bk)] if spec.segments else None,
-                position_mask=position_mask)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-            correction = jnp.exp(m - m_new)
-            p = jnp.exp(s - m_new)
-            l = l * correction + jnp.sum(p, axis=1, keepdims=True)
-            acc = acc * correction + common.dot_nn(p.astype(v.dtype), v)
-            return m_new, l, acc
-        return _skip_invisible(spec, table_ref, q_block, j, update, carry)
+            s, _, _, v, _ = _row_tile(spec, kv_refs, q, q_seg, q_block * bq, j, bk, position_mask)
+            return common.online_softmax_step(*carry, s, v)
+        return _skip_invisible(spec, table_ref, program, q_block, j, update, carry)
 
-    init = (jnp.full((bq, 1), MASK_VALUE, F32), jnp.zeros((bq, 1), F32), jnp.zeros((bq, spec.D), F32))
+    init = (jnp.full((bq, 1), MASK_VALUE, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
+            jnp.zeros((bq, spec.D), jnp.float32))
     m, l, acc = _loop_tiles(_kv_ranges(spec, q_block, bq, bk), body, init,
                             position_masked=spec.position_masked)
-    # A row that never met a visible key: its l and acc count exp(0) = 1 terms of masked entries.
-    unseen = is_unseen(m, l)
-    safe_l = jnp.where(unseen, 1.0, l)
-    out_ref[...] = jnp.where(unseen, 0.0, acc / safe_l).astype(out_ref.dtype)
-    lse_ref[...] = jnp.where(unseen, -jnp.inf, m + jnp.log(safe_l))
+    # A row that never met a visible key (its l and acc count exp(0) = 1 terms of masked entries) gives 0, -inf.
+    out, lse = common.finalize_rows(m, l, acc)
+    out_ref[...] = out.astype(out_ref.dtype)
+    lse_ref[...] = lse
 
 
 def _broadcast_spec(full, block_shape, full_index):
@@ -328,6 +326,23 @@ def _table_spec(spec: _Spec, rows: int, cols: int, head_block):
                           lambda i, b, h: (b if full_b else 0, h if full_h else 0, 0, 0))
 
 
+def _q_row_specs(spec: _Spec, bq: int, bk: int, *, bias, mask, q_seg, kv_seg, table):
+    """``in_specs`` of ``(q, k, v, bias, mask, q_seg, kv_seg, table)`` for a q-row kernel (forward, dq) on the
+    grid ``(q blocks, B, H)``: one q tile, the head's whole K/V, the bias/mask rows of the tile."""
+    rows = lambda i, b, h: (b, h, i, 0)  # noqa: E731
+    kv_index = lambda i, b, h: (b, common.trunc_div(h, spec.group), 0, 0)  # noqa: E731
+    return [
+        pl.BlockSpec((None, None, bq, spec.D), rows),
+        pl.BlockSpec((None, None, spec.S_pad, spec.D), kv_index),
+        pl.BlockSpec((None, None, spec.S_pad, spec.D), kv_index),
+        None if bias is None else _broadcast_spec(spec.bias_full, (None, None, bq, spec.S_pad), rows),
+        None if mask is None else _broadcast_spec(spec.mask_full, (None, None, bq, spec.S_pad), rows),
+        None if q_seg is None else pl.BlockSpec((None, bq, 1), lambda i, b, h: (b, i, 0)),
+        None if kv_seg is None else pl.BlockSpec((None, 1, spec.S_pad), lambda i, b, h: (b, 0, 0)),
+        None if table is None else _table_spec(spec, spec.T_pad // bq, spec.S_pad // bk, None),
+    ]
+
+
 def _call(kernel, spec: _Spec, *, grid, inputs, in_specs, out_shapes, out_specs, name, warps):
     semantics = ("parallel",) * len(grid)
     return common.pallas_call(
@@ -338,23 +353,11 @@ def _call(kernel, spec: _Spec, *, grid, inputs, in_specs, out_shapes, out_specs,
 
 def _forward(spec: _Spec, q, k, v, bias, mask, q_seg, kv_seg):
     """Padded head-major forward: ``out [B, H, T_pad, D]``, ``lse [B, H, T_pad, 1]`` (float32)."""
-    bq, bk, G = spec.blocks.block_q, spec.blocks.block_k, spec.group
+    bq, bk = spec.blocks.block_q, spec.blocks.block_k
     table = _visibility_table(spec, mask, q_seg, kv_seg, bq, bk)
-    kv_index = lambda i, b, h: (b, common.trunc_div(h, G), 0, 0)  # noqa: E731
-    in_specs = [
-        pl.BlockSpec((None, None, bq, spec.D), lambda i, b, h: (b, h, i, 0)),
-        pl.BlockSpec((None, None, spec.S_pad, spec.D), kv_index),
-        pl.BlockSpec((None, None, spec.S_pad, spec.D), kv_index),
-        None if bias is None else _broadcast_spec(spec.bias_full, (None, None, bq, spec.S_pad),
-                                                  lambda i, b, h: (b, h, i, 0)),
-        None if mask is None else _broadcast_spec(spec.mask_full, (None, None, bq, spec.S_pad),
-                                                  lambda i, b, h: (b, h, i, 0)),
-        None if q_seg is None else pl.BlockSpec((None, bq, 1), lambda i, b, h: (b, i, 0)),
-        None if kv_seg is None else pl.BlockSpec((None, 1, spec.S_pad), lambda i, b, h: (b, 0, 0)),
-        None if table is None else _table_spec(spec, spec.T_pad // bq, spec.S_pad // bk, None),
-    ]
+    in_specs = _q_row_specs(spec, bq, bk, bias=bias, mask=mask, q_seg=q_seg, kv_seg=kv_seg, table=table)
     out_shapes = [jax.ShapeDtypeStruct((spec.B, spec.H, spec.T_pad, spec.D), q.dtype),
-                  jax.ShapeDtypeStruct((spec.B, spec.H, spec.T_pad, 1), F32)]
+                  jax.ShapeDtypeStruct((spec.B, spec.H, spec.T_pad, 1), jnp.float32)]
     out_specs = [pl.BlockSpec((None, None, bq, spec.D), lambda i, b, h: (b, h, i, 0)),
                  pl.BlockSpec((None, None, bq, 1), lambda i, b, h: (b, h, i, 0))]
     return _call(functools.partial(_forward_kernel, spec=spec), spec, grid=(spec.T_pad // bq, spec.B, spec.H),
@@ -372,20 +375,9 @@ def _visibility_table(spec: _Spec, mask, q_seg, kv_seg, bq: int, bk: int):
     if not spec.has_table:
         return None
     nq, nk = spec.T_pad // bq, spec.S_pad // bk
-    table = None
-    if mask is not None:
-        Bm, Hm, Tm, Sm = mask.shape
-        tiles = mask.reshape(Bm, Hm, nq if Tm > 1 else 1, bq if Tm > 1 else 1,
-                             nk if Sm > 1 else 1, bk if Sm > 1 else 1)
-        table = jnp.max(tiles, axis=(3, 5)).astype(jnp.int32) > 0
-    if spec.segments:
-        q_blocks = q_seg.reshape(spec.B, nq, bq)
-        kv_blocks = kv_seg.reshape(spec.B, nk, bk)
-        q_min, q_max = q_blocks.min(-1), q_blocks.max(-1)
-        kv_min, kv_max = kv_blocks.min(-1), kv_blocks.max(-1)
-        overlap = ((q_min[:, :, None] <= kv_max[:, None, :]) & (kv_min[:, None, :] <= q_max[:, :, None]))
-        overlap = overlap[:, None]
-        table = overlap if table is None else table & overlap
+    table = common.visible_tiles(mask, None if q_seg is None else q_seg.reshape(spec.B, spec.T_pad),
+                                 None if kv_seg is None else kv_seg.reshape(spec.B, spec.S_pad), block_q=bq,
+                                 block_k=bk, num_q_blocks=nq, num_k_blocks=nk)
     Bt, Ht = spec.table_full
     shape = (spec.B if Bt else 1, spec.H if Ht else 1, nq, nk)
     return jnp.broadcast_to(table, shape).astype(jnp.int32)
@@ -401,23 +393,17 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_ref, t
     ds_ref = refs[-1] if write_ds else None
     bq, bk = spec.blocks.block_q_dq, spec.blocks.block_k_dq
     q_block = pl.program_id(0)
+    program = (pl.program_id(1), pl.program_id(2))
     q = q_ref[...]
     do = do_ref[...]
     lse = lse_ref[...]
     delta = delta_ref[...]
     q_seg = q_seg_ref[...] if spec.segments else None
+    kv_refs = (k_ref, v_ref, bias_ref, mask_ref, kv_seg_ref)
 
     def body(j, dq, position_mask):
         def update(dq):
-            start = pl.multiple_of(j * bk, bk)
-            k = k_ref[pl.ds(start, bk), :]
-            v = v_ref[pl.ds(start, bk), :]
-            s, tanh_s = _tile_logits(
-                spec, q, k, row_start=q_block * bq, col_start=start,
-                bias=None if bias_ref is None else _slice_cols(bias_ref, spec.bias_full[3], start, bk),
-                mask=None if mask_ref is None else _slice_cols(mask_ref, spec.mask_full[3], start, bk),
-                q_seg=q_seg, kv_seg=kv_seg_ref[:, pl.ds(start, bk)] if spec.segments else None,
-                position_mask=position_mask)
+            s, tanh_s, k, v, start = _row_tile(spec, kv_refs, q, q_seg, q_block * bq, j, bk, position_mask)
             p = jnp.exp(s - lse)
             dp = common.dot_nt(do, v)
             ds = p * (dp - delta)
@@ -426,10 +412,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_ref, t
             if tanh_s is not None:
                 ds = ds * (1.0 - tanh_s * tanh_s)
             return dq + common.dot_nn(ds.astype(k.dtype), k)
-        return _skip_invisible(spec, table_ref, q_block, j, update, dq)
+        return _skip_invisible(spec, table_ref, program, q_block, j, update, dq)
 
     ranges = _kv_ranges(spec, q_block, bq, bk, cover_all=write_ds)
-    dq = _loop_tiles(ranges, body, jnp.zeros((bq, spec.D), F32), position_masked=spec.position_masked)
+    dq = _loop_tiles(ranges, body, jnp.zeros((bq, spec.D), jnp.float32), position_masked=spec.position_masked)
     dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
 
 
@@ -438,6 +424,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_ref, 
     dk_ref, dv_ref = refs[-2:]
     bq, bk = spec.blocks.block_q_dkv, spec.blocks.block_k_dkv
     kv_block = pl.program_id(0)
+    b_id, kv_head = pl.program_id(1), pl.program_id(2)
     k = k_ref[...]
     v = v_ref[...]
     kv_seg = kv_seg_ref[...] if spec.segments else None
@@ -475,7 +462,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_ref, 
             if table_ref is None:
                 return update(carry)
             if spec.target == "mosaic":
-                b, h = pl.program_id(1), pl.program_id(2) * spec.group + g
+                b, h = b_id, kv_head * spec.group + g
                 full_b, full_h = spec.table_full
                 entry = table_ref[b if full_b else 0, h if full_h else 0, i, kv_block]
             else:
@@ -483,7 +470,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_ref, 
             return lax.cond(entry != 0, update, lambda c: c, carry)
         return _loop_tiles(ranges, body, carry, position_masked=spec.position_masked)
 
-    zeros = jnp.zeros((bk, spec.D), F32)
+    zeros = jnp.zeros((bk, spec.D), jnp.float32)
     dk, dv = lax.fori_loop(0, spec.group, per_head, (zeros, zeros))
     dk_ref[...] = (dk * spec.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -495,7 +482,7 @@ def _backward(spec: _Spec, needs, residuals, d_out, d_lse):
     need_dq, need_dkv, need_dbias = needs
     blocks, G = spec.blocks, spec.group
     # d lse_i / d s_ij = p_ij, so an lse cotangent just shifts delta.
-    delta = jnp.sum(out.astype(F32) * d_out.astype(F32), axis=-1, keepdims=True) - d_lse
+    delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1, keepdims=True) - d_lse
     # Rows with no visible key have lse = -inf; +inf makes every exp(s - lse) exactly 0 there.
     lse_safe = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
     dq = dk = dv = dbias = None
@@ -503,26 +490,14 @@ def _backward(spec: _Spec, needs, residuals, d_out, d_lse):
     if need_dq or need_dbias:
         bq, bk = blocks.block_q_dq, blocks.block_k_dq
         table = None if need_dbias else _visibility_table(spec, mask, q_seg, kv_seg, bq, bk)
-        kv_index = lambda i, b, h: (b, common.trunc_div(h, G), 0, 0)  # noqa: E731
         row_spec = pl.BlockSpec((None, None, bq, 1), lambda i, b, h: (b, h, i, 0))
         tile_spec = pl.BlockSpec((None, None, bq, spec.D), lambda i, b, h: (b, h, i, 0))
-        in_specs = [
-            tile_spec,
-            pl.BlockSpec((None, None, spec.S_pad, spec.D), kv_index),
-            pl.BlockSpec((None, None, spec.S_pad, spec.D), kv_index),
-            None if bias is None else _broadcast_spec(spec.bias_full, (None, None, bq, spec.S_pad),
-                                                      lambda i, b, h: (b, h, i, 0)),
-            None if mask is None else _broadcast_spec(spec.mask_full, (None, None, bq, spec.S_pad),
-                                                      lambda i, b, h: (b, h, i, 0)),
-            None if q_seg is None else pl.BlockSpec((None, bq, 1), lambda i, b, h: (b, i, 0)),
-            None if kv_seg is None else pl.BlockSpec((None, 1, spec.S_pad), lambda i, b, h: (b, 0, 0)),
-            None if table is None else _table_spec(spec, spec.T_pad // bq, spec.S_pad // bk, None),
-            tile_spec, row_spec, row_spec,
-        ]
+        in_specs = [*_q_row_specs(spec, bq, bk, bias=bias, mask=mask, q_seg=q_seg, kv_seg=kv_seg, table=table),
+                    tile_spec, row_spec, row_spec]
         out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
         out_specs = [tile_spec]
         if need_dbias:
-            out_shapes.append(jax.ShapeDtypeStruct((spec.B, spec.H, spec.T_pad, spec.S_pad), F32))
+            out_shapes.append(jax.ShapeDtypeStruct((spec.B, spec.H, spec.T_pad, spec.S_pad), jnp.float32))
             out_specs.append(pl.BlockSpec((None, None, bq, spec.S_pad), lambda i, b, h: (b, h, i, 0)))
         results = _call(
             functools.partial(_dq_kernel, spec=spec, write_ds=need_dbias), spec,
@@ -649,20 +624,21 @@ class _Problem:
                      poison_outputs=self.poison_outputs)
 
 
-def _as_4d(x):
-    return x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
-
-
-def flash_attention(q, k, v, *, bias=None, mask=None, q_segment_ids=None, kv_segment_ids=None,
-                    causal: bool = False, window=None, scale: float, softcap=None,
-                    block_sizes: BlockSizes | None = None, interpret=None, poison_outputs: bool = False):
+def flash_attention(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"], *,
+                    bias: Float[Array, "..."] | None = None, mask: Bool[Array, "..."] | None = None,
+                    q_segment_ids: Int[Array, "B T"] | None = None, kv_segment_ids: Int[Array, "B S"] | None = None,
+                    causal: bool = False, window: tuple[int, int] | None = None, scale: float,
+                    softcap: float | None = None, block_sizes: BlockSizes | None = None, interpret=None,
+                    poison_outputs: bool = False) -> tuple[Float[Array, "B T H D"], Float[Array, "B T H"]]:
     """Flash attention with the exact semantics of ``jattn.core.reference.reference_attention``.
 
-    Inputs are validated by the caller (``jattn.attention``); this layer holds no policy.
+    Inputs are validated by the caller (``jattn.attention``); this layer holds no policy. Sinks are not
+    a kernel feature: merge them afterwards with ``jattn.core.softmax.merge_sinks`` (exact).
 
     Args:
-      q: ``[B, T, H, D]``; k, v: ``[B, S, Hkv, D]`` with ``H % Hkv == 0`` (query head ``h`` reads kv
-        head ``h // (H // Hkv)``).
+      q: ``[B, T, H, D]``.
+      k: ``[B, S, Hkv, D]`` with ``H % Hkv == 0`` (query head ``h`` reads kv head ``h // (H // Hkv)``).
+      v: ``[B, S, Hkv, D]``.
       bias: float, broadcastable to ``[B, H, T, S]`` (each dim 1 or full); differentiable.
       mask: bool (True = attend), broadcastable to ``[B, H, T, S]``.
       q_segment_ids: int ``[B, T]``; give with ``kv_segment_ids``.
@@ -672,13 +648,17 @@ def flash_attention(q, k, v, *, bias=None, mask=None, q_segment_ids=None, kv_seg
       scale: logit scale.
       softcap: ``s = softcap * tanh(s / softcap)`` before the bias.
       block_sizes: ``BlockSizes`` of the forward, dq and dk/dv kernels (None: the target's defaults).
-      interpret: None dispatches at lowering time (Triton / Mosaic / CPU interpreter); see
-        ``pallas_kernels.common``.
+      interpret: None dispatches at lowering time (Triton / Mosaic / CPU interpreter); ``True`` or
+        ``"triton"`` / ``"mosaic"`` run that structure in the interpreter (see ``pallas_kernels.common``).
       poison_outputs: NaN-fill every output buffer before the kernels run (tests: unwritten tiles show).
 
     Returns:
       ``out [B, T, H, D]`` in q's dtype and ``lse [B, T, H]`` in float32. A row with no visible key
       gives ``out = 0`` and ``lse = -inf``, never NaN, and finite gradients.
+
+    Raises:
+      ValueError: ``interpret`` is not one of its choices; a block size is not a power of two >= 16
+        (raised by ``BlockSizes``). A block size Mosaic cannot take raises only when lowered for TPU.
     """
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
@@ -686,8 +666,8 @@ def flash_attention(q, k, v, *, bias=None, mask=None, q_segment_ids=None, kv_seg
         B=B, T=T, S=S, H=H, Hkv=Hkv, D=D, block_sizes=block_sizes or BlockSizes(), scale=float(scale),
         softcap=None if softcap is None else float(softcap), causal=bool(causal),
         window=None if window is None else tuple(int(w) for w in window),
-        bias_full=None if bias is None else tuple(d != 1 for d in _as_4d(bias).shape),
-        mask_full=None if mask is None else tuple(d != 1 for d in _as_4d(mask).shape),
+        bias_full=None if bias is None else tuple(d != 1 for d in common.as_4d(bias).shape),
+        mask_full=None if mask is None else tuple(d != 1 for d in common.as_4d(mask).shape),
         segments=q_segment_ids is not None, poison_outputs=bool(poison_outputs))
     return _flash(problem, common.check_interpret(interpret), q, k, v, bias, mask, q_segment_ids,
                   kv_segment_ids)
@@ -705,7 +685,7 @@ def _pad_inputs(spec: _Spec, q, k, v, bias, mask, q_seg, kv_seg):
     q, k, v = heads_first(q, spec.T_pad), heads_first(k, spec.S_pad), heads_first(v, spec.S_pad)
 
     def pad_ts(x, full, value):
-        x = _as_4d(x)
+        x = common.as_4d(x)
         if full[2]:
             x = common.pad_axis(x, 2, spec.T_pad, value)
         if full[3]:
@@ -729,7 +709,7 @@ def _run_on_target(problem: _Problem, target: str, interpret: bool):
     def run(q, k, v, bias, mask, q_seg, kv_seg):
         if problem_text is not None:
             out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype),
-                          jax.ShapeDtypeStruct((spec.B, spec.T, spec.H), F32)]
+                          jax.ShapeDtypeStruct((spec.B, spec.T, spec.H), jnp.float32)]
             return tuple(common.unsupported_on_target(problem_text, out_shapes)(q, k, v, bias))
         padded = _pad_inputs(spec, q, k, v, bias, mask, q_seg, kv_seg)
         out, lse = _flash_padded(spec, *padded)

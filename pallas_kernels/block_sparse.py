@@ -28,7 +28,8 @@ row NaN (never silently zero).
 
 Passes: forward (online softmax, writes out and lse), dq (same tables) and dk/dv (transposed tables; per
 query head, summed over the GQA group afterwards). Every output tile is written by exactly one program:
-deterministic, no atomics.
+deterministic, no atomics. The online-softmax step and finalisation are ``common.online_softmax_step`` and
+``common.finalize_rows``, shared with the flash kernel, the pure-JAX paths and ``jattn.core.softmax``.
 """
 from __future__ import annotations
 
@@ -41,14 +42,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxtyping import Array, Bool, Float, Int
+
 from pallas_kernels import common
 from pallas_kernels.common import MASK_VALUE
 
-F32 = jnp.float32
-
 
 @dataclasses.dataclass(frozen=True)
-class KernelConfig:
+class SparseConfig:
+    """The static problem of one block-sparse call, shared by the kernel and the pure-JAX path
+    (``jattn.ops.block_sparse_xla``); hashable: it is a ``custom_vjp`` non-differentiable argument."""
     seq_q: int
     seq_k: int
     block_q: int
@@ -57,10 +60,6 @@ class KernelConfig:
     softcap: Optional[float]
     causal: bool
     mask_fn: Optional[Callable]
-    out_dtype: str
-    target: str
-    interpret: bool
-    poison_outputs: bool
 
     @property
     def num_q_blocks(self) -> int:
@@ -69,6 +68,15 @@ class KernelConfig:
     @property
     def num_kv_blocks(self) -> int:
         return -(-self.seq_k // self.block_k)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig(SparseConfig):
+    """``SparseConfig`` plus what the kernel needs: output dtype, target structure, interpret, poisoning."""
+    out_dtype: str
+    target: str
+    interpret: bool
+    poison_outputs: bool
 
 
 # ---------------------------------------------------------------------------------------- tables
@@ -124,26 +132,10 @@ def _mask_tile(cfg: KernelConfig, s, is_full, b, h, q_start, kv_start):
 
 
 def _softmax_step(cfg, state, q_tile, k_tile, v_tile, is_full, b, h, q_start, kv_start):
-    """One online-softmax update of ``(m [bq, 1], l [bq, 1], acc [bq, Dv])`` with one kv tile."""
-    m, l, acc = state
+    """One online-softmax update (``common.online_softmax_step``) of ``(m [bq, 1], l [bq, 1], acc [bq, Dv])``."""
     s, _ = _tile_logits(cfg, q_tile, k_tile)
     s = _mask_tile(cfg, s, is_full, b, h, q_start, kv_start)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-    correction = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new)
-    l_new = l * correction + jnp.sum(p, axis=1, keepdims=True)
-    acc_new = acc * correction + common.dot_nn(p.astype(v_tile.dtype), v_tile)
-    return m_new, l_new, acc_new
-
-
-def _finalize(m, l, acc):
-    """``(out, lse)`` of a finished row block; rows that never met a visible key give 0 and -inf.
-
-    A NaN logit keeps its row NaN: a max that skips NaN leaves ``m`` at the mask value, but ``l`` is NaN.
-    """
-    unseen = (m <= 0.5 * MASK_VALUE) & jnp.logical_not(jnp.isnan(l))
-    safe_l = jnp.where(unseen, 1.0, l)
-    return jnp.where(unseen, 0.0, acc / safe_l), jnp.where(unseen, -jnp.inf, m + jnp.log(safe_l))
+    return common.online_softmax_step(*state, s, v_tile)
 
 
 def _tile_dlogits(cfg: KernelConfig, q_tile, k_tile, v_tile, do_tile, lse_rows, delta_rows, is_full, b, h,
@@ -174,8 +166,9 @@ def _gpu_forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, cfg: KernelConfig
         return _softmax_step(cfg, state, q_tile, k_ref[pl.ds(kv_start, bk), :], v_ref[pl.ds(kv_start, bk), :],
                              is_full, b, h, qi * bq, kv_start)
 
-    init = (jnp.full((bq, 1), MASK_VALUE, F32), jnp.zeros((bq, 1), F32), jnp.zeros(out_ref.shape, F32))
-    out, lse = _finalize(*lax.fori_loop(0, table_ref[0], visit, init))
+    init = (jnp.full((bq, 1), MASK_VALUE, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
+            jnp.zeros(out_ref.shape, jnp.float32))
+    out, lse = common.finalize_rows(*lax.fori_loop(0, table_ref[0], visit, init))
     out_ref[...] = out.astype(out_ref.dtype)
     lse_ref[...] = lse
 
@@ -195,7 +188,7 @@ def _gpu_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *
                               is_full, b, h, qi * cfg.block_q, kv_start)
         return dq + common.dot_nn(ds.astype(k_tile.dtype), k_tile)
 
-    dq_ref[...] = lax.fori_loop(0, table_ref[0], visit, jnp.zeros(dq_ref.shape, F32))
+    dq_ref[...] = lax.fori_loop(0, table_ref[0], visit, jnp.zeros(dq_ref.shape, jnp.float32))
 
 
 def _gpu_dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg: KernelConfig):
@@ -215,7 +208,7 @@ def _gpu_dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, 
         return dk + common.dot_tn(ds.astype(q_tile.dtype), q_tile), dv + common.dot_tn(p.astype(do_tile.dtype),
                                                                                        do_tile)
 
-    init = (jnp.zeros(dk_ref.shape, F32), jnp.zeros(dv_ref.shape, F32))
+    init = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
     dk, dv = lax.fori_loop(0, table_ref[0], visit, init)
     dk_ref[...] = dk
     dv_ref[...] = dv
@@ -265,7 +258,7 @@ def _gpu_backward(cfg, q, k, v, kv_table, q_table, d_out, lse_rows, delta):
     call = functools.partial(common.pallas_call, target=cfg.target, interpret=cfg.interpret,
                              poison_outputs=cfg.poison_outputs)
     (dq,) = call(
-        functools.partial(_gpu_dq_kernel, cfg=cfg), out_shape=[jax.ShapeDtypeStruct(q.shape, F32)],
+        functools.partial(_gpu_dq_kernel, cfg=cfg), out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32)],
         name="jattn_block_sparse_dq", grid=(B, H, cfg.num_q_blocks),
         in_specs=[_gpu_table_spec(kv_table), _rows(cfg.block_q, same, Dp), _whole(Sp, kv_head, Dp),
                   _whole(Sp, kv_head, Dv), _rows(cfg.block_q, same, Dv), _rows(cfg.block_q, same, 1),
@@ -273,7 +266,8 @@ def _gpu_backward(cfg, q, k, v, kv_table, q_table, d_out, lse_rows, delta):
         out_specs=[_rows(cfg.block_q, same, Dp)])(kv_table, q, k, v, d_out, lse_rows, delta)
     dk, dv = call(
         functools.partial(_gpu_dkv_kernel, cfg=cfg), name="jattn_block_sparse_dkv", grid=(B, H, cfg.num_kv_blocks),
-        out_shape=[jax.ShapeDtypeStruct((B, H, Sp, Dp), F32), jax.ShapeDtypeStruct((B, H, Sp, Dv), F32)],
+        out_shape=[jax.ShapeDtypeStruct((B, H, Sp, Dp), jnp.float32),
+                   jax.ShapeDtypeStruct((B, H, Sp, Dv), jnp.float32)],
         in_specs=[_gpu_table_spec(q_table), _whole(Tp, same, Dp), _rows(cfg.block_k, kv_head, Dp),
                   _rows(cfg.block_k, kv_head, Dv), _whole(Tp, same, Dv), _whole(Tp, same, 1), _whole(Tp, same, 1)],
         out_specs=[_rows(cfg.block_k, same, Dp), _rows(cfg.block_k, same, Dv)])(
@@ -305,9 +299,9 @@ def _tpu_forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, cfg: KernelConfig
 
     @pl.when(j == 0)
     def _init():
-        m_scratch[...] = jnp.full(m_scratch.shape, MASK_VALUE, F32)
-        l_scratch[...] = jnp.zeros(l_scratch.shape, F32)
-        acc_scratch[...] = jnp.zeros(acc_scratch.shape, F32)
+        m_scratch[...] = jnp.full(m_scratch.shape, MASK_VALUE, jnp.float32)
+        l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
+        acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
 
     count, kv_block, is_full = _listed_entry(table_ref, b, h, qi, j)
 
@@ -320,7 +314,7 @@ def _tpu_forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, cfg: KernelConfig
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _write():
-        out, lse = _finalize(m_scratch[...], l_scratch[...], acc_scratch[...])
+        out, lse = common.finalize_rows(m_scratch[...], l_scratch[...], acc_scratch[...])
         out_ref[...] = out.astype(out_ref.dtype)
         lse_ref[...] = lse
 
@@ -331,7 +325,7 @@ def _tpu_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *
 
     @pl.when(j == 0)
     def _init():
-        dq_scratch[...] = jnp.zeros(dq_scratch.shape, F32)
+        dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
 
     count, kv_block, is_full = _listed_entry(table_ref, b, h, qi, j)
 
@@ -353,8 +347,8 @@ def _tpu_dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, 
 
     @pl.when(j == 0)
     def _init():
-        dk_scratch[...] = jnp.zeros(dk_scratch.shape, F32)
-        dv_scratch[...] = jnp.zeros(dv_scratch.shape, F32)
+        dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
+        dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
 
     count, q_block, is_full = _listed_entry(table_ref, b, h, ki, j)
 
@@ -398,8 +392,8 @@ def _tpu_forward(cfg, q, k, v, kv_table):
         in_specs=[q_spec, kv_spec(Dp), kv_spec(Dv)],
         out_specs=[pl.BlockSpec((None, None, bq, Dv), lambda b, h, i, j, t: (b, h, i, 0)),
                    pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, t: (b, h, i, 0))],
-        scratch=[common.vmem_scratch((bq, 1), F32), common.vmem_scratch((bq, 1), F32),
-                 common.vmem_scratch((bq, Dv), F32)], inputs=(q, k, v))
+        scratch=[common.vmem_scratch((bq, 1), jnp.float32), common.vmem_scratch((bq, 1), jnp.float32),
+                 common.vmem_scratch((bq, Dv), jnp.float32)], inputs=(q, k, v))
 
 
 def _tpu_backward(cfg, q, k, v, kv_table, q_table, d_out, lse_rows, delta):
@@ -418,18 +412,19 @@ def _tpu_backward(cfg, q, k, v, kv_table, q_table, d_out, lse_rows, delta):
 
     (dq,) = _tpu_call(
         _tpu_dq_kernel, cfg, name="jattn_block_sparse_dq", table=kv_table, grid_rows=(B, H, cfg.num_q_blocks),
-        out_shape=[jax.ShapeDtypeStruct(q.shape, F32)],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32)],
         in_specs=[fixed(bq, Dp), listed(bk, Dp, True), listed(bk, Dv, True), fixed(bq, Dv), fixed(bq, 1),
                   fixed(bq, 1)],
-        out_specs=[fixed(bq, Dp)], scratch=[common.vmem_scratch((bq, Dp), F32)],
+        out_specs=[fixed(bq, Dp)], scratch=[common.vmem_scratch((bq, Dp), jnp.float32)],
         inputs=(q, k, v, d_out, lse_rows, delta))
     dk, dv = _tpu_call(
         _tpu_dkv_kernel, cfg, name="jattn_block_sparse_dkv", table=q_table, grid_rows=(B, H, cfg.num_kv_blocks),
-        out_shape=[jax.ShapeDtypeStruct((B, H, Sp, Dp), F32), jax.ShapeDtypeStruct((B, H, Sp, Dv), F32)],
+        out_shape=[jax.ShapeDtypeStruct((B, H, Sp, Dp), jnp.float32),
+                   jax.ShapeDtypeStruct((B, H, Sp, Dv), jnp.float32)],
         in_specs=[listed(bq, Dp), fixed(bk, Dp, True), fixed(bk, Dv, True), listed(bq, Dv), listed(bq, 1),
                   listed(bq, 1)],
         out_specs=[fixed(bk, Dp), fixed(bk, Dv)],
-        scratch=[common.vmem_scratch((bk, Dp), F32), common.vmem_scratch((bk, Dv), F32)],
+        scratch=[common.vmem_scratch((bk, Dp), jnp.float32), common.vmem_scratch((bk, Dv), jnp.float32)],
         inputs=(q, k, v, d_out, lse_rows, delta))
     return dq, dk, dv
 
@@ -437,7 +432,7 @@ def _tpu_backward(cfg, q, k, v, kv_table, q_table, d_out, lse_rows, delta):
 def _forward_shapes(cfg, q, v):
     B, H, Tp, _ = q.shape
     return [jax.ShapeDtypeStruct((B, H, Tp, v.shape[3]), jnp.dtype(cfg.out_dtype)),
-            jax.ShapeDtypeStruct((B, H, Tp, 1), F32)]
+            jax.ShapeDtypeStruct((B, H, Tp, 1), jnp.float32)]
 
 
 STRUCTURES = {"triton": (_gpu_forward, _gpu_backward), "mosaic": (_tpu_forward, _tpu_backward)}
@@ -468,8 +463,8 @@ def _core_fwd(cfg, q, k, v, kv_table, q_table):
     forward, _ = STRUCTURES[cfg.target]
     out, lse = forward(cfg, *_pad_inputs(cfg, q, k, v), kv_table)
     out = jnp.swapaxes(out[:, :, :T, :D_v], 1, 2)
-    lse = lse[:, :, :T, 0]
-    return (out, lse), (q, k, v, kv_table, q_table, out, lse)
+    lse = lse[:, :, :T, 0]                                               # [B, H, T]: the kernels' row layout
+    return (out, jnp.swapaxes(lse, 1, 2)), (q, k, v, kv_table, q_table, out, lse)
 
 
 def _core_bwd(cfg, residuals, cotangents):
@@ -480,7 +475,8 @@ def _core_bwd(cfg, residuals, cotangents):
     qp, kp, vp = _pad_inputs(cfg, q, k, v)
     Tp = qp.shape[2]
     # delta = rowsum(dO * out) - dlse: the lse output's own cotangent enters ds = p * (dp - delta).
-    delta = jnp.einsum("bthe,bthe->bht", d_out.astype(F32), out.astype(F32)) - d_lse.astype(F32)
+    delta = jnp.einsum("bthe,bthe->bht", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    delta = delta - jnp.swapaxes(d_lse, 1, 2).astype(jnp.float32)
     delta = common.pad_axis(delta, 2, Tp)[..., None]
     lse_rows = common.pad_axis(jnp.where(jnp.isneginf(lse), jnp.inf, lse), 2, Tp, value=jnp.inf)[..., None]
     d_out_p = jnp.swapaxes(common.pad_axis(common.pad_axis(d_out.astype(q.dtype), 1, Tp), 3, vp.shape[3]), 1, 2)
@@ -498,10 +494,13 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 # ---------------------------------------------------------------------------------------- entry point
 
-def block_sparse_attention_pallas(q, k, v, kv_indices, kv_counts, kv_full, q_indices, q_counts, q_full, *,
-                                  block_q: int, block_k: int, scale: float, softcap: float | None = None,
-                                  causal: bool = False, mask_fn: Callable | None = None, out_dtype=None,
-                                  interpret=None, poison_outputs: bool = False):
+def block_sparse_attention_pallas(
+        q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv Dv"],
+        kv_indices: Int[Array, "Bm Hm nQ W"], kv_counts: Int[Array, "Bm Hm nQ"], kv_full: Bool[Array, "Bm Hm nQ W"],
+        q_indices: Int[Array, "Bm Hm nK Wq"], q_counts: Int[Array, "Bm Hm nK"], q_full: Bool[Array, "Bm Hm nK Wq"],
+        *, block_q: int, block_k: int, scale: float, softcap: float | None = None, causal: bool = False,
+        mask_fn: Callable | None = None, out_dtype=None, interpret=None, poison_outputs: bool = False
+        ) -> tuple[Float[Array, "B T H Dv"], Float[Array, "B T H"]]:
     """Block-sparse attention over tables in ``BlockMask`` layout (see ``jattn.core.block_mask``).
 
     Inputs are validated by the caller (``jattn.block_sparse_attention``); this layer holds no policy.
@@ -523,11 +522,16 @@ def block_sparse_attention_pallas(q, k, v, kv_indices, kv_counts, kv_full, q_ind
       causal: additionally require ``kv <= q``.
       mask_fn: ``mask_fn(b, h, q_idx, kv_idx) -> bool`` on partial tiles (pure index arithmetic).
       out_dtype: the output dtype (default q's).
-      interpret: see ``pallas_kernels.common.dispatch`` (None: Triton / Mosaic / CPU interpreter).
+      interpret: see ``pallas_kernels.common.dispatch`` (None: Triton / Mosaic / CPU interpreter; ``True`` or
+        ``"triton"`` / ``"mosaic"`` run that structure in the interpreter).
       poison_outputs: NaN-fill every output buffer first (tests: unwritten tiles show up).
 
     Returns:
-      ``out [B, T, H, Dv]`` in ``out_dtype`` and ``lse [B, H, T]`` float32 (-inf on empty rows). No sinks.
+      ``out [B, T, H, Dv]`` in ``out_dtype`` and ``lse [B, T, H]`` float32 (-inf on empty rows). No sinks:
+      merge them afterwards with ``jattn.core.softmax.merge_sinks``.
+
+    Raises:
+      TypeError, ValueError: ``block_q`` / ``block_k`` is not a power of two >= 16 (``common.check_hardware_block``).
     """
     block_q = common.check_hardware_block("block_q", block_q)
     block_k = common.check_hardware_block("block_k", block_k)

@@ -1,9 +1,12 @@
-"""Shared helpers for the Pallas kernels: JAX version shims, backend dispatch, block-size rules, padding.
+"""Shared helpers for the Pallas kernels: JAX version shims, backend dispatch, block-size rules, padding,
+and the softmax math every attention path shares.
 
 Everything that depends on which JAX release is installed lives here, so the kernels themselves use
 only APIs that exist on every supported release (``pl.pallas_call``, ``pl.BlockSpec``, ``pl.ds``,
 ``pl.program_id``, ``lax.fori_loop``, ``lax.cond``, ``lax.dot_general``). Kernels import nothing from
-``jattn``: constants they share with the library (``MASK_VALUE``) are defined here.
+``jattn``: what they share with the library is defined here and imported by ``jattn``: ``MASK_VALUE``,
+the online-softmax step and finalisation (``online_softmax_step``, ``finalize_rows``, ``is_unseen``), the
+causal/window tile ranges (``tile_ranges``) and the mask/segment tile table (``visible_tiles``).
 
 Backend dispatch (``dispatch``). A kernel is written once as a ``build(target)`` function that returns
 the traced call for one *target*:
@@ -173,14 +176,24 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def pad_axis(x, axis: int, new_length: int, value=0):
-    """Pads ``x`` at the end of ``axis`` to ``new_length`` with ``value`` (no-op when already there)."""
+def pad_axis(x, axis: int, new_length: int, value=0, *, keep_broadcast: bool = False):
+    """Pads ``x`` at the end of ``axis`` to ``new_length`` with ``value`` (no-op when already there).
+
+    ``keep_broadcast``: a length-1 ``axis`` (a broadcast operand such as a ``[B, 1, 1, S]`` bias) stays as it is.
+    """
+    if keep_broadcast and x.shape[axis] == 1:
+        return x
     extra = new_length - x.shape[axis]
     if extra == 0:
         return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, extra)
     return jnp.pad(x, widths, constant_values=value)
+
+
+def as_4d(x):
+    """A bias/mask broadcastable to ``[B, H, T, S]`` with its missing leading dims made explicit (size 1)."""
+    return x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
 
 
 def trunc_div(a, b: int):
@@ -286,6 +299,117 @@ def dot_nn(a, b):
 def dot_tn(a, b):
     """``a.T @ b`` with float32 accumulation."""
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The online softmax: the one home of the running max / denominator / accumulator update and of the
+# final normalisation. Pure jnp, so the same functions run inside the Pallas kernels (Triton loop carry
+# and Mosaic VMEM scratch), in the pure-JAX paths and in ``jattn.core.softmax.OnlineSoftmax``.
+# ----------------------------------------------------------------------------------------------
+
+def _rows_as(x, like):
+    """Row statistics ``[..., rows]`` broadcast against ``like`` (``[..., rows, n]``); columns pass through."""
+    return x if x.ndim == like.ndim else x[..., None]
+
+
+def online_softmax_step(m, l, acc, logits, v_tile, *, precision=None):
+    """Folds one tile into a running row-wise softmax-weighted sum; returns the new ``(m, l, acc)``.
+
+    Args:
+      m: running row maxima, ``[..., rows, 1]`` (column form, as kernels keep them) or ``[..., rows]``;
+        start at ``MASK_VALUE``.
+      l: running denominators, the same shape as ``m``; start at 0.
+      acc: running numerators ``[..., rows, E]`` float32; start at 0.
+      logits: float32 ``[..., rows, cols]``, masked entries set to ``MASK_VALUE`` (or ``-inf``).
+      v_tile: ``[..., cols, E]`` with ``logits``' leading dims; the probabilities are cast to its dtype for
+        the ``p @ v`` dot (float32 accumulation).
+      precision: ``lax.Precision`` of the ``p @ v`` dot (None: the default).
+
+    Returns:
+      ``(m, l, acc)`` after the tile: ``m' = max(m, rowmax)``, ``l' = l e^{m - m'} + sum e^{s - m'}``,
+      ``acc' = acc e^{m - m'} + e^{s - m'} v``. A row that saw only masked entries keeps ``m`` at the mask
+      value (see ``finalize_rows``); a NaN logit makes its row's ``l`` NaN.
+    """
+    keep = m.ndim == logits.ndim
+    m_new = jnp.maximum(m, jnp.max(logits, axis=-1, keepdims=keep))
+    correction = jnp.exp(m - m_new)
+    p = jnp.exp(logits - _rows_as(m_new, logits))
+    l_new = l * correction + jnp.sum(p, axis=-1, keepdims=keep)
+    batch = tuple(range(logits.ndim - 2))
+    pv = lax.dot_general(p.astype(v_tile.dtype), v_tile, (((logits.ndim - 1,), (v_tile.ndim - 2,)), (batch, batch)),
+                         precision=precision, preferred_element_type=jnp.float32)
+    return m_new, l_new, acc * _rows_as(correction, acc) + pv
+
+
+def is_unseen(m, l):
+    """Rows whose running maximum never rose above the mask value saw no visible key.
+
+    A NaN logit must give a NaN row, never a silent zero one: a max reduction may skip NaN (XLA's CPU
+    vectorised max does), leaving ``m`` at the mask value, but then ``l`` holds ``exp(NaN)``, so a row
+    with a NaN denominator is never "unseen".
+    """
+    return (m <= 0.5 * MASK_VALUE) & jnp.logical_not(jnp.isnan(l))
+
+
+def finalize_rows(m, l, acc):
+    """``(out, lse)`` of a finished running softmax (``online_softmax_step``'s state).
+
+    Args:
+      m: row maxima, ``[..., rows, 1]`` or ``[..., rows]``.
+      l: row denominators, the shape of ``m``.
+      acc: row numerators ``[..., rows, E]``.
+
+    Returns:
+      ``out = acc / l`` (``[..., rows, E]`` float32) and ``lse = m + log l`` (the shape of ``m``). A row is
+      empty, giving ``out = 0`` and ``lse = -inf``, when its denominator is exactly 0 or it never met a
+      visible key (``is_unseen``: its ``l`` then counts masked entries); a NaN row stays NaN.
+    """
+    empty = (l == 0) | is_unseen(m, l)
+    safe_l = jnp.where(empty, 1.0, l)
+    out = jnp.where(_rows_as(empty, acc), 0.0, acc / _rows_as(safe_l, acc))
+    return out, jnp.where(empty, -jnp.inf, m + jnp.log(safe_l))
+
+
+# ----------------------------------------------------------------------------------------------
+# Which (q block, kv block) tiles a mask array or segment ids leave anything visible in.
+# ----------------------------------------------------------------------------------------------
+
+def visible_tiles(mask, q_segments, kv_segments, *, block_q: int, block_k: int, num_q_blocks: int,
+                  num_k_blocks: int):
+    """bool ``[Bt, Ht, num_q_blocks, num_k_blocks]``: False only where a tile holds no visible entry.
+
+    Args:
+      mask: None or ``[Bm, Hm, Tm, Sm]`` (bool or 0/1 ints), each of ``Tm``/``Sm`` 1 (broadcast) or padded
+        to whole blocks. A tile is visible when any of its entries is (exact).
+      q_segments: None or int ``[B, num_q_blocks * block_q]`` segment ids (padded); give with ``kv_segments``.
+      kv_segments: int ``[B, num_k_blocks * block_k]``. A tile is visible when the id ranges of its query
+        and key blocks overlap (exact for sorted ids, conservative otherwise).
+      block_q: query tile.
+      block_k: key tile.
+      num_q_blocks: query tiles.
+      num_k_blocks: key tiles.
+
+    Returns:
+      The table, ``Bt`` = ``Bm`` or ``B`` (1 when neither varies), ``Ht`` = ``Hm`` (1 without a mask); None
+      when neither a mask nor segment ids are given.
+    """
+    nq, nk, bq, bk = num_q_blocks, num_k_blocks, block_q, block_k
+    table = None
+    if mask is not None:
+        Bm, Hm, Tm, Sm = mask.shape
+        tiles = mask.reshape(Bm, Hm, nq if Tm > 1 else 1, bq if Tm > 1 else 1, nk if Sm > 1 else 1,
+                             bk if Sm > 1 else 1)
+        table = jnp.any(tiles != 0, axis=(3, 5))
+    if q_segments is not None:
+        q_blocks = q_segments.reshape(q_segments.shape[0], nq, bq)
+        kv_blocks = kv_segments.reshape(kv_segments.shape[0], nk, bk)
+        q_min, q_max = q_blocks.min(-1), q_blocks.max(-1)
+        kv_min, kv_max = kv_blocks.min(-1), kv_blocks.max(-1)
+        overlap = ((q_min[:, :, None] <= kv_max[:, None, :]) & (kv_min[:, None, :] <= q_max[:, :, None]))[:, None]
+        table = overlap if table is None else table & overlap
+    if table is None:
+        return None
+    return jnp.broadcast_to(table, (*table.shape[:2], nq, nk))
 
 
 # ----------------------------------------------------------------------------------------------

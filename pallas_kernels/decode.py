@@ -90,23 +90,7 @@ def _attend_tile(cfg: DecodeConfig, state, q, k_tile, v_tile, length, kv_start):
     visible = (kv_pos <= q_pos) & (kv_pos < length) & (row < cfg.group * cfg.new_tokens)
     if cfg.window is not None:
         visible = visible & (kv_pos >= q_pos - cfg.window)
-    return _online_softmax_step(state, jnp.where(visible, s, MASK_VALUE), v_tile)
-
-
-# TODO(issue 10): switch to the one home in pallas_kernels.common once it lands.
-def _online_softmax_step(state, s, v_tile):
-    m, l, acc = state
-    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-    correction = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new)
-    return (m_new, l * correction + jnp.sum(p, axis=1, keepdims=True),
-            acc * correction + common.dot_nn(p.astype(v_tile.dtype), v_tile))
-
-
-def _finalize_rows(m, l, acc):
-    unseen = (m <= 0.5 * MASK_VALUE) & jnp.logical_not(jnp.isnan(l))
-    safe_l = jnp.where(unseen, 1.0, l)
-    return jnp.where(unseen, 0.0, acc / safe_l), jnp.where(unseen, -jnp.inf, m + jnp.log(safe_l))
+    return common.online_softmax_step(*state, jnp.where(visible, s, MASK_VALUE), v_tile)
 
 
 def _initial_state(rows: int, dv: int):
@@ -126,7 +110,7 @@ def _gpu_kernel(length_ref, table_ref, q_ref, k_ref, v_ref, *rest, cfg: DecodeCo
         page = table_ref[t]
         return _attend_tile(cfg, state, q, k_ref[page], v_ref[page], length, t * cfg.page_size)
 
-    out, lse = _finalize_rows(*lax.fori_loop(lo, hi, visit, _initial_state(cfg.rows, out_ref.shape[-1])))
+    out, lse = common.finalize_rows(*lax.fori_loop(lo, hi, visit, _initial_state(cfg.rows, out_ref.shape[-1])))
     out_ref[...] = out
     lse_ref[...] = lse
 
@@ -181,7 +165,7 @@ def _tpu_kernel(lengths_ref, table_ref, q_ref, k_ref, v_ref, *rest, cfg: DecodeC
 
     @pl.when(t == pl.num_programs(3) - 1)
     def _write():
-        out, lse = _finalize_rows(m_scratch[...], l_scratch[...], acc_scratch[...])
+        out, lse = common.finalize_rows(m_scratch[...], l_scratch[...], acc_scratch[...])
         out_ref[...] = out
         lse_ref[...] = lse
 

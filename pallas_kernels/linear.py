@@ -1,6 +1,7 @@
-"""Lightning attention (P74 Lightning Attention-2; the P58 algorithm): the chunked decayed-linear kernel.
+"""The linear-attention kernel: Lightning Attention-2's chunked decayed-linear algorithm (P74; P58's).
 
-Kernel layout (the policy — padding, head folding, scale — lives in ``jattn.ops.linear``):
+``impl="pallas"`` of ``jattn.linear_attention``. Kernel layout (the policy — padding, head folding,
+scale — lives in ``jattn.ops.linear``):
 ``q, k [BH, T, D]``, ``v [BH, T, E]``, per-token log-decays ``a [BH, T]`` (float32, ``<= 0``),
 initial state ``s0 [BH, D, E]`` (float32); T a multiple of the chunk, D and the value tile powers of two.
 
@@ -31,27 +32,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jaxtyping import Array, Float
 
 from pallas_kernels import common
-
-F32 = jnp.float32
-MIN_DIM = 16
-
-
-# ----------------------------------------------------------------------------------------------------
-# In-kernel helpers
-
-
-def _mm(a, b):  # a @ b
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=F32)
-
-
-def _mm_tn(a, b):  # a^T @ b
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=F32)
-
-
-def _mm_nt(a, b):  # a @ b^T
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=F32)
 
 
 class ChunkDecay(NamedTuple):
@@ -82,7 +65,7 @@ def _causal(scores, decay: ChunkDecay):
 
 
 def _load(ref, rows, *lead):
-    return ref[lead + (rows, slice(None))].astype(F32)
+    return ref[lead + (rows, slice(None))].astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -94,11 +77,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, b_ref, s0_ref, o_ref, state_ref, *, chu
         rows = pl.ds(pl.multiple_of(n * chunk, chunk), chunk)
         q, k, v = _load(q_ref, rows, 0), _load(k_ref, rows, 0), _load(v_ref, rows, 0)
         decay = _chunk_decay(b_ref[0, 0, rows], chunk)
-        out = _mm(_causal(_mm_nt(q, k), decay), v) + _mm(q * decay.q, state)
+        out = common.dot_nn(_causal(common.dot_nt(q, k), decay), v) + common.dot_nn(q * decay.q, state)
         o_ref[0, rows, :] = (scale * out).astype(o_ref.dtype)
-        return decay.chunk * state + _mm_tn(k * decay.k, v)
+        return decay.chunk * state + common.dot_tn(k * decay.k, v)
 
-    state_ref[0] = jax.lax.fori_loop(0, num_chunks, body, s0_ref[0].astype(F32))
+    state_ref[0] = jax.lax.fori_loop(0, num_chunks, body, s0_ref[0].astype(jnp.float32))
 
 
 def _dq_kernel(k_ref, v_ref, b_ref, s0_ref, do_ref, dq_ref, *, chunk, num_chunks, scale):
@@ -107,11 +90,11 @@ def _dq_kernel(k_ref, v_ref, b_ref, s0_ref, do_ref, dq_ref, *, chunk, num_chunks
         k, v = _load(k_ref, rows, 0), _load(v_ref, rows, 0)
         do = scale * _load(do_ref, rows, 0)
         decay = _chunk_decay(b_ref[0, 0, rows], chunk)
-        dq = _mm(_causal(_mm_nt(do, v), decay), k) + _mm_nt(do, state) * decay.q
+        dq = common.dot_nn(_causal(common.dot_nt(do, v), decay), k) + common.dot_nt(do, state) * decay.q
         dq_ref[0, 0, rows, :] = dq
-        return decay.chunk * state + _mm_tn(k * decay.k, v)
+        return decay.chunk * state + common.dot_tn(k * decay.k, v)
 
-    jax.lax.fori_loop(0, num_chunks, body, s0_ref[0].astype(F32))
+    jax.lax.fori_loop(0, num_chunks, body, s0_ref[0].astype(jnp.float32))
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dstate_ref, dk_ref, dv_ref, ds0_ref, *, chunk,
@@ -122,13 +105,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, b_ref, do_ref, dstate_ref, dk_ref, dv_ref, 
         q, k, v = _load(q_ref, rows, 0), _load(k_ref, rows, 0), _load(v_ref, rows, 0)
         do = scale * _load(do_ref, rows, 0)
         decay = _chunk_decay(b_ref[0, 0, rows], chunk)
-        scores = _causal(_mm_nt(q, k), decay)
-        dscores = _causal(_mm_nt(do, v), decay)
-        dk_ref[0, 0, rows, :] = _mm_tn(dscores, q) + _mm_nt(v, dstate) * decay.k
-        dv_ref[0, rows, :] = _mm_tn(scores, do) + _mm(k, dstate) * decay.k
-        return decay.chunk * dstate + _mm_tn(q * decay.q, do)
+        scores = _causal(common.dot_nt(q, k), decay)
+        dscores = _causal(common.dot_nt(do, v), decay)
+        dk_ref[0, 0, rows, :] = common.dot_tn(dscores, q) + common.dot_nt(v, dstate) * decay.k
+        dv_ref[0, rows, :] = common.dot_tn(scores, do) + common.dot_nn(k, dstate) * decay.k
+        return decay.chunk * dstate + common.dot_tn(q * decay.q, do)
 
-    ds0_ref[0] = jax.lax.fori_loop(0, num_chunks, body, dstate_ref[0].astype(F32))
+    ds0_ref[0] = jax.lax.fori_loop(0, num_chunks, body, dstate_ref[0].astype(jnp.float32))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -172,7 +155,7 @@ def _forward(q, k, v, a, s0, *, scale, chunk, block_e, target, interpret, poison
     s = _specs(T, D, block_e)
     grid = (BH, E // block_e)
     kernel = functools.partial(_forward_kernel, chunk=chunk, num_chunks=T // chunk, scale=scale)
-    out_shapes = (jax.ShapeDtypeStruct((BH, T, E), q.dtype), jax.ShapeDtypeStruct((BH, D, E), F32))
+    out_shapes = (jax.ShapeDtypeStruct((BH, T, E), q.dtype), jax.ShapeDtypeStruct((BH, D, E), jnp.float32))
     return _call(kernel, (q, k, v, _chunk_local(a, chunk), s0), (s["qk"], s["qk"], s["v"], s["b"], s["state"]),
                  out_shapes, (s["v"], s["state"]), grid, target, interpret, poison, "jattn_lightning_forward")
 
@@ -184,13 +167,13 @@ def _backward(q, k, v, a, s0, do, dstate, *, scale, chunk, block_e, target, inte
     s = _specs(T, D, block_e)
     b = _chunk_local(a, chunk)
     static = dict(chunk=chunk, num_chunks=T // chunk, scale=scale)
-    partial_qk = jax.ShapeDtypeStruct((BH, tiles, T, D), F32)  # one partial per value tile, summed below
+    partial_qk = jax.ShapeDtypeStruct((BH, tiles, T, D), jnp.float32)  # one partial per value tile, summed below
     (dq,) = _call(functools.partial(_dq_kernel, **static), (k, v, b, s0, do),
                   (s["qk"], s["v"], s["b"], s["state"], s["v"]), (partial_qk,), (s["per_tile_qk"],),
                   (BH, tiles), target, interpret, poison, "jattn_lightning_dq")
     dk, dv, ds0 = _call(functools.partial(_dkv_kernel, **static), (q, k, v, b, do, dstate),
                         (s["qk"], s["qk"], s["v"], s["b"], s["v"], s["state"]),
-                        (partial_qk, jax.ShapeDtypeStruct((BH, T, E), F32), jax.ShapeDtypeStruct((BH, D, E), F32)),
+                        (partial_qk, jax.ShapeDtypeStruct((BH, T, E), jnp.float32), jax.ShapeDtypeStruct((BH, D, E), jnp.float32)),
                         (s["per_tile_qk"], s["v"], s["state"]), (BH, tiles), target, interpret, poison,
                         "jattn_lightning_dkv")
     return dq.sum(axis=1), dk.sum(axis=1), dv, ds0
@@ -218,9 +201,9 @@ def _lightning_fwd(q, k, v, a, s0, cfg):
 def _lightning_bwd(cfg, residuals, cotangents):
     q, k, v, a, s0, final = residuals
     do, dfinal = cotangents
-    dq, dk, dv, ds0 = _backward(q, k, v, a, s0, do, dfinal.astype(F32), **cfg._asdict())
-    dc = (jnp.sum(q.astype(F32) * dq, axis=-1) - jnp.sum(k.astype(F32) * dk, axis=-1))
-    dc = dc.at[:, -1].add(jnp.sum(dfinal.astype(F32) * final, axis=(-2, -1)))
+    dq, dk, dv, ds0 = _backward(q, k, v, a, s0, do, dfinal.astype(jnp.float32), **cfg._asdict())
+    dc = (jnp.sum(q.astype(jnp.float32) * dq, axis=-1) - jnp.sum(k.astype(jnp.float32) * dk, axis=-1))
+    dc = dc.at[:, -1].add(jnp.sum(dfinal.astype(jnp.float32) * final, axis=(-2, -1)))
     da = jnp.flip(jnp.cumsum(jnp.flip(dc, axis=-1), axis=-1), axis=-1)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), da.astype(a.dtype),
             ds0.astype(s0.dtype))
@@ -229,22 +212,32 @@ def _lightning_bwd(cfg, residuals, cotangents):
 _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 
 
-def _check_pow2(name, value, minimum=MIN_DIM):
-    if not isinstance(value, int) or value < minimum or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= {minimum}, got {value!r}")
-
-
-def lightning_attention(q, k, v, a, s0, *, scale: float = 1.0, chunk_size: int = 64, block_e: int | None = None,
-                        interpret=None, poison_outputs: bool = False):
+def lightning_attention(q: Float[Array, "BH T D"], k: Float[Array, "BH T D"], v: Float[Array, "BH T E"],
+                        a: Float[Array, "BH T"], s0: Float[Array, "BH D E"], *, scale: float = 1.0,
+                        chunk_size: int = 64, block_e: int | None = None, interpret=None,
+                        poison_outputs: bool = False) -> tuple[Float[Array, "BH T E"], Float[Array, "BH D E"]]:
     """Causal decayed linear attention in kernel layout; differentiable in every array argument.
 
-    Args: ``q, k [BH, T, D]``, ``v [BH, T, E]`` (one dtype), ``a [BH, T]`` float32 log-decays,
-    ``s0 [BH, D, E]`` float32 initial state; ``scale`` multiplies the output; ``chunk_size`` and
-    ``block_e`` (value tile, default ``min(E, 64)``) powers of two >= 16 with ``T % chunk_size == 0``
-    and ``E % block_e == 0``; ``interpret``: None dispatches when the program is lowered (Triton on GPU,
-    Mosaic on TPU, the interpreter on CPU; see ``pallas_kernels.common.dispatch``); ``poison_outputs``
-    NaN-fills every output before the kernels run (tests).
-    Returns ``(out [BH, T, E] in q's dtype, final state [BH, D, E] float32)``.
+    Args:
+      q: queries ``[BH, T, D]`` (batch and heads folded), D a power of two >= 16.
+      k: keys ``[BH, T, D]``, q's dtype.
+      v: values ``[BH, T, E]``, q's dtype.
+      a: per-token log-decays ``[BH, T]`` (float32, ``<= 0``).
+      s0: the initial state ``[BH, D, E]`` (float32).
+      scale: multiplies the output.
+      chunk_size: the chunk, a power of two >= 16 dividing T.
+      block_e: the value tile, a power of two >= 16 dividing E (default ``min(E, 64)``).
+      interpret: None dispatches when the program is lowered (Triton on GPU, Mosaic on TPU, the interpreter
+        on CPU; see ``pallas_kernels.common.dispatch``); True, "triton" or "mosaic" force one structure in
+        the interpreter.
+      poison_outputs: NaN-fill every output before the kernels run (tests).
+
+    Returns:
+      ``(out [BH, T, E] in q's dtype, final state [BH, D, E] float32)``.
+
+    Raises:
+      ValueError: a shape does not match, or a size is not a legal power of two.
+      TypeError: q, k, v do not share one dtype.
     """
     for name, x, ndim in (("q", q, 3), ("k", k, 3), ("v", v, 3), ("a", a, 2), ("s0", s0, 3)):
         if getattr(x, "ndim", None) != ndim:
@@ -257,9 +250,9 @@ def lightning_attention(q, k, v, a, s0, *, scale: float = 1.0, chunk_size: int =
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     block_e = min(E, 64) if block_e is None else block_e
-    _check_pow2("chunk_size", chunk_size)
-    _check_pow2("D (head dim)", D)
-    _check_pow2("block_e", block_e)
+    common.check_hardware_block("chunk_size", chunk_size)
+    common.check_hardware_block("D (head dim)", D)
+    common.check_hardware_block("block_e", block_e)
     if T % chunk_size or E % block_e:
         raise ValueError(f"T={T} must be a multiple of chunk_size={chunk_size} and E={E} of block_e={block_e}")
 
@@ -267,4 +260,4 @@ def lightning_attention(q, k, v, a, s0, *, scale: float = 1.0, chunk_size: int =
         cfg = _Config(float(scale), int(chunk_size), int(block_e), target, interpret, bool(poison_outputs))
         return lambda q, k, v, a, s0: _lightning(q, k, v, a, s0, cfg)
 
-    return common.dispatch(build, q, k, v, a.astype(F32), s0.astype(F32), interpret=interpret)
+    return common.dispatch(build, q, k, v, a.astype(jnp.float32), s0.astype(jnp.float32), interpret=interpret)

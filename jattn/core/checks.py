@@ -246,3 +246,41 @@ def causal_alias(causal, is_causal, where: str):
     warnings.warn(f"{where}: is_causal is deprecated, use causal= (the name of this flag in every jattn op)",
                   DeprecationWarning, stacklevel=3)
     return is_causal
+
+
+def check_bool(name: str, value) -> bool:
+    """A Python or NumPy bool (an int such as 1 is not one)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def check_finite_float(name: str, value) -> float:
+    """A finite Python or NumPy real number (not a bool), returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a Python float, got {value!r}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def check_int_tuple(name: str, value, length: int, *, minimum: int = 1, what: str = "") -> tuple[int, ...]:
+    """A tuple or list of exactly ``length`` ints (not bools), each at least ``minimum``, as a tuple.
+
+    ``what`` names the entries in the error message, e.g. ``"(h, w)"``.
+    """
+    if not isinstance(value, (tuple, list)) or len(value) != length:
+        words = {2: "a pair", 3: "a triple"}.get(length, f"a tuple of {length}")
+        raise TypeError(f"{name} must be {words} of ints >= {minimum}{' ' + what if what else ''}, got {value!r}")
+    return tuple(check_int(f"{name}[{i}]", x, minimum) for i, x in enumerate(value))
+
+
+def check_float_in(name: str, value, low: float, high: float, *, low_open: bool = False) -> float:
+    """A real number (not a bool) in ``[low, high]`` (``(low, high]`` with ``low_open``), as a float."""
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be in {interval} (a real number), got {value!r}")
+    x = float(value)
+    if not ((low < x) if low_open else (low <= x)) or not x <= high:  # NaN fails both
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return x

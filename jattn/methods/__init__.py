@@ -3,16 +3,7 @@
 ``jattn.methods.kv``, ``jattn.methods.linear`` and ``jattn.methods.sparse`` load on first access (``import jattn`` stays light),
 and each re-exports its methods' public functions, e.g. ``jattn.methods.sparse.radial_attention``.
 """
-import importlib as _importlib
+from jattn._lazy import lazy_submodules as _lazy_submodules
 
 __all__ = ["kv", "linear", "sparse"]
-
-
-def __getattr__(name):
-    if name in __all__:
-        return _importlib.import_module(f"jattn.methods.{name}")
-    raise AttributeError(f"module 'jattn.methods' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_submodules("jattn.methods", tuple(__all__), globals())

@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jattn.core import checks, masks
+from jattn.cache import NO_PAGE, ContiguousKVCache, PagedKVCache
+from jattn.core import checks
+from jattn.ops.decode_reference import contiguous_cache
 from jattn.nn.methods import get_method
 
 
@@ -85,25 +87,63 @@ class Attention(nnx.Module):
         self.out = linear(H * D, dim)
         self.gate = linear(dim, H * D) if output_gate else None
         # Filled by init_cache; declared as data so NNX treats the later Cache variables as state.
-        self.cache_k, self.cache_v = nnx.data(None), nnx.data(None)
+        self.kv_cache = nnx.data(None)
         self.cache_state, self.cache_index = nnx.data(None), nnx.data(None)
 
     # --- decoding cache -------------------------------------------------------------------------
 
-    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> None:
-        """Allocates an empty decoding cache for ``batch_size`` sequences of up to ``max_length`` tokens."""
+    def init_cache(self, batch_size: int, max_length: int, dtype=None, *, kind: str = "contiguous",
+                   page_size: int = 16) -> None:
+        """Allocates an empty decoding cache for ``batch_size`` sequences of up to ``max_length`` tokens.
+
+        Args:
+          batch_size: sequences decoded together.
+          max_length: tokens per sequence (rounded up to ``page_size``).
+          dtype: the K/V dtype (default: the layer's dtype).
+          kind: ``"contiguous"`` (``jattn.cache.ContiguousKVCache``) or ``"paged"``
+            (``jattn.cache.PagedKVCache``, a pool of ``batch_size * ceil(max_length / page_size)`` pages).
+          page_size: the page (and decode-kernel tile) size, a power of two >= 16.
+        """
         if self.spec.cache is None:
             raise ValueError(f"method {self.method!r} does not support decoding")
         B, L = _positive_int("batch_size", batch_size), _positive_int("max_length", max_length)
+        checks.check_choice("kind", kind, ("contiguous", "paged"))
+        page_size = checks.check_block_size("page_size", page_size, minimum=16)
         dtype = self.dtype if dtype is None else dtype
         Hkv, D = self.num_kv_heads, self.head_dim
         self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
         if self.spec.cache == "kv":
-            self.cache_k = nnx.Cache(jnp.zeros((B, L, Hkv, D), dtype))
-            self.cache_v = nnx.Cache(jnp.zeros((B, L, Hkv, D), dtype))
+            pages = -(-L // page_size)
+            if kind == "contiguous":
+                cache = ContiguousKVCache.create(B, Hkv, L, D, dtype=dtype, page_size=page_size)
+            else:
+                cache = PagedKVCache.create(B, Hkv, num_pages=B * pages, page_size=page_size, max_pages=pages,
+                                            head_dim=D, dtype=dtype)
+            self.kv_cache = nnx.Cache(cache)
         else:
             self.cache_state = nnx.Cache(jnp.zeros((B, self.num_heads, D, D), jnp.float32))
         self.cache_max_length = L
+
+    @staticmethod
+    def kv_dtype(cache):
+        return cache.k.dtype if isinstance(cache, ContiguousKVCache) else cache.k_pool.dtype
+
+    def _decode_dense(self, cache, q, positions, return_probs):
+        """Decoding for a method with a general pattern: ``decode_apply`` over the whole cache with the
+        method's absolute-position mask (dense: O(cache length) per token)."""
+        if isinstance(cache, ContiguousKVCache):
+            k, v = cache.k, cache.v
+        else:
+            table = jnp.where(cache.page_table == NO_PAGE, 0, cache.page_table)
+            k, v = contiguous_cache(cache.k_pool, table), contiguous_cache(cache.v_pool, table)
+        L = k.shape[2]
+        q_pos = positions[0][:, None]
+        kv_pos = jnp.arange(L)[None, :]
+        visible = (kv_pos <= q_pos) & self.spec.decode_mask(self.method_config)(0, 0, q_pos, kv_pos)
+        apply = self.spec.decode_apply or self.spec.apply
+        result = apply(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), causal=False, mask=visible[None, None],
+                       scale=self.scale, return_probs=return_probs, **self.method_config)
+        return result if return_probs else (result, None)
 
     # --- forward --------------------------------------------------------------------------------
 
@@ -161,22 +201,17 @@ class Attention(nnx.Module):
                                          return_final_state=True, **self.method_config)
             self.cache_state[...] = state.astype(jnp.float32)
         else:
-            if self.cache_k[...].shape[0] != B:
-                raise ValueError(f"x has batch {B} but the cache was built for {self.cache_k[...].shape[0]}")
-            # Writing past max_length would be clamped by dynamic_update_slice: callers size the cache.
-            self.cache_k[...] = jax.lax.dynamic_update_slice(
-                self.cache_k[...], k.astype(self.cache_k[...].dtype), (0, index, 0, 0))
-            self.cache_v[...] = jax.lax.dynamic_update_slice(
-                self.cache_v[...], v.astype(self.cache_v[...].dtype), (0, index, 0, 0))
-            L = self.cache_k[...].shape[1]
-            q_pos = positions[0][:, None]
-            kv_pos = jnp.arange(L)[None, :]
-            visible = (kv_pos <= q_pos) & self.spec.decode_mask(self.method_config)(0, 0, q_pos, kv_pos)
-            apply = self.spec.decode_apply or self.spec.apply
-            result = apply(q, self.cache_k[...], self.cache_v[...], causal=False,
-                                     mask=visible[None, None], scale=self.scale,
-                                     return_probs=return_probs, **self.method_config)
-            out, probs = result if return_probs else (result, None)
+            cache = self.kv_cache.get_value()
+            if cache.lengths.shape[0] != B:
+                raise ValueError(f"x has batch {B} but the cache was built for {cache.lengths.shape[0]}")
+            # Past the cache's capacity an append raises (concrete) or marks the sequence (NaN rows, traced).
+            cache = cache.append(k.astype(self.kv_dtype(cache)), v.astype(self.kv_dtype(cache)))
+            self.kv_cache.set_value(cache)
+            if self.spec.decode_kernel is not None and not return_probs:
+                out, probs = cache.attend(q.astype(self.kv_dtype(cache)), scale=self.scale,
+                                          **self.spec.decode_kernel(self.method_config)), None
+            else:
+                out, probs = self._decode_dense(cache, q, positions, return_probs)
         self.cache_index[...] = index + T
         out = self._finish(x, out)
         return (out, probs) if return_probs else out

@@ -30,12 +30,14 @@ import difflib
 import math
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 from jattn.core import checks, masks
-from jattn.core.reference import HIGHEST, attention_logits, reference_attention
+from jattn.core.block_mask import BlockMask
+from jattn.core.reference import reference_attention
+from jattn.methods.linear.linfusion import FEATURE_MAPS
+from jattn.methods.linear.sigmoid import sigmoid_attention
+from jattn.methods.linear.transnormer import DECAYS, norm_linear_attention, tnl_decay
+from jattn.ops.attention import attention
+from jattn.ops.block_sparse import block_sparse_attention
 
 Config = dict[str, Any]
 
@@ -67,6 +69,9 @@ class AttentionMethod:
     supports_probs: bool = True
     # Decoding over a KV cache with an absolute-position mask; None means `apply` does it.
     decode_apply: Callable[..., Any] | None = None
+    # Decodes with jattn.decode_attention (the split-K decode kernel), given decode_kernel(config): its keyword
+    # arguments (window, softcap); methods without it decode through decode_apply and a dense mask.
+    decode_kernel: Callable[[Config], dict] | None = None
     # Per-layer config the model fills in (e.g. TNL decay slopes depend on the layer index).
     layer_aware: bool = False
     description: str = ""
@@ -161,25 +166,12 @@ def _check_impl(config: Config) -> None:
 # softmax family: plain softmax, sliding window, any static mask pattern
 
 
-def _ops_attention():
-    """The fused entry point once it exists; the fp32 reference until then."""
-    try:
-        from jattn.ops.attention import attention
-    except ImportError:
-        return None
-    return attention
-
-
 def dense_softmax(q, k, v, *, causal, mask, scale, return_probs, window=None, softcap=None, impl="auto",
                   sinks=None):
     """Softmax attention; probabilities (when asked) come from the fp32 reference."""
     if return_probs or impl == "reference":
         return reference_attention(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
                                    softcap=softcap, sinks=sinks, return_probs=return_probs)
-    attention = _ops_attention()
-    if attention is None:
-        return reference_attention(q, k, v, mask=mask, causal=causal, window=window, scale=scale,
-                                   softcap=softcap, sinks=sinks)
     return attention(q, k, v, mask=mask, causal=causal, window=window, scale=scale, softcap=softcap,
                      sinks=sinks, impl=impl)
 
@@ -242,32 +234,6 @@ def _masked_apply(q, k, v, *, causal, mask, scale, return_probs, mask_fn, softca
 # sigmoid attention (P50): no row max, no denominator unless normalised
 
 
-def sigmoid_attention(q, k, v, *, causal: bool = True, mask=None, scale=None, normalize: bool = False,
-                      bias: float = 0.0, return_probs: bool = False):
-    """``W = sigmoid(scale * q k^T + bias) ⊙ C``; ``out = W v`` (P50, ``sim="sigmoid"``).
-
-    With ``normalize`` each row is divided by ``rowsum(W) + 1e-8`` (the official code's epsilon).
-    ``probs`` are the weights ``W`` actually used ``[B, H, T, S]`` (not normalised unless asked)."""
-    (B, T, S, H, Hkv, D), _, _, scale = checks.check_attention_args(q, k, v, mask=mask, scale=scale)
-    if not isinstance(normalize, (bool, np.bool_)):
-        raise TypeError(f"normalize must be a bool, got {normalize!r}")
-    if isinstance(bias, bool) or not isinstance(bias, (int, float, np.floating, np.integer)):
-        raise TypeError(f"bias must be a Python float, got {bias!r}")
-    weights = jax.nn.sigmoid(attention_logits(q, k, scale=scale) + float(bias))
-    visible = jnp.ones((1, 1, T, S), bool)
-    if causal:
-        visible = visible & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])[None, None]
-    if mask is not None:
-        visible = visible & jnp.reshape(mask, (1,) * (4 - mask.ndim) + tuple(mask.shape))
-    weights = jnp.where(visible, weights, 0.0)
-    if normalize:
-        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-8)
-    wg = weights.reshape(B, Hkv, H // Hkv, T, S)
-    out = jnp.einsum("bkgts,bskd->btkgd", wg, v.astype(jnp.float32), precision=HIGHEST)
-    out = out.reshape(B, T, H, v.shape[-1]).astype(q.dtype)
-    return (out, weights) if return_probs else out
-
-
 def _validate_sigmoid(config: Config) -> Config:
     _check_config_keys("sigmoid", config, ("normalize", "bias"))
     normalize = config.get("normalize", False)
@@ -285,15 +251,7 @@ def _sigmoid_apply(q, k, v, *, causal, mask, scale, return_probs, normalize=Fals
 
 
 # ----------------------------------------------------------------------------------------------------
-# lightning / TransNormerLLM linear attention (P58, P74) over jattn.ops.linear
-
-FEATURE_MAPS = {
-    "silu": jax.nn.silu,                                  # TransNormerLLM's phi
-    "elu1": lambda x: jax.nn.elu(x) + 1.0,
-    "relu": jax.nn.relu,
-    "identity": lambda x: x,
-}
-DECAYS = ("alibi", "paper_linear", "none")
+# lightning / TransNormerLLM linear attention (P58, P74): jattn.methods.linear.transnormer's NormAttention
 
 
 def _validate_lightning(config: Config) -> Config:
@@ -303,44 +261,28 @@ def _validate_lightning(config: Config) -> Config:
               "layer_index": None, "num_layers": 1, **config}
     checks.check_choice("feature_map", config["feature_map"], tuple(FEATURE_MAPS))
     checks.check_choice("decay", config["decay"], DECAYS)
-    if not isinstance(config["output_norm"], bool):
-        raise TypeError(f"output_norm must be a bool, got {config['output_norm']!r}")
+    checks.check_bool("output_norm", config["output_norm"])
     return config
-
-
-def _repeat_kv_heads(x, H):
-    return jnp.repeat(x, H // x.shape[2], axis=2) if x.shape[2] != H else x
 
 
 def lightning_attention_heads(q, k, v, *, causal, mask, scale, return_probs, feature_map="silu",
                               decay="alibi", output_norm=True, chunk_size=64, impl="auto", layer_index=None,
                               num_layers=1, initial_state=None, return_final_state=False):
-    """TransNormerLLM's NormAttention: ``phi(q), phi(k)``, per-head decay, then SRMSNorm over all heads.
+    """TransNormerLLM's NormAttention (``jattn.methods.linear.transnormer.norm_linear_attention``) on
+    ``phi(q), phi(k)``, with the per-head decay ``tnl_decay(decay, H, layer_index, num_layers)``.
 
     ``decay="alibi"`` is the official code's ``s_h = 2^(-8(h+1)/H)`` scaled by the layer factor;
-    ``"paper_linear"`` the paper text's reading; ``"none"`` no decay. GQA repeats k/v heads."""
-    from jattn.ops.linear import alibi_log_decay, linear_attention, linear_log_decay
+    ``"paper_linear"`` the paper text's reading; ``"none"`` no decay. GQA as ``jattn.linear_attention``."""
     if mask is not None:
         raise ValueError("method 'lightning' takes no mask (its causal decay is the pattern); got a mask")
     if return_probs:
         raise ValueError("method 'lightning' has no attention probabilities; return_probs must be False")
-    H = q.shape[2]
     phi = FEATURE_MAPS[feature_map]
-    q, k, v = phi(q), _repeat_kv_heads(phi(k), H), _repeat_kv_heads(v, H)
-    log_decay = None
-    if causal and decay == "alibi":
-        log_decay = alibi_log_decay(H, layer=layer_index, num_layers=num_layers)
-    elif causal and decay == "paper_linear":
-        log_decay = linear_log_decay(H, layer=layer_index or 0, num_layers=num_layers)
-    out, state = linear_attention(q, k, v, log_decay=log_decay, causal=causal,
-                                  scale=1.0 if scale is None else scale, initial_state=initial_state,
-                                  return_final_state=True, chunk_size=chunk_size, impl=impl)
-    if output_norm:
-        B, T, _, E = out.shape
-        x32 = out.astype(jnp.float32).reshape(B, T, H * E)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + 1e-6)
-        out = x32.reshape(B, T, H, E).astype(q.dtype)
-    return (out, state) if return_final_state else out
+    log_decay = tnl_decay(decay, q.shape[2], layer=layer_index, num_layers=num_layers) if causal else None
+    return norm_linear_attention(phi(q), phi(k), v, log_decay=log_decay, causal=causal,
+                                 scale=1.0 if scale is None else scale, output_norm=output_norm,
+                                 initial_state=initial_state, return_final_state=return_final_state,
+                                 chunk_size=chunk_size, impl=impl)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -366,19 +308,9 @@ def _block_sparse_apply(q, k, v, *, causal, mask, scale, return_probs, mask_fn, 
         pattern = masks.materialize(mask_fn, 1, 1, q.shape[1], k.shape[1])
         return dense_softmax(q, k, v, causal=causal, mask=pattern if mask is None else mask & pattern,
                              scale=scale, return_probs=return_probs, softcap=softcap, impl="reference")
-    from jattn.core.block_mask import BlockMask
-    from jattn.ops.block_sparse import block_sparse_attention
     block_mask = BlockMask.from_mask_fn(mask_fn, 1, 1, q.shape[1], k.shape[1], block_size, block_size)
     return block_sparse_attention(q, k, v, block_mask, mask_fn=mask_fn, causal=causal, scale=scale,
                                   softcap=softcap, impl=impl)
-
-
-def _importable(module: str) -> bool:
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -386,13 +318,14 @@ def _importable(module: str) -> bool:
 register_method(AttentionMethod(
     "softmax", dense_softmax, _validate_softmax, cache="kv",
     decode_mask=lambda config: masks.full_mask(), decode_apply=dense_softmax_decode,
+    decode_kernel=lambda config: dict(softcap=config.get("softcap")),
     options=(Option("softcap", None, "logit soft cap s -> softcap * tanh(s / softcap)"),
              Option("impl", "auto", "jattn.attention impl: 'auto' | 'xla' | 'pallas' | 'reference'")),
-    description="exact softmax attention (flash kernel via jattn.ops.attention when available)"))
+    description="exact softmax attention (jattn.attention: the flash kernel)"))
 register_method(AttentionMethod(
     "sliding_window", _sliding_window_apply, _validate_sliding_window, cache="kv",
     decode_mask=lambda config: masks.sliding_window_mask(*config["window"]),
-    decode_apply=dense_softmax_decode,
+    decode_apply=dense_softmax_decode, decode_kernel=lambda config: dict(window=config["window"]),
     options=(Option("window", REQUIRED, "keys seen on each side of the query, its own key not counted: an int n "
                     "means (n, n), with the layer's causal=True (n, 0) (the query and the n keys before it); "
                     "or a pair (left, right). The same meaning as jattn.attention(window=...)"),
@@ -413,25 +346,23 @@ register_method(AttentionMethod(
     options=(Option("normalize", False, "divide each row by its sum (+1e-8)"),
              Option("bias", 0.0, "added to the logits before the sigmoid")),
     description="P50 sigmoid attention, unnormalised by default"))
-if _importable("jattn.ops.linear"):
-    register_method(AttentionMethod(
-        "lightning", lightning_attention_heads, _validate_lightning, cache="state", supports_probs=False,
-        layer_aware=True, description="P58/P74 lightning attention (TransNormerLLM NormAttention)",
-        options=(Option("feature_map", "silu", f"phi of q and k: one of {tuple(FEATURE_MAPS)}"),
-                 Option("decay", "alibi", f"per-head decay: one of {DECAYS}"),
-                 Option("output_norm", True, "SRMSNorm over all heads' output"),
-                 Option("chunk_size", 64, "chunk length of the chunked kernel"),
-                 Option("impl", "auto", "jattn.linear_attention impl"),
-                 Option("layer_index", None, "filled in by the model (layer-dependent decay)"),
-                 Option("num_layers", 1, "filled in by the model"))))
-if _importable("jattn.ops.block_sparse") and _importable("jattn.core.block_mask"):
-    register_method(AttentionMethod(
-        "block_sparse", _block_sparse_apply, _validate_block_sparse, cache="kv",
-        decode_mask=lambda config: config["mask_fn"], decode_apply=dense_softmax_decode,
-        options=(Option("mask_fn", REQUIRED, "a mask function (Python only; see the named pattern methods)"),
-                 Option("block_size", 16, "kernel tile, a power of two >= 16"),
-                 Option("softcap", None, "logit soft cap"), Option("impl", "auto", "block_sparse_attention impl")),
-        description="softmax under a static mask function, run by the block-sparse kernel"))
+register_method(AttentionMethod(
+    "lightning", lightning_attention_heads, _validate_lightning, cache="state", supports_probs=False,
+    layer_aware=True, description="P58/P74 lightning attention (TransNormerLLM NormAttention)",
+    options=(Option("feature_map", "silu", f"phi of q and k: one of {tuple(FEATURE_MAPS)}"),
+             Option("decay", "alibi", f"per-head decay: one of {DECAYS}"),
+             Option("output_norm", True, "SRMSNorm over all heads' output"),
+             Option("chunk_size", 64, "chunk length of the chunked kernel"),
+             Option("impl", "auto", "jattn.linear_attention impl"),
+             Option("layer_index", None, "filled in by the model (layer-dependent decay)"),
+             Option("num_layers", 1, "filled in by the model"))))
+register_method(AttentionMethod(
+    "block_sparse", _block_sparse_apply, _validate_block_sparse, cache="kv",
+    decode_mask=lambda config: config["mask_fn"], decode_apply=dense_softmax_decode,
+    options=(Option("mask_fn", REQUIRED, "a mask function (Python only; see the named pattern methods)"),
+             Option("block_size", 16, "kernel tile, a power of two >= 16"),
+             Option("softcap", None, "logit soft cap"), Option("impl", "auto", "block_sparse_attention impl")),
+    description="softmax under a static mask function, run by the block-sparse kernel"))
 
 # The paper methods, registered from the catalogue (jattn/catalog.py, Paper.layer_methods).
 from jattn.nn import paper_methods as _paper_methods  # noqa: E402

@@ -5,6 +5,9 @@ config), or ``layer_methods`` — one ``(name, config)`` per layer — for hybri
 """
 from __future__ import annotations
 
+import collections
+import functools
+
 from typing import Any, Sequence
 
 import jax
@@ -13,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jattn.core import checks
+from jattn.methods.linear.transnormer import srms_norm
 from jattn.nn.attention import Attention, _positive_int
 from jattn.nn.methods import get_method
 
@@ -20,14 +24,9 @@ NORMS = ("rms", "layer", "srms")
 MLPS = ("swiglu", "gelu", "sglu")
 
 
-def srms_norm(x, eps: float = 1e-6):
-    """Simple RMSNorm without a gain (TransNormerLLM): ``x / (||x||_2 / sqrt(d))`` over the last axis."""
-    x32 = x.astype(jnp.float32)
-    rms = jnp.sqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-    return (x32 / rms).astype(x.dtype)
-
-
 class SRMSNorm(nnx.Module):
+    """TransNormerLLM's SRMSNorm (``jattn.methods.linear.transnormer.srms_norm``) as a module: no gain."""
+
     def __init__(self, eps: float = 1e-6):
         self.eps = eps
 
@@ -159,9 +158,41 @@ class DecoderLM(nnx.Module):
                                                            param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
 
-    def init_cache(self, batch_size: int, max_length: int) -> None:
+    def init_cache(self, batch_size: int, max_length: int, *, kind: str = "contiguous", page_size: int = 16) -> None:
+        """Every layer's decoding cache (``Attention.init_cache``: ``kind`` "contiguous" or "paged")."""
         for block in self.blocks:
-            block.attention.init_cache(batch_size, max_length)
+            block.attention.init_cache(batch_size, max_length, kind=kind, page_size=page_size)
+
+    def generate(self, prompt, max_new_tokens: int, *, cache: str = "contiguous", page_size: int = 16):
+        """Greedy generation: the prompt is prefilled through the decoding caches, then each new token is one
+        call of a compiled step (traced once for the prompt's shape and once for a single token; see
+        ``GENERATION_TRACES``).
+
+        Args:
+          prompt: ``[B, T]`` int token ids.
+          max_new_tokens: tokens to generate.
+          cache: ``"contiguous"`` or ``"paged"`` KV caches (``jattn.cache``); methods with a ``decode_kernel``
+            attend through ``jattn.decode_attention``.
+          page_size: the caches' page (and decode-kernel tile) size.
+
+        Returns:
+          ``[B, max_new_tokens]`` int32 tokens. The model's caches hold the whole sequence afterwards.
+        """
+        prompt = jnp.asarray(prompt)
+        if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+            raise ValueError(f"prompt must be an int array [B, T], got {checks.describe(prompt)}")
+        check_token_ids("prompt", prompt, self.vocab_size)
+        steps = _positive_int("max_new_tokens", max_new_tokens)
+        self.init_cache(prompt.shape[0], prompt.shape[1] + steps, kind=cache, page_size=page_size)
+        graphdef, state = nnx.split(self)
+        step = jax.jit(functools.partial(_greedy_step, graphdef))  # one compile per shape, per generate call
+        token, state = step(state, prompt.astype(jnp.int32))
+        tokens = [token]
+        for _ in range(steps - 1):
+            token, state = step(state, token[:, None])
+            tokens.append(token)
+        nnx.update(self, state)
+        return jnp.stack(tokens, axis=1)
 
     def __call__(self, tokens, *, return_probs: bool = False, decode: bool = False):
         tokens = jnp.asarray(tokens)
@@ -178,6 +209,18 @@ class DecoderLM(nnx.Module):
         logits = self.embed.attend(x) if self.head is None else self.head(x)
         logits = logits.astype(jnp.float32)
         return (logits, maps) if return_probs else logits
+
+
+# How often _greedy_step was traced, per input shape (a test proves a generation compiles once per shape).
+GENERATION_TRACES: collections.Counter = collections.Counter()
+
+
+def _greedy_step(graphdef, state, tokens):
+    """Feeds ``tokens [B, T]`` through the model's caches; returns the next greedy token and the new state."""
+    GENERATION_TRACES[tokens.shape] += 1
+    model = nnx.merge(graphdef, state)
+    logits = model(tokens, decode=True)
+    return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), nnx.state(model)
 
 
 class ViT(nnx.Module):

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jattn.core import checks
-from jattn.ops.neighborhood import NAGeometry, neighborhood_attention
+from jattn.core.neighborhood import NAGeometry
+from jattn.ops.neighborhood import neighborhood_attention
 
 
 class NeighborhoodAttention(nnx.Module):

@@ -253,7 +253,7 @@ def _neighborhood_apply(q, k, v, *, causal, mask, scale, return_probs, kernel_si
     _check_grid("neighborhood", grid, T)
     if mask is not None or return_probs:
         pattern = jnp.asarray(neighborhood_mask(grid, kernel_size, stride=stride, dilation=dilation,
-                                                is_causal=bool(causal)))
+                                                causal=bool(causal)))
         return dense_softmax(q, k, v, causal=False, mask=pattern if mask is None else mask & pattern, scale=scale,
                              return_probs=return_probs, impl="reference")
     B = q.shape[0]

@@ -1,36 +1,50 @@
 """``jattn.attention``: one entry point for softmax attention with every impl behind it.
 
-``impl="reference"`` is the dense fp32 oracle, ``"xla"`` the blockwise O(T)-memory pure-JAX path (the
-CPU fast path), ``"pallas"`` the flash kernel in ``pallas_kernels.flash`` (compiled on GPU/TPU,
-interpreted on CPU), ``"auto"`` picks pallas on GPU/TPU and xla on CPU. Every impl takes every argument
-of the reference and follows its semantics (see ``jattn.core.reference``).
+The softmax family's files:
+
+* ``jattn.ops.attention`` (this module): the public API: validation (``jattn.core.checks``), impl dispatch
+  (``jattn.ops.dispatch.run_impl``), the glue around the kernel (segment-id pair, sinks merge);
+* ``jattn.ops.attention_reference``: ``impl="reference"``, the dense fp32 oracle (``jattn.core.reference``);
+* ``jattn.ops.attention_xla``: ``impl="xla"``, the blockwise O(T)-memory pure-JAX path (the CPU fast path);
+* ``pallas_kernels.attention``: ``impl="pallas"``, the flash kernel (compiled on GPU/TPU, interpreted on CPU).
+
+``"auto"`` picks pallas on GPU/TPU and xla on CPU, when the program is lowered. Every impl takes every
+argument of the reference and follows its semantics (see ``jattn.core.reference``).
 """
 from __future__ import annotations
 
-import jax
+import functools
+
+from jaxtyping import Array, Bool, Float, Int
 
 from jattn.core import checks
-from jattn.core.reference import reference_attention
 from jattn.core.softmax import merge_sinks
+from jattn.ops.attention_reference import attention_reference
 from jattn.ops.attention_xla import flash_attention_xla
 from jattn.ops.dispatch import run_impl
-from pallas_kernels.flash import BlockSizes, flash_attention as flash_attention_pallas
+from pallas_kernels.attention import BlockSizes, flash_attention as flash_attention_pallas
 from pallas_kernels.common import MIN_DOT_DIM, fit_block
 
 # Tile sizes that measured fastest on a 2-core CPU (benchmarks/cpu.py) and on GPU (benchmarks/gpu_suite.py).
 # xla: a [H, 512, 128] f32 logit tile (2 MiB) stays in a core's L2 (benchmarks/cpu.py measured 512x512 ~20% slower).
-# Pallas defaults are per target: pallas_kernels.flash.DEFAULTS
+# Pallas defaults are per target: pallas_kernels.attention.DEFAULTS
 DEFAULT_BLOCKS = {"xla": (512, 128)}
 MIN_BLOCK = MIN_DOT_DIM
 
 
-def attention(q, k, v, *, bias=None, mask=None, causal: bool = False, window=None, segment_ids=None,
-              scale=None, softcap=None, sinks=None, return_lse: bool = False, impl: str = "auto",
-              block_q: int | None = None, block_k: int | None = None):
+def attention(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"], *,
+              bias: Float[Array, "..."] | None = None, mask: Bool[Array, "..."] | None = None,
+              causal: bool = False, window: int | tuple[int, int] | None = None,
+              segment_ids: Int[Array, "B T"] | tuple[Int[Array, "B T"], Int[Array, "B S"]] | None = None,
+              scale: float | None = None, softcap: float | None = None, sinks: Float[Array, "H"] | None = None,
+              return_lse: bool = False, impl: str = "auto", block_q: int | None = None,
+              block_k: int | None = None):
     """Softmax attention ``softmax(q k^T * scale + bias, masked) v``.
 
     Args:
-      q: ``[B, T, H, D]``; k, v: ``[B, S, Hkv, D]`` with H a multiple of Hkv (GQA/MQA).
+      q: ``[B, T, H, D]``.
+      k: ``[B, S, Hkv, D]`` with H a multiple of Hkv (GQA/MQA).
+      v: ``[B, S, Hkv, D]``.
       bias: float, broadcastable to ``[B, H, T, S]``, added to the logits (after softcap).
       mask: bool, broadcastable to ``[B, H, T, S]``; True = attend.
       causal: key j visible to query i only if ``j <= i``. (Named ``causal`` like every jattn op's flag;
@@ -41,12 +55,20 @@ def attention(q, k, v, *, bias=None, mask=None, causal: bool = False, window=Non
         query and the n keys before it (n + 1 keys). Every jattn window (``masks.sliding_window_mask``,
         ``nn.Attention(method="sliding_window", window=...)``) means the same.
       segment_ids: ``[B, T]`` (needs T == S) or a pair ``(q_ids [B, T], kv_ids [B, S])``.
-      scale: logit scale, default ``D ** -0.5``. softcap: ``s -> softcap * tanh(s / softcap)``.
+      scale: logit scale, default ``D ** -0.5``.
+      softcap: ``s -> softcap * tanh(s / softcap)``.
       sinks: ``[H]`` logits of one value-less extra term per row's softmax (GPT-OSS).
       return_lse: also return the float32 log-sum-exp ``[B, T, H]``.
-      impl: "auto" | "xla" | "pallas" | "reference". block_q, block_k: tile sizes (powers of two >= 16).
+      impl: "auto" | "xla" | "pallas" | "reference".
+      block_q: query tile size (a power of two >= 16); None picks the impl's default.
+      block_k: key tile size (a power of two >= 16); None picks the impl's default.
 
-    Returns ``out [B, T, H, D]`` in q's dtype, and ``lse`` when asked.
+    Returns:
+      ``out [B, T, H, D]`` in q's dtype, and ``lse [B, T, H]`` (float32, sinks included; ``-inf`` on a row
+      with nothing visible and no sinks) when ``return_lse``.
+
+    Raises:
+      TypeError, ValueError: an argument is malformed; the message names it (``jattn.core.checks``).
     """
     checks.check_static("attention", causal=causal, window=window, scale=scale, softcap=softcap, return_lse=return_lse, impl=impl, block_q=block_q, block_k=block_k)
     (B, T, S, H, Hkv, D), window, segments, scale = checks.check_attention_args(
@@ -54,12 +76,11 @@ def attention(q, k, v, *, bias=None, mask=None, causal: bool = False, window=Non
         sinks=sinks)
     block_q = checks.check_block_size("block_q", block_q, minimum=MIN_BLOCK)
     block_k = checks.check_block_size("block_k", block_k, minimum=MIN_BLOCK)
-    checks.check_choice("impl", impl, checks.IMPLS)
-    if impl == "reference":
-        return reference_attention(q, k, v, bias=bias, mask=mask, causal=causal, window=window,
-                                   segment_ids=segment_ids, scale=scale, softcap=softcap, sinks=sinks,
-                                   return_lse=return_lse)
     static = dict(causal=bool(causal), window=window, scale=scale, softcap=softcap)
+
+    def reference(q, k, v, bias, mask, segments, sinks):
+        return attention_reference(q, k, v, bias=bias, mask=mask, segment_ids=segments, sinks=sinks,
+                                   return_lse=True, **static)
 
     def xla(q, k, v, bias, mask, segments, sinks):
         default_q, default_k = DEFAULT_BLOCKS["xla"]
@@ -69,18 +90,15 @@ def attention(q, k, v, *, bias=None, mask=None, causal: bool = False, window=Non
             block_q=fit_block(default_q, T) if block_q is None else block_q,
             block_k=fit_block(default_k, S) if block_k is None else block_k, **static)
 
-    def pallas(q, k, v, bias, mask, segments, sinks):
-        return _flash_pallas(q, k, v, bias=bias, mask=mask, segments=segments, sinks=sinks, block_q=block_q,
-                             block_k=block_k, **static)
-
-    out, lse = run_impl(impl, (q, k, v, bias, mask, segments, sinks), xla=xla, pallas=pallas)
+    pallas = functools.partial(_flash_pallas, block_q=block_q, block_k=block_k, **static)
+    out, lse = run_impl(impl, (q, k, v, bias, mask, segments, sinks), xla=xla, pallas=pallas, reference=reference)
     return (out, lse) if return_lse else out
 
 
-def _flash_pallas(q, k, v, *, segments, sinks, block_q, block_k, **kwargs):
+def _flash_pallas(q, k, v, bias, mask, segments, sinks, *, block_q, block_k, **kwargs):
     """The Pallas flash kernel; sinks are merged after it as one value-less LSE partial (exact)."""
     out, lse = flash_attention_pallas(
-        q, k, v, q_segment_ids=None if segments is None else segments[0],
+        q, k, v, bias=bias, mask=mask, q_segment_ids=None if segments is None else segments[0],
         kv_segment_ids=None if segments is None else segments[1],
         block_sizes=BlockSizes(block_q=block_q, block_k=block_k), **kwargs)
     if sinks is not None:

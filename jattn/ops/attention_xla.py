@@ -10,6 +10,10 @@ bias gradient), one over kv blocks for dk and dv.
 
 Internal layout: q ``[B, Hkv, G, T, D]``, k and v ``[B, Hkv, S, D]``; per-head arrays split H as
 ``(Hkv, G)`` so that GQA needs no copies of k and v.
+
+Shared with the Pallas kernel (one home each, ``pallas_kernels.common``): the online-softmax step and
+finalisation (``online_softmax_step``, ``finalize_rows`` via ``jattn.core.softmax.OnlineSoftmax``), the
+causal/window tile ranges (``tile_ranges``) and the mask/segment tile table (``visible_tiles``).
 """
 from __future__ import annotations
 
@@ -20,11 +24,10 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jaxtyping import Array, Bool, Float, Int
 
 from jattn.core.softmax import MASK_VALUE, OnlineSoftmax
-from pallas_kernels.common import pad_axis, tile_ranges
-
-F32 = jnp.float32
+from pallas_kernels.common import as_4d, online_softmax_step, pad_axis, tile_ranges, visible_tiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,17 +70,6 @@ def _split_heads(x, Hkv: int):
     if H_ == 1:
         return x.reshape(B_, 1, 1, *x.shape[2:])
     return x.reshape(B_, Hkv, H_ // Hkv, *x.shape[2:])
-
-
-def _as_4d(x):
-    return x.reshape((1,) * (4 - x.ndim) + tuple(x.shape))
-
-
-def _pad_axis(x, axis: int, size: int, value=0, *, broadcast_dim: bool = False):
-    """Pads `axis` to `size`; a length-1 axis of a broadcast operand (`broadcast_dim`) stays as it is."""
-    if broadcast_dim and x.shape[axis] == 1:
-        return x
-    return pad_axis(x, axis, size, value)
 
 
 def _slice_axis(x, axis: int, start, size: int):
@@ -136,7 +128,7 @@ def _tile_visible(cfg: TileConfig, ops, qi, kj):
 def _tile_logits(cfg: TileConfig, ops, q_blk, qi, kj):
     """float32 logits of tile (qi, kj) after scale, softcap and bias; also returns tanh for softcap's VJP."""
     k_blk = lax.dynamic_slice_in_dim(ops["k"], kj * cfg.block_k, cfg.block_k, axis=2)
-    s = jnp.einsum("bkgqd,bkcd->bkgqc", q_blk, k_blk, preferred_element_type=F32)
+    s = jnp.einsum("bkgqd,bkcd->bkgqc", q_blk, k_blk, preferred_element_type=jnp.float32)
     if not cfg.scale_in_q:
         s = s * cfg.scale
     capped = None
@@ -146,7 +138,7 @@ def _tile_logits(cfg: TileConfig, ops, q_blk, qi, kj):
     if cfg.has_bias:
         bias = _slice_axis(_slice_axis(ops["bias"], 3, qi * cfg.block_q, cfg.block_q), 4, kj * cfg.block_k,
                            cfg.block_k)
-        s = s + bias.astype(F32)
+        s = s + bias.astype(jnp.float32)
     return s, capped, k_blk
 
 
@@ -156,6 +148,21 @@ def _tile_has_visible(cfg: TileConfig, ops, qi, kj):
 
 def _run(lo, hi, body, carry):
     return lax.fori_loop(lo, hi, body, carry)
+
+
+def _sweep(cfg: TileConfig, ops, block_index, over: str, step, carry):
+    """Runs ``step(j, carry, masked)`` over the tiles block ``block_index`` meets (``_block_ranges``): the edge
+    runs with masks (skipped at run time where the dynamic-mask table sees nothing), the full run without."""
+    def masked_step(j, carry):
+        if cfg.dynamic_mask:
+            qi, kj = (block_index, j) if over == "kv" else (j, block_index)
+            return lax.cond(_tile_has_visible(cfg, ops, qi, kj), lambda c: step(j, c, True), lambda c: c, carry)
+        return step(j, carry, True)
+
+    lo, full_lo, full_hi, hi = _block_ranges(cfg, block_index, over)
+    carry = _run(lo, full_lo, masked_step, carry)
+    carry = _run(full_lo, full_hi, lambda j, c: step(j, c, False), carry)
+    return _run(full_hi, hi, masked_step, carry)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,7 +187,7 @@ def _forward_q_block(cfg: TileConfig, ops, qi):
 
     def step(kj, state, masked: bool):
         k_blk = lax.dynamic_slice_in_dim(k3, kj * bk, bk, axis=1)
-        s = jnp.einsum("nrd,ncd->nrc", q3, k_blk, preferred_element_type=F32)
+        s = jnp.einsum("nrd,ncd->nrc", q3, k_blk, preferred_element_type=jnp.float32)
         if not cfg.scale_in_q:
             s = s * cfg.scale
         if cfg.softcap is not None:
@@ -190,7 +197,7 @@ def _forward_q_block(cfg: TileConfig, ops, qi):
             s = s.reshape(B, Hkv, G, bq, bk)
             if cfg.has_bias:
                 bias = _slice_axis(_slice_axis(ops["bias"], 3, qi * bq, bq), 4, kj * bk, bk)
-                s = s + bias.astype(F32)
+                s = s + bias.astype(jnp.float32)
             if masked:
                 s = jnp.where(_tile_visible(cfg, ops, qi, kj), s, MASK_VALUE)
             s = s.reshape(N, R, bk)
@@ -199,38 +206,17 @@ def _forward_q_block(cfg: TileConfig, ops, qi):
             visible = jnp.broadcast_to(visible, (G, bq, bk)).reshape(R, bk)
             s = jnp.where(visible, s, MASK_VALUE)
         v_blk = lax.dynamic_slice_in_dim(v3, kj * bk, bk, axis=1)
-        return _online_update(state, s, v_blk)
+        return OnlineSoftmax(*online_softmax_step(*state, s, v_blk))
 
-    def masked_step(kj, state):
-        if cfg.dynamic_mask:
-            return lax.cond(_tile_has_visible(cfg, ops, qi, kj), lambda st: step(kj, st, True), lambda st: st,
-                            state)
-        return step(kj, state, True)
-
-    lo, full_lo, full_hi, hi = _block_ranges(cfg, qi, "kv")
-    state = _run(lo, full_lo, masked_step, state)
-    state = _run(full_lo, full_hi, lambda kj, st: step(kj, st, False), state)
-    state = _run(full_hi, hi, masked_step, state)
+    state = _sweep(cfg, ops, qi, "kv", step, state)
     state = OnlineSoftmax(state.m.reshape(B, Hkv, G, bq), state.l.reshape(B, Hkv, G, bq),
                           state.acc.reshape(B, Hkv, G, bq, -1))
-    # A row whose every logit was masked has m == MASK_VALUE: its l counts masked entries, so zero it.
-    # NaN in gives NaN out: a max that skips NaN (XLA's CPU one does) leaves m at the mask value, but l is NaN.
-    unseen = (state.m <= MASK_VALUE * 0.5) & jnp.logical_not(jnp.isnan(state.l))
-    state = state._replace(l=jnp.where(unseen, 0.0, state.l), acc=jnp.where(unseen[..., None], 0.0, state.acc))
+    # A row whose every logit was masked has m == MASK_VALUE and an l that counts masked entries: add_sink
+    # and finalize treat it as empty (pallas_kernels.common.is_unseen); a NaN row stays NaN.
     if cfg.has_sinks:
         state = state.add_sink(ops["sinks"][None, :, :, None])
     out, lse = state.finalize()
     return out.astype(ops["v"].dtype), lse
-
-
-def _online_update(state: OnlineSoftmax, s, v_blk):
-    """Folds one [N, R, bk] logit tile into the [N, R] state (v_blk [N, bk, E])."""
-    m_new = jnp.maximum(state.m, jnp.max(s, axis=-1))
-    correction = jnp.exp(state.m - m_new)
-    p = jnp.exp(s - m_new[..., None])
-    l_new = state.l * correction + jnp.sum(p, axis=-1)
-    pv = jnp.einsum("nrc,ncd->nrd", p.astype(v_blk.dtype), v_blk, preferred_element_type=F32)
-    return OnlineSoftmax(m_new, l_new, state.acc * correction[..., None] + pv)
 
 
 def _forward(cfg: TileConfig, ops):
@@ -253,7 +239,7 @@ def _tile_probs_and_dlogits(cfg, ops, res, q_blk, do_blk, lse_blk, delta_blk, qi
     if masked:
         p = jnp.where(_tile_visible(cfg, ops, qi, kj), p, 0.0)
     v_blk = lax.dynamic_slice_in_dim(ops["v"], kj * cfg.block_k, cfg.block_k, axis=2)
-    dp = jnp.einsum("bkgqd,bkcd->bkgqc", do_blk, v_blk, preferred_element_type=F32)
+    dp = jnp.einsum("bkgqd,bkcd->bkgqc", do_blk, v_blk, preferred_element_type=jnp.float32)
     ds_final = p * (dp - delta_blk[..., None])  # gradient w.r.t. logits after softcap and bias
     ds = ds_final if capped is None else ds_final * (1.0 - capped * capped)
     return p, ds, ds_final, k_blk, v_blk
@@ -276,17 +262,17 @@ def _reduce_to_shape(x, shape):
 def _dq_q_block(cfg: TileConfig, ops, res, qi):
     """dq for query block qi, and this block's rows of the bias gradient."""
     q_blk, do_blk, lse_blk, delta_blk = _q_side_inputs(cfg, ops, res, qi)
-    dq = jnp.zeros(q_blk.shape, F32)
+    dq = jnp.zeros(q_blk.shape, jnp.float32)
     dbias = None
     if cfg.has_bias:
         b_shape = ops["bias"].shape
-        dbias = jnp.zeros((*b_shape[:3], cfg.block_q if b_shape[3] != 1 else 1, b_shape[4]), F32)
+        dbias = jnp.zeros((*b_shape[:3], cfg.block_q if b_shape[3] != 1 else 1, b_shape[4]), jnp.float32)
 
     def step(kj, carry, masked: bool):
         dq, dbias = carry
         _, ds, ds_final, k_blk, _ = _tile_probs_and_dlogits(cfg, ops, res, q_blk, do_blk, lse_blk, delta_blk,
                                                             qi, kj, masked)
-        dq = dq + jnp.einsum("bkgqc,bkcd->bkgqd", ds, k_blk.astype(F32), preferred_element_type=F32)
+        dq = dq + jnp.einsum("bkgqc,bkcd->bkgqd", ds, k_blk.astype(jnp.float32), preferred_element_type=jnp.float32)
         if dbias is not None:
             tile = _reduce_to_shape(ds_final, (*dbias.shape[:4], 1 if dbias.shape[4] == 1 else cfg.block_k))
             if dbias.shape[4] == 1:
@@ -296,16 +282,7 @@ def _dq_q_block(cfg: TileConfig, ops, res, qi):
                 dbias = lax.dynamic_update_slice(dbias, lax.dynamic_slice(dbias, start, tile.shape) + tile, start)
         return dq, dbias
 
-    def masked_step(kj, carry):
-        if cfg.dynamic_mask:
-            return lax.cond(_tile_has_visible(cfg, ops, qi, kj), lambda c: step(kj, c, True), lambda c: c, carry)
-        return step(kj, carry, True)
-
-    lo, full_lo, full_hi, hi = _block_ranges(cfg, qi, "kv")
-    carry = (dq, dbias)
-    carry = _run(lo, full_lo, masked_step, carry)
-    carry = _run(full_lo, full_hi, lambda kj, c: step(kj, c, False), carry)
-    dq, dbias = _run(full_hi, hi, masked_step, carry)
+    dq, dbias = _sweep(cfg, ops, qi, "kv", step, (dq, dbias))
     return dq * cfg.scale, dbias
 
 
@@ -313,27 +290,18 @@ def _dkv_k_block(cfg: TileConfig, ops, res, kj):
     """dk and dv for kv block kj (summed over the query heads of each group)."""
     bk = cfg.block_k
     k_shape = (*ops["k"].shape[:2], bk, ops["k"].shape[-1])
-    dk = jnp.zeros(k_shape, F32)
-    dv = jnp.zeros((*k_shape[:3], ops["v"].shape[-1]), F32)
+    dk = jnp.zeros(k_shape, jnp.float32)
+    dv = jnp.zeros((*k_shape[:3], ops["v"].shape[-1]), jnp.float32)
 
     def step(qi, carry, masked: bool):
         dk, dv = carry
         q_blk, do_blk, lse_blk, delta_blk = _q_side_inputs(cfg, ops, res, qi)
         p, ds, _, _, _ = _tile_probs_and_dlogits(cfg, ops, res, q_blk, do_blk, lse_blk, delta_blk, qi, kj, masked)
-        dv = dv + jnp.einsum("bkgqc,bkgqd->bkcd", p, do_blk.astype(F32), preferred_element_type=F32)
-        dk = dk + jnp.einsum("bkgqc,bkgqd->bkcd", ds, q_blk.astype(F32), preferred_element_type=F32)
+        dv = dv + jnp.einsum("bkgqc,bkgqd->bkcd", p, do_blk.astype(jnp.float32), preferred_element_type=jnp.float32)
+        dk = dk + jnp.einsum("bkgqc,bkgqd->bkcd", ds, q_blk.astype(jnp.float32), preferred_element_type=jnp.float32)
         return dk, dv
 
-    def masked_step(qi, carry):
-        if cfg.dynamic_mask:
-            return lax.cond(_tile_has_visible(cfg, ops, qi, kj), lambda c: step(qi, c, True), lambda c: c, carry)
-        return step(qi, carry, True)
-
-    lo, full_lo, full_hi, hi = _block_ranges(cfg, kj, "q")
-    carry = (dk, dv)
-    carry = _run(lo, full_lo, masked_step, carry)
-    carry = _run(full_lo, full_hi, lambda qi, c: step(qi, c, False), carry)
-    dk, dv = _run(full_hi, hi, masked_step, carry)
+    dk, dv = _sweep(cfg, ops, kj, "q", step, (dk, dv))
     # ds^T (scale q): with q pre-scaled the scale is already in.
     return (dk if cfg.scale_in_q else dk * cfg.scale), dv
 
@@ -372,47 +340,28 @@ def _prepare(cfg: TileConfig, q, k, v, bias, mask, q_segments, kv_segments, sink
         # One multiply of q instead of one per [block_q, block_k] logit tile (a full pass over each tile).
         q = q * jnp.asarray(cfg.scale, q.dtype)
     ops = {
-        "q": _pad_axis(jnp.transpose(q, (0, 2, 1, 3)).reshape(B, Hkv, H // Hkv, T, D), 3, Tp),
-        "k": _pad_axis(jnp.transpose(k, (0, 2, 1, 3)), 2, Sp),
-        "v": _pad_axis(jnp.transpose(v, (0, 2, 1, 3)), 2, Sp),
+        "q": pad_axis(jnp.transpose(q, (0, 2, 1, 3)).reshape(B, Hkv, H // Hkv, T, D), 3, Tp),
+        "k": pad_axis(jnp.transpose(k, (0, 2, 1, 3)), 2, Sp),
+        "v": pad_axis(jnp.transpose(v, (0, 2, 1, 3)), 2, Sp),
     }
     if bias is not None:
-        ops["bias"] = _pad_axis(_pad_axis(_split_heads(_as_4d(bias), Hkv), 3, Tp, broadcast_dim=True), 4, Sp,
-                                broadcast_dim=True)
+        bias = pad_axis(pad_axis(as_4d(bias), 2, Tp, keep_broadcast=True), 3, Sp, keep_broadcast=True)
+        ops["bias"] = _split_heads(bias, Hkv)
     if mask is not None:
-        ops["mask"] = _pad_axis(_pad_axis(_split_heads(_as_4d(mask), Hkv), 3, Tp, False, broadcast_dim=True), 4,
-                                Sp, False, broadcast_dim=True)
+        mask = pad_axis(pad_axis(as_4d(mask), 2, Tp, False, keep_broadcast=True), 3, Sp, False, keep_broadcast=True)
+        ops["mask"] = _split_heads(mask, Hkv)
     if q_segments is not None:
-        ops["q_segments"] = _pad_axis(q_segments, 1, Tp, -1)
-        ops["kv_segments"] = _pad_axis(kv_segments, 1, Sp, -2)
+        ops["q_segments"] = pad_axis(q_segments, 1, Tp, -1)
+        ops["kv_segments"] = pad_axis(kv_segments, 1, Sp, -2)
     if sinks is not None:
-        ops["sinks"] = sinks.astype(F32).reshape(Hkv, H // Hkv)
+        ops["sinks"] = sinks.astype(jnp.float32).reshape(Hkv, H // Hkv)
     if cfg.dynamic_mask:
-        ops["tile_any"] = _tile_any_visible(cfg, ops)
+        # [nQ, nK]: does any (b, h) see anything in the tile (exact for the mask, interval overlap of the
+        # segment ids: exact for sorted/packed ids, conservative otherwise)?
+        table = visible_tiles(mask, ops.get("q_segments"), ops.get("kv_segments"), block_q=cfg.block_q,
+                              block_k=cfg.block_k, num_q_blocks=cfg.num_q_blocks, num_k_blocks=cfg.num_k_blocks)
+        ops["tile_any"] = jnp.any(table, axis=(0, 1))
     return ops
-
-
-def _tile_any_visible(cfg: TileConfig, ops):
-    """[nQ, nK] bool: does any (b, h) see anything in the tile? Computed from the dynamic masks."""
-    nq, nk, bq, bk = cfg.num_q_blocks, cfg.num_k_blocks, cfg.block_q, cfg.block_k
-    any_visible = jnp.ones((nq, nk), bool)
-    if cfg.has_segments:
-        # Segment ids are per token; a tile is visible if any q id of the block equals any kv id.
-        q_ids = ops["q_segments"].reshape(-1, nq, bq)
-        kv_ids = ops["kv_segments"].reshape(-1, nk, bk)
-        q_min, q_max = q_ids.min(-1), q_ids.max(-1)
-        k_min, k_max = kv_ids.min(-1), kv_ids.max(-1)
-        # Interval overlap is a cheap, conservative test (exact for sorted/packed segment ids).
-        overlap = (q_min[:, :, None] <= k_max[:, None, :]) & (k_min[:, None, :] <= q_max[:, :, None])
-        any_visible &= jnp.any(overlap, axis=0)
-    if cfg.has_mask:
-        m = ops["mask"]
-        q_tiles = (nq, bq) if m.shape[3] > 1 else (1, 1)
-        k_tiles = (nk, bk) if m.shape[4] > 1 else (1, 1)
-        m = m.reshape(*m.shape[:3], *q_tiles, *k_tiles)
-        tiles = jnp.any(m, axis=(0, 1, 2, 4, 6))
-        any_visible &= jnp.broadcast_to(tiles, (nq, nk))
-    return any_visible
 
 
 def _unprepare_out(out, lse, B, T, H):
@@ -442,15 +391,15 @@ def _flash_bwd(cfg, residuals, cotangents):
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     ops = _prepare(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks)
-    delta = jnp.sum(d_out.astype(F32) * out.astype(F32), axis=-1)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     # d lse / d logits = p, so an lse cotangent enters like a shift of delta (ds = p * (dp - delta + dlse)).
-    delta = delta - d_lse.astype(F32)
+    delta = delta - d_lse.astype(jnp.float32)
     masked_lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
 
     def internal(x, pad_value=0):  # [B, T, H(, D)] -> [B, Hkv, G, Tp(, D)]
         x = jnp.moveaxis(x, 2, 1)
         x = x.reshape(B, Hkv, H // Hkv, *x.shape[2:])
-        return _pad_axis(x, 3, cfg.num_q_blocks * cfg.block_q, pad_value)
+        return pad_axis(x, 3, cfg.num_q_blocks * cfg.block_q, pad_value)
 
     # lse = +inf makes p = exp(s - lse) exactly 0 on fully masked and padded rows.
     res = {"do": internal(d_out.astype(v.dtype)), "lse": internal(masked_lse, jnp.inf), "delta": internal(delta)}
@@ -462,7 +411,7 @@ def _flash_bwd(cfg, residuals, cotangents):
     if bias is not None:
         Tp, Sp = cfg.num_q_blocks * cfg.block_q, cfg.num_k_blocks * cfg.block_k
         dbias = dbias[:, :, :, :T if dbias.shape[3] == Tp else 1, :S if dbias.shape[4] == Sp else 1]
-        b4 = _as_4d(bias).shape
+        b4 = as_4d(bias).shape
         dbias = dbias.reshape(b4[0], b4[1], dbias.shape[3], dbias.shape[4]).reshape(bias.shape).astype(bias.dtype)
     if sinks is not None:
         dsinks = dsinks.reshape(H).astype(sinks.dtype)
@@ -476,11 +425,37 @@ def _flash_fwd_rule(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks):
 _flash.defvjp(_flash_fwd_rule, _flash_bwd)
 
 
-def flash_attention_xla(q, k, v, *, bias=None, mask=None, q_segment_ids=None, kv_segment_ids=None, sinks=None,
-                        causal=False, window=None, scale: float, softcap=None, block_q: int = 512,
-                        block_k: int = 128):
-    """Blockwise attention with the reference's semantics; returns ``(out, lse)``. Arguments are
-    assumed validated (see ``jattn.ops.attention``)."""
+def flash_attention_xla(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv Dv"], *,
+                        bias: Float[Array, "..."] | None = None, mask: Bool[Array, "..."] | None = None,
+                        q_segment_ids: Int[Array, "B T"] | None = None, kv_segment_ids: Int[Array, "B S"] | None = None,
+                        sinks: Float[Array, "H"] | None = None, causal: bool = False,
+                        window: tuple[int, int] | None = None, scale: float, softcap: float | None = None,
+                        block_q: int = 512, block_k: int = 128
+                        ) -> tuple[Float[Array, "B T H Dv"], Float[Array, "B T H"]]:
+    """Blockwise attention with the semantics of ``jattn.core.reference`` (``jattn.attention(impl="xla")``).
+
+    Arguments are assumed validated and normalised (see ``jattn.ops.attention``).
+
+    Args:
+      q: ``[B, T, H, D]``.
+      k: ``[B, S, Hkv, D]`` (H a multiple of Hkv).
+      v: ``[B, S, Hkv, Dv]``.
+      bias: float, broadcastable to ``[B, H, T, S]``; differentiable.
+      mask: bool (True = attend), broadcastable to ``[B, H, T, S]``.
+      q_segment_ids: int ``[B, T]``; give with ``kv_segment_ids``.
+      kv_segment_ids: int ``[B, S]``.
+      sinks: ``[H]`` logits of one value-less term per row's softmax; differentiable.
+      causal: key ``j`` visible to query ``i`` only if ``j <= i``.
+      window: ``(left, right)``: keys ``i - left <= j <= i + right``.
+      scale: logit scale.
+      softcap: ``s -> softcap * tanh(s / softcap)`` before the bias.
+      block_q: query tile (any positive int).
+      block_k: key tile (any positive int).
+
+    Returns:
+      ``out [B, T, H, Dv]`` in q's dtype and ``lse [B, T, H]`` float32 (sinks included; ``-inf`` on rows
+      with nothing visible and no sinks).
+    """
     cfg = TileConfig(T=q.shape[1], S=k.shape[1], block_q=block_q, block_k=block_k, scale=float(scale),
                      causal=bool(causal), window=None if window is None else tuple(window),
                      softcap=None if softcap is None else float(softcap), has_mask=mask is not None,

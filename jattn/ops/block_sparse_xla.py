@@ -35,10 +35,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
 
 from jattn.core.softmax import MASK_VALUE
+from pallas_kernels.block_sparse import SparseConfig
+from pallas_kernels.common import finalize_rows, pad_axis
 
-F32 = jnp.float32
+__all__ = ["SparseConfig", "block_sparse_xla", "chunk_size", "work_lists"]
 
 # Score elements per chunk: 8 tiles of 128 x 128, so a chunk's [C, bq, bk] temporaries (512 KiB each) stay
 # in cache; on the 2-core CPU, 8 tiles ran ~10% faster than 4 or 16 (T=8K and 16K, 10% Bernoulli maps).
@@ -51,12 +54,21 @@ def chunk_size(block_q: int, block_k: int, capacity: int) -> int:
     return max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // (block_q * block_k), capacity))
 
 
-def block_sparse_xla(cfg, q, k, v, kv_tables):
-    """``(out [B, T, H, E] float32, lse [B, H, T])`` without sinks.
+def block_sparse_xla(cfg: SparseConfig, q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"],
+                     v: Float[Array, "B S Hkv E"],
+                     kv_tables: tuple[Int[Array, "Bm Hm nQ W"], Int[Array, "Bm Hm nQ"], Bool[Array, "Bm Hm nQ W"]]
+                     ) -> tuple[Float[Array, "B T H E"], Float[Array, "B T H"]]:
+    """Block-sparse attention over the listed tiles, without sinks (``block_sparse_attention(impl="xla")``).
 
-    ``cfg``: the call's static, hashable config (``seq_q, seq_k, block_q, block_k, scale, softcap,
-    causal, mask_fn``, with ``mask_fn`` already resolved against the BlockMask). ``kv_tables``: the
-    BlockMask's ``(kv_indices, kv_counts, kv_full)``.
+    Args:
+      cfg: the call's static, hashable config, with ``mask_fn`` already resolved against the BlockMask.
+      q: ``[B, T, H, D]``.
+      k: ``[B, S, Hkv, D]``.
+      v: ``[B, S, Hkv, E]``.
+      kv_tables: the BlockMask's ``(kv_indices, kv_counts, kv_full)``.
+
+    Returns:
+      ``out [B, T, H, E]`` float32 and ``lse [B, T, H]`` float32 (``-inf`` on rows with nothing visible).
     """
     return _core(cfg, q, k, v, tuple(kv_tables))
 
@@ -70,49 +82,28 @@ def _geometry(cfg, q, k):
     return B, H, Hkv, nQ, nK
 
 
-def _pad_axis(x, axis: int, length: int):
-    extra = length - x.shape[axis]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths)
+def _tiles(x, n: int, block: int):
+    """``[B, L, Hx, E]`` -> ``[B * Hx * n, block, E]`` float32: tile ``(b * Hx + h) * n + i`` holds positions
+    ``[i * block, (i + 1) * block)`` of head ``h`` (q rows with ``Hx = H``, kv tiles with ``Hx = Hkv``)."""
+    B, _, Hx, E = x.shape
+    x = pad_axis(x.astype(jnp.float32), 1, n * block).reshape(B, n, block, Hx, E)
+    return x.transpose(0, 3, 1, 2, 4).reshape(B * Hx * n, block, E)
 
 
-def _q_rows(x, nQ: int, bq: int):
-    """``[B, T, H, E]`` -> ``[B * H * nQ, bq, E]`` float32 (row ``r = (b * H + h) * nQ + q_block``)."""
-    B, _, H, E = x.shape
-    x = _pad_axis(x.astype(F32), 1, nQ * bq).reshape(B, nQ, bq, H, E)
-    return x.transpose(0, 3, 1, 2, 4).reshape(B * H * nQ, bq, E)
-
-
-def _from_q_rows(x, B: int, H: int, T: int):
-    """``[B * H * nQ, bq, E]`` -> ``[B, T, H, E]``."""
+def _untile(x, B: int, Hx: int, length: int):
+    """``[B * Hx * n, block, E]`` -> ``[B, length, Hx, E]`` (the inverse of ``_tiles``)."""
     E = x.shape[-1]
-    return x.reshape(B, H, -1, E).transpose(0, 2, 1, 3)[:, :T]
-
-
-def _kv_tiles(x, nK: int, bk: int):
-    """``[B, S, Hkv, E]`` -> ``[B * Hkv * nK, bk, E]`` float32 (tile ``(b * Hkv + g) * nK + kv_block``)."""
-    B, _, Hkv, E = x.shape
-    x = _pad_axis(x.astype(F32), 1, nK * bk).reshape(B, nK, bk, Hkv, E)
-    return x.transpose(0, 3, 1, 2, 4).reshape(B * Hkv * nK, bk, E)
-
-
-def _from_kv_tiles(x, B: int, Hkv: int, S: int):
-    E = x.shape[-1]
-    return x.reshape(B, Hkv, -1, E).transpose(0, 2, 1, 3)[:, :S]
+    return x.reshape(B, Hx, -1, E).transpose(0, 2, 1, 3)[:, :length]
 
 
 def _rows_of(x, nQ: int, bq: int):
-    """``[B, H, T]`` -> ``[B * H * nQ, bq]``."""
-    B, H, _ = x.shape
-    return _pad_axis(x, 2, nQ * bq).reshape(B * H * nQ, bq)
+    """``[B, T, H]`` -> ``[B * H * nQ, bq]`` (the rows of ``_tiles``)."""
+    return _tiles(x[..., None], nQ, bq)[..., 0]
 
 
 # ---------------------------------------------------------------------------------- work lists
 
-def _work_lists(cfg, tables, B: int, H: int, Hkv: int, nQ: int, nK: int):
+def work_lists(cfg: SparseConfig, tables, B: int, H: int, Hkv: int, nQ: int, nK: int):
     """Two row-ordered tile lists (clean, masked), each a dict of ``[N_pad]`` int32 arrays plus a count.
 
     Entry fields: ``row`` (q tile, ``R = B * H * nQ`` past the count), ``kv`` (kv tile, ``B * Hkv * nK``
@@ -212,9 +203,9 @@ def _forward(cfg, q, k, v, tables):
     B, H, Hkv, nQ, nK = _geometry(cfg, q, k)
     T, E = q.shape[1], v.shape[-1]
     R = B * H * nQ
-    q_rows = _q_rows(q, nQ, cfg.block_q)
-    k_tiles, v_tiles = _kv_tiles(k, nK, cfg.block_k), _kv_tiles(v, nK, cfg.block_k)
-    lists, C = _work_lists(cfg, tables, B, H, Hkv, nQ, nK)
+    q_rows = _tiles(q, nQ, cfg.block_q)
+    k_tiles, v_tiles = _tiles(k, nK, cfg.block_k), _tiles(v, nK, cfg.block_k)
+    lists, C = work_lists(cfg, tables, B, H, Hkv, nQ, nK)
 
     def run(lst, masked: bool, state):
         def body(i, state):
@@ -254,20 +245,15 @@ def _forward(cfg, q, k, v, tables):
         return jax.lax.fori_loop(0, n_chunks, body, state)
 
     # m starts at -inf: exp(-inf - m_new) = 0 drops the empty start (m_new >= MASK_VALUE is finite or NaN).
-    state = (jnp.zeros((R, cfg.block_q, E), F32), jnp.full((R, cfg.block_q), -jnp.inf, F32),
-             jnp.zeros((R, cfg.block_q), F32))
+    state = (jnp.zeros((R, cfg.block_q, E), jnp.float32), jnp.full((R, cfg.block_q), -jnp.inf, jnp.float32),
+             jnp.zeros((R, cfg.block_q), jnp.float32))
     clean, masked = lists
     state = run(clean, False, state)
     if masked is not None:
         state = run(masked, True, state)
     acc, m_row, l_row = state
-    empty = l_row == 0.0                                                    # NaN rows stay NaN
-    safe_l = jnp.where(empty, 1.0, l_row)
-    out = jnp.where(empty[..., None], 0.0, acc / safe_l[..., None])
-    lse = jnp.where(empty, -jnp.inf, m_row + jnp.log(safe_l))
-    out = _from_q_rows(out, B, H, T)
-    lse = lse.reshape(B, H, -1)[:, :, :T]
-    return out, lse
+    out, lse = finalize_rows(m_row, l_row, acc)                             # empty rows: l == 0; NaN stays NaN
+    return _untile(out, B, H, T), _untile(lse[..., None], B, H, T)[..., 0]
 
 
 # ---------------------------------------------------------------------------------- custom vjp
@@ -289,15 +275,15 @@ def _core_bwd(cfg, residuals, cotangents):
     T, S, D = q.shape[1], k.shape[1], q.shape[-1]
     R = B * H * nQ
     bq = cfg.block_q
-    q_rows = _q_rows(q, nQ, bq)
-    k_tiles, v_tiles = _kv_tiles(k, nK, cfg.block_k), _kv_tiles(v, nK, cfg.block_k)
-    d_out = d_out.astype(F32)
-    do_rows = _q_rows(d_out, nQ, bq)
+    q_rows = _tiles(q, nQ, bq)
+    k_tiles, v_tiles = _tiles(k, nK, cfg.block_k), _tiles(v, nK, cfg.block_k)
+    d_out = d_out.astype(jnp.float32)
+    do_rows = _tiles(d_out, nQ, bq)
     # ds = p * (dp - delta), delta = rowsum(dO * out) - dlse (the lse output's own cotangent).
-    delta = jnp.einsum("bthe,bthe->bht", d_out, out) - d_lse.astype(F32)
+    delta = jnp.einsum("bthe,bthe->bth", d_out, out) - d_lse.astype(jnp.float32)
     delta_rows = _rows_of(delta, nQ, bq)
     lse_rows = _rows_of(jnp.where(jnp.isneginf(lse), 0.0, lse), nQ, bq)   # empty rows: p is masked to 0
-    lists, C = _work_lists(cfg, tables, B, H, Hkv, nQ, nK)
+    lists, C = work_lists(cfg, tables, B, H, Hkv, nQ, nK)
 
     def run(lst, masked: bool, state):
         def body(i, state):
@@ -336,9 +322,9 @@ def _core_bwd(cfg, residuals, cotangents):
     if masked is not None:
         state = run(masked, True, state)
     dq, dk, dv = state
-    dq = _from_q_rows(dq, B, H, T).astype(q.dtype)
-    dk = _from_kv_tiles(dk, B, Hkv, S).astype(k.dtype)
-    dv = _from_kv_tiles(dv, B, Hkv, S).astype(v.dtype)
+    dq = _untile(dq, B, H, T).astype(q.dtype)
+    dk = _untile(dk, B, Hkv, S).astype(k.dtype)
+    dv = _untile(dv, B, Hkv, S).astype(v.dtype)
     return dq, dk, dv, None
 
 

@@ -11,7 +11,7 @@ pure-JAX path on every platform; ``"reference"`` the dense float32 oracle.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 from jax import lax
 
@@ -20,26 +20,57 @@ from jattn.core import checks
 IMPLS = checks.IMPLS
 
 
+def resolve_impl(impl: str, choices: Sequence[str] = IMPLS) -> str:
+    """The one impl resolution of every op: validates ``impl`` and names the implementation whose *static*
+    policy (tile geometry, padding, block-size legality) a call must follow.
+
+    ``"auto"`` resolves to ``"pallas"``: ``auto`` is decided only when the program is lowered, so its static
+    geometry must be legal for the kernels (the xla paths accept any). Every other choice is itself.
+
+    Args:
+      impl: the op's ``impl=`` argument.
+      choices: the impls the op accepts (default ``("auto", "pallas", "xla", "reference")``; an op with more
+        forms, such as linear attention's ``"recurrent"``, passes its own tuple).
+
+    Returns:
+      ``"pallas"`` for ``"auto"``, else ``impl``.
+
+    Raises:
+      ValueError: ``impl`` is not one of ``choices``.
+    """
+    checks.check_choice("impl", impl, choices)
+    return "pallas" if impl == "auto" else impl
+
+
 def run_impl(impl: str, args: tuple, *, xla: Callable, pallas: Callable, reference: Callable | None = None,
-             choices=IMPLS):
+             extra: Mapping[str, Callable] | None = None, choices: Sequence[str] = IMPLS):
     """Calls the implementation ``impl`` names on ``args`` (a tuple of pytrees of arrays; None allowed).
 
     Every callable takes ``*args`` and returns the same shapes and dtypes.
+
+    Args:
+      impl: ``"auto"`` (staged with ``lax.platform_dependent``: ``xla`` on cpu, ``pallas`` elsewhere) or the
+        name of one implementation.
+      args: the arrays every implementation takes.
+      xla: the pure-JAX path.
+      pallas: the Pallas kernel path.
+      reference: the dense oracle (``impl="reference"``), if the op routes it here.
+      extra: further named implementations (e.g. ``{"recurrent": ...}``).
+      choices: the impls the op accepts.
+
+    Returns:
+      What the chosen implementation returns.
+
+    Raises:
+      ValueError: ``impl`` is not one of ``choices``, or names an implementation not given here.
     """
-    checks.check_choice("impl", impl, choices)
+    resolve_impl(impl, choices)
     if impl == "auto":
         return lax.platform_dependent(*args, cpu=xla, default=pallas)
     table = {"xla": xla, "pallas": pallas}
     if reference is not None:
         table["reference"] = reference
+    table.update(extra or {})
     if impl not in table:
         raise ValueError(f"impl={impl!r} is not available here; choose one of {sorted(table)} or 'auto'")
     return table[impl](*args)
-
-
-def auto_is_pallas(impl: str) -> bool:
-    """For policy that must be static (tile geometry): whether an impl will run the Pallas kernels.
-
-    ``"auto"`` counts as Pallas: its geometry must be legal for the kernels, and the xla paths accept any.
-    """
-    return impl in ("auto", "pallas")

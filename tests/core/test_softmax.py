@@ -57,6 +57,32 @@ def test_online_softmax_over_blocks_equals_softmax():
     assert_close(lse, jax.nn.logsumexp(logits, -1))
 
 
+def test_online_softmax_empty_rows_sinks_and_the_kernels_column_form():
+    """One home of the online softmax (``pallas_kernels.common``): a row that met only masked logits
+    finalises to 0 / -inf (with a sink: 0 / the sink), a NaN row stays NaN, and the kernels' column-form
+    state ``[rows, 1]`` gives exactly the row-form result."""
+    from pallas_kernels.common import finalize_rows, online_softmax_step
+    logits = jax.random.normal(jax.random.PRNGKey(2), (4, 12)) * 2
+    logits = logits.at[1].set(MASK_VALUE).at[2, 3].set(jnp.nan)
+    values = jax.random.normal(jax.random.PRNGKey(3), (12, 3))
+    state = OnlineSoftmax.init((4,), 3)
+    column = (jnp.full((4, 1), MASK_VALUE), jnp.zeros((4, 1)), jnp.zeros((4, 3)))
+    for start in (0, 6):
+        state = state.update(logits[:, start:start + 6], values[start:start + 6])
+        column = online_softmax_step(*column, logits[:, start:start + 6], values[start:start + 6])
+    out, lse = state.finalize()
+    col_out, col_lse = finalize_rows(*column)
+    np.testing.assert_array_equal(np.asarray(col_out), np.asarray(out))
+    np.testing.assert_array_equal(np.asarray(col_lse[:, 0]), np.asarray(lse))
+    assert np.all(np.asarray(out[1]) == 0) and np.isneginf(float(lse[1]))
+    assert np.isnan(np.asarray(out[2])).all() and np.isnan(float(lse[2]))
+    seen = np.array([0, 3])
+    assert_close(out[seen], jax.nn.softmax(logits[seen], -1) @ values)
+    sunk_out, sunk_lse = state.add_sink(jnp.full((4,), 0.5)).finalize()
+    assert np.all(np.asarray(sunk_out[1]) == 0) and float(sunk_lse[1]) == 0.5
+    assert_close(sunk_lse[seen], jnp.logaddexp(lse[seen], 0.5))
+
+
 def test_merge_partials_rejects_mismatched_shapes():
     import pytest
     with pytest.raises(ValueError, match="merge_partials"):

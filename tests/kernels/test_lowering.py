@@ -20,7 +20,7 @@ from jax import export
 import jattn
 from jattn.core import masks
 from jattn.core.block_mask import BlockMask
-from pallas_kernels.flash import BlockSizes, flash_attention
+from pallas_kernels.attention import BlockSizes, flash_attention
 
 TRITON = "__gpu$xla.gpu.triton"
 MOSAIC = "tpu_custom_call"
@@ -164,3 +164,22 @@ def test_tpu_illegal_tile_fails_only_when_lowered_for_tpu():
     out = jax.jit(fn)(q, k, v, bias)
     want = jattn.attention(q, k, v, bias=bias, scale=0.125, impl="reference")
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-5)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_lowers_forward_and_its_gradient(platform, impl, paged):
+    """One split-K kernel call forward; the gradient is the xla path's (no second kernel)."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, 2, 8, 64)), jnp.bfloat16)  # D=64: head-major blocks are lane-legal
+    cache = jnp.asarray(rng.standard_normal((2, 10, 64, 64) if paged else (2, 2, 256, 64)), jnp.bfloat16)
+    lengths = jnp.array([100, 256], jnp.int32)
+    table = jnp.array([[3, 1, 0, 2], [5, 6, 7, 9]], jnp.int32) if paged else None
+
+    def fn(q, k, v):
+        return jattn.decode_attention(q, k, v, lengths, page_table=table, window=100, softcap=30.0, impl=impl)
+
+    assert kernel_calls(fn, q, cache, cache, platform=platform) == 1
+    assert kernel_calls(grad_of(fn, (0, 1, 2)), q, cache, cache, platform=platform) == 1
+

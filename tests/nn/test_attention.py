@@ -161,7 +161,7 @@ def test_a_new_method_plugs_in_with_one_registry_entry():
 
 @pytest.mark.skipif("lightning" not in available_methods(), reason="jattn.ops.linear is not importable")
 def test_lightning_is_decayed_silu_linear_attention_with_srms_norm_and_decodes_through_its_state():
-    from jattn.ops.linear import alibi_log_decay
+    from jattn.core.decay import alibi_log_decay
     B, T, dim, H = 2, 20, 32, 4
     x = _x(B=B, T=T)
     attn = Attention(dim, H, rngs=nnx.Rngs(10), method="lightning", layer_index=1, num_layers=3, chunk_size=8)

@@ -79,7 +79,7 @@ def test_neighborhood_attention_takes_causal_and_warns_on_is_causal():
     q, k, v = _qkv(4)
     want = jattn.neighborhood_attention(q, k, v, 5, causal=True, impl="xla")
     assert_close(want, jattn.reference_attention(q, k, v, mask=jnp.asarray(
-        jattn.neighborhood_mask((T,), 5, is_causal=True))))
+        jattn.neighborhood_mask((T,), 5, causal=True))))
     with pytest.warns(DeprecationWarning, match="is_causal is deprecated, use causal="):
         old = jattn.neighborhood_attention(q, k, v, 5, is_causal=True, impl="xla")
     assert_close(old, want)

@@ -164,7 +164,7 @@ def _dense_pattern(name):
     if name == "clear":
         return clear.clear_mask(GRID, 0, 2.5)[0]
     if name == "neighborhood":
-        return jnp.asarray(jattn.neighborhood_mask(GRID, 3, is_causal=True))[None]
+        return jnp.asarray(jattn.neighborhood_mask(GRID, 3, causal=True))[None]
     raise KeyError(name)
 
 

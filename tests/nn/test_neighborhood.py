@@ -29,7 +29,7 @@ def test_layer_equals_its_dense_composition(grid, kernel, kwargs):
     layer = NeighborhoodAttention(32, 4, kernel, rngs=nnx.Rngs(0), impl="xla", **kwargs)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, *grid, 32))
     mask = jattn.neighborhood_mask(grid, kernel, stride=kwargs.get("stride", 1), dilation=kwargs.get("dilation", 1),
-                                   is_causal=kwargs.get("causal", False))
+                                   causal=kwargs.get("causal", False))
     assert_close(layer(x), manual(layer, x, mask))
 
 

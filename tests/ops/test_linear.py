@@ -1,26 +1,163 @@
-"""linear_attention: the parallel, recurrent and chunked forms agree; decode, state handoff, decay
-constructors, gradients and argument errors (P58, P74)."""
+"""linear_attention, the family test base: ONE feature table (``CASES``) and ONE ``check_against_reference``
+run for every impl (the chunked xla form, the recurrence, the Pallas kernel) against the quadratic reference,
+forward and gradients (q, k, v, log_decay, initial_state). The kernel has one structure for both targets (only
+the compiler parameters differ), so ``interpret="mosaic"`` would run the same interpreter program as
+``"triton"``: "pallas" covers it. Then the properties the table cannot express: the oracle against a literal loop, decode and
+state handoff, numerical safety, GQA pairing, jit/eager agreement and retracing, decay constructors and
+argument errors (P58, P74)."""
+from __future__ import annotations
+
+import dataclasses
 import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jattn.ops.linear import (alibi_log_decay, linear_attention, linear_attention_step, linear_log_decay)
+from jattn.core.decay import alibi_log_decay, linear_log_decay
+from jattn.ops.linear import linear_attention, linear_attention_step
+from tests.conftest import GROUPINGS, assert_close, assert_traced_once
 
-F32_TOL = 1e-5
+
+# ---------------------------------------------------------------------------------------------------
+# The feature table
 
 
-def assert_close(x, ref, tol=F32_TOL):
-    x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
-    assert x.shape == ref.shape
-    assert np.all(np.isfinite(x))
-    scale = max(1.0, float(np.max(np.abs(ref))))
-    err = float(np.max(np.abs(x - ref)))
-    assert err <= tol * scale, f"max error {err} > {tol} * {scale}"
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    B: int = 1
+    T: int = 13
+    H: int = 2
+    Hkv: int | None = None       # None: as many kv heads as q heads
+    D: int = 4
+    E: int = 3
+    causal: bool = True
+    decay: str = "none"          # "none" | "head" ([H]) | "token" ([B, T, H])
+    state: bool = False          # start from a random initial state
+    scale: float = 1.0
+    chunk_size: int = 4          # the xla form's chunk; the kernels use it when it is a power of two >= 16
+    impls: tuple = ("xla", "recurrent", "pallas")   # the impls the case tells something about
+
+    @property
+    def kv_heads(self) -> int:
+        return self.H if self.Hkv is None else self.Hkv
+
+    @property
+    def kernel_chunk(self) -> int:
+        c = self.chunk_size
+        return c if c >= 16 and not c & (c - 1) else 16
+
+    @property
+    def inputs_key(self) -> "Case":
+        """The case with only the fields that choose the inputs and the math (cases differing only in how
+        an impl chunks share one reference run)."""
+        return dataclasses.replace(self, name="", chunk_size=0, impls=())
+
+
+CASES = [
+    Case("no_decay_state", state=True, scale=0.7),
+    Case("head_decay_state", B=2, T=37, H=3, D=8, E=5, decay="head", state=True, scale=0.7, chunk_size=8),
+    Case("token_decay_state", B=2, T=37, H=3, D=8, E=5, decay="token", state=True, scale=0.7, chunk_size=8),
+    Case("noncausal_state", B=2, T=11, H=3, D=8, E=5, causal=False, state=True, scale=0.3, chunk_size=16),
+    # odd T, D, E: padded to whole chunks, D 8 -> 16 and E 24 -> 32 on the kernel
+    Case("padded_dims", T=45, D=8, E=24, decay="token", state=True, scale=0.6, chunk_size=16),
+    # the xla form's chunking: one-token chunks, an odd chunk, one chunk longer than T, scanned segments
+    Case("chunk_1", B=2, T=37, H=3, D=8, E=5, decay="token", state=True, scale=0.7, chunk_size=1, impls=("xla",)),
+    Case("chunk_3", B=2, T=37, H=3, D=8, E=5, decay="token", state=True, scale=0.7, chunk_size=3, impls=("xla",)),
+    Case("chunk_over_T", B=2, T=37, H=3, D=8, E=5, decay="token", state=True, scale=0.7, chunk_size=64,
+         impls=("xla",)),
+    Case("segments_T64", T=64, D=4, E=3, decay="head", state=True, chunk_size=2, impls=("xla",)),
+    Case("segments_T37", T=37, D=4, E=3, decay="head", state=True, chunk_size=2, impls=("xla",)),
+] + [  # the head groupings every family is checked with (H, Hkv); the kernel sees repeated heads
+    Case(f"gqa_{H}_{Hkv}", T=20, H=H, Hkv=Hkv, D=8, E=5, decay="token", state=True, scale=0.7, chunk_size=16,
+         impls=("xla", "recurrent", "pallas") if (H, Hkv) == (6, 2) else ("xla",))
+    for H, Hkv in GROUPINGS if H != Hkv
+]
+CASE = {case.name: case for case in CASES}
+
+
+def case_inputs(case: Case, seed: int = 0):
+    """Fresh random ``(q, k, v, log_decay, initial_state)`` for ``case`` (numpy RNG: no compiles)."""
+    rng = np.random.default_rng(seed)
+    B, T, H, G, D, E = case.B, case.T, case.H, case.kv_heads, case.D, case.E
+    q = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, T, G, D)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((B, T, G, E)), jnp.float32)
+    per_token = jnp.asarray(-np.log1p(np.exp(rng.standard_normal((B, T, H)))), jnp.float32)
+    decay = {"none": None, "head": per_token[0, 0], "token": per_token}[case.decay]
+    state = jnp.asarray(rng.standard_normal((B, H, D, E)), jnp.float32) if case.state else None
+    return q, k, v, decay, state
+
+
+def _public(impl, chunk):
+    def fn(case, q, k, v, a, s0):
+        return linear_attention(q, k, v, log_decay=a, causal=case.causal, scale=case.scale, initial_state=s0,
+                                return_final_state=True, chunk_size=chunk(case), impl=impl)
+    return fn
+
+
+IMPLS = {
+    "reference": _public("reference", lambda case: 64),
+    "xla": _public("xla", lambda case: case.chunk_size),
+    "recurrent": _public("recurrent", lambda case: case.chunk_size),
+    "pallas": _public("pallas", lambda case: case.kernel_chunk),    # the kernel (interpreter on CPU)
+}
+
+
+@functools.lru_cache(maxsize=None)
+def outputs_and_grads(impl: str, case: Case):
+    """``(out, final state)`` and the gradients of a random-weighted sum of both w.r.t. every array input."""
+    q, k, v, a, s0 = case_inputs(case)
+    rng = np.random.default_rng(1)
+    w_out = jnp.asarray(rng.standard_normal((case.B, case.T, case.H, case.E)), jnp.float32)
+    w_state = jnp.asarray(rng.standard_normal((case.B, case.H, case.D, case.E)), jnp.float32)
+
+    def loss(q, k, v, a, s0):
+        out, state = IMPLS[impl](case, q, k, v, a, s0)
+        return jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(state * w_state), (out, state)
+
+    grads, outs = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(q, k, v, a, s0)
+    return outs, grads
+
+
+def check_against_reference(impl: str, case: Case):
+    """``impl`` equals the quadratic reference on ``case``: output, final state and every gradient."""
+    (out, state), grads = outputs_and_grads(impl, case)
+    (want_out, want_state), want_grads = outputs_and_grads("reference", case.inputs_key)
+    chex.assert_shape(out, (case.B, case.T, case.H, case.E))
+    chex.assert_shape(state, (case.B, case.H, case.D, case.E))
+    assert np.isfinite(np.asarray(out)).all(), "non-finite output (an unwritten NaN-poisoned tile?)"
+    assert_close(out, want_out, what=f"{impl} out")
+    assert_close(state, want_state, what=f"{impl} final state")
+    for name, got, want in zip(("dq", "dk", "dv", "dlog_decay", "dinitial_state"), grads, want_grads):
+        if want is not None:
+            assert_close(got, want, factor=2, what=f"{impl} {name}")
+
+
+@pytest.mark.parametrize("impl, case", [
+    pytest.param(impl, case, id=f"{impl}-{case.name}")
+    for impl in ("xla", "recurrent", "pallas") for case in CASES if impl in case.impls])
+def test_matches_reference(impl, case):
+    check_against_reference(impl, case)
+
+
+def test_noncausal_reference_is_the_closed_form():
+    """The oracle's non-causal form: ``o = scale q (S_0 + K^T V)``, ``S_T = S_0 + K^T V``."""
+    case = CASE["noncausal_state"]
+    q, k, v, _, s0 = case_inputs(case)
+    (out, state), _ = outputs_and_grads("reference", case.inputs_key)
+    kv = np.einsum("bthd,bthe->bhde", k, v) + np.asarray(s0)
+    assert_close(out, case.scale * np.einsum("bthd,bhde->bthe", q, kv))
+    assert_close(state, kv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Properties beyond the table
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,44 +185,38 @@ def decay_of(kind, per_token):
     return {"none": None, "head": per_token[0, 0], "token": per_token}[kind]
 
 
-@pytest.mark.parametrize("kind", ["none", "head", "token"])
-def test_chunked_recurrent_and_parallel_forms_agree(kind):
-    q, k, v, per_token, s0 = make_inputs(0)
-    decay = decay_of(kind, per_token)
-    common = dict(log_decay=decay, scale=0.7, initial_state=s0, return_final_state=True)
-    ref_out, ref_state = run(q, k, v, impl="reference", **common)
-    for impl in ("recurrent", "xla"):
-        out, state = run(q, k, v, impl=impl, chunk_size=8, **common)
-        assert_close(out, ref_out)
-        assert_close(state, ref_state)
+@pytest.mark.parametrize("transform", [jax.jit, lambda f: f], ids=["jit", "eager"])
+def test_traced_and_eager_runs_agree(transform):
+    """The same op traced by jax.jit and run eagerly, on one tiny case: both equal the reference."""
+    case = CASE["no_decay_state"]
+    q, k, v, _, s0 = case_inputs(case)
+    fn = transform(lambda q, k, v, s0: linear_attention(q, k, v, initial_state=s0, scale=case.scale, chunk_size=4,
+                                                         impl="xla", return_final_state=True))
+    out, state = fn(q, k, v, s0)
+    (want_out, want_state), _ = outputs_and_grads("reference", case.inputs_key)
+    assert_close(out, want_out)
+    assert_close(state, want_state)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 16, 64])  # 64 > T: one padded chunk
-def test_every_chunk_size_gives_the_same_result(chunk):
-    q, k, v, per_token, s0 = make_inputs(0)
-    common = dict(log_decay=per_token, scale=0.7, initial_state=s0, return_final_state=True)
-    ref_out, ref_state = run(q, k, v, impl="reference", **common)
-    out, state = run(q, k, v, impl="xla", chunk_size=chunk, **common)
-    assert_close(out, ref_out)
-    assert_close(state, ref_state)
+def test_second_call_with_the_same_shapes_does_not_retrace_and_is_deterministic():
+    case = CASE["token_decay_state"]
+    first, second = case_inputs(case, seed=11), case_inputs(case, seed=12)
 
+    def fn(q, k, v, a, s0):
+        return linear_attention(q, k, v, log_decay=a, initial_state=s0, return_final_state=True, impl="xla",
+                                chunk_size=8)
 
-@pytest.mark.parametrize("T", [64, 37])  # 64: no padding (per-head fast path); 37: padded
-def test_segmented_scan_with_per_head_decay(T):
-    """chunk 2 -> segments of 16 chunks: several scanned segments carrying the state."""
-    q, k, v, per_token, s0 = make_inputs(14, B=1, T=T, H=2, D=4, E=3)
-    common = dict(log_decay=per_token[0, 0], initial_state=s0, return_final_state=True)
-    ref_out, ref_state = run(q, k, v, impl="reference", **common)
-    out, state = run(q, k, v, impl="xla", chunk_size=2, **common)
-    assert_close(out, ref_out)
-    assert_close(state, ref_state)
+    results = assert_traced_once(fn, first, second, first)
+    assert not np.allclose(np.asarray(results[0][0]), np.asarray(results[1][0]))
+    for a, b in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(results[2])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_reference_matches_explicit_loop():
     """The oracle itself against a literal Python loop of S_t = lambda_t S_{t-1} + k_t^T v_t."""
     q, k, v, per_token, s0 = make_inputs(1, B=1, T=6, H=2, D=3, E=4)
     out, final = run(q, k, v, log_decay=per_token, initial_state=s0, scale=0.5,
-                                  return_final_state=True, impl="reference")
+                     return_final_state=True, impl="reference")
     q, k, v, a, s = map(np.asarray, (q, k, v, per_token, s0))
     expected = np.zeros(out.shape)
     for t in range(6):
@@ -93,16 +224,6 @@ def test_reference_matches_explicit_loop():
         expected[:, t] = 0.5 * np.einsum("bhd,bhde->bhe", q[:, t], s)
     assert_close(out, expected)
     assert_close(final, s)
-
-
-@pytest.mark.parametrize("impl", ["reference", "recurrent", "xla", "pallas"])
-def test_noncausal_form(impl):
-    q, k, v, _, s0 = make_inputs(2, T=11)
-    out, state = run(q, k, v, causal=False, scale=0.3, initial_state=s0,
-                                  return_final_state=True, impl=impl, chunk_size=16)
-    kv = np.einsum("bthd,bthe->bhde", k, v) + np.asarray(s0)
-    assert_close(out, 0.3 * np.einsum("bthd,bhde->bthe", q, kv))
-    assert_close(state, kv)
 
 
 def test_no_decay_equals_cumsum_form():
@@ -118,7 +239,9 @@ def test_large_decay_keeps_only_the_diagonal():
     huge = jnp.full((3,), -80.0)
     expected = np.einsum("bthd,bthd->bth", q, k)[..., None] * np.asarray(v)
     for impl in ("xla", "recurrent", "reference"):
-        assert_close(run(q, k, v, log_decay=huge, impl=impl, chunk_size=32), expected)
+        out = run(q, k, v, log_decay=huge, impl=impl, chunk_size=32)
+        assert np.isfinite(np.asarray(out)).all()
+        assert_close(out, expected)
 
 
 def test_long_sequence_per_token_decay_is_numerically_safe():
@@ -126,6 +249,7 @@ def test_long_sequence_per_token_decay_is_numerically_safe():
     q, k, v, _, _ = make_inputs(5, B=1, T=500, H=2, D=4, E=4)
     decay = jnp.full((1, 500, 2), -40.0).at[:, ::7].set(-0.01)
     out = run(q, k, v, log_decay=decay, impl="xla", chunk_size=64)
+    assert np.isfinite(np.asarray(out)).all()
     assert_close(out, run(q, k, v, log_decay=decay, impl="recurrent"))
 
 
@@ -137,7 +261,7 @@ def test_decode_steps_continue_a_prefill_exactly(kind):
     prefix = 13
     prefill_decay = decay if kind == "head" else decay[:, :prefix]
     out, state = run(q[:, :prefix], k[:, :prefix], v[:, :prefix], log_decay=prefill_decay,
-                                  scale=0.9, return_final_state=True, impl="xla", chunk_size=4)
+                     scale=0.9, return_final_state=True, impl="xla", chunk_size=4)
     assert_close(out, full[:, :prefix])
     step = jax.jit(lambda q, k, v, s, a: linear_attention_step(q, k, v, s, log_decay=a, scale=0.9))
     for t in range(prefix, 21):
@@ -150,12 +274,12 @@ def test_prefill_with_state_composes():
     """Processing [x1; x2] equals processing x2 starting from x1's final state."""
     q, k, v, per_token, s0 = make_inputs(7, T=30)
     whole, whole_state = run(q, k, v, log_decay=per_token, initial_state=s0,
-                                          return_final_state=True, impl="xla", chunk_size=8)
+                             return_final_state=True, impl="xla", chunk_size=8)
     cut = 17
     first, state = run(q[:, :cut], k[:, :cut], v[:, :cut], log_decay=per_token[:, :cut],
-                                    initial_state=s0, return_final_state=True, impl="xla", chunk_size=8)
+                       initial_state=s0, return_final_state=True, impl="xla", chunk_size=8)
     second, final = run(q[:, cut:], k[:, cut:], v[:, cut:], log_decay=per_token[:, cut:],
-                                     initial_state=state, return_final_state=True, impl="xla", chunk_size=8)
+                        initial_state=state, return_final_state=True, impl="xla", chunk_size=8)
     assert_close(jnp.concatenate([first, second], axis=1), whole)
     assert_close(final, whole_state)
 
@@ -169,41 +293,16 @@ def test_feature_split_additivity():
     assert_close(parts, whole)
 
 
-@pytest.mark.parametrize("kind", ["head", "token"])
-def test_gradients_of_chunked_form_match_reference(kind):
-    q, k, v, per_token, s0 = make_inputs(9, T=19)
-    decay = decay_of(kind, per_token)
-
-    def loss(impl):
-        def f(q, k, v, decay, s0):
-            out, state = run(q, k, v, log_decay=decay, initial_state=s0, scale=0.8,
-                                          return_final_state=True, impl=impl, chunk_size=8)
-            return jnp.sum(out * jnp.cos(out)) + jnp.sum(state ** 2)
-        return jax.grad(f, argnums=(0, 1, 2, 3, 4))(q, k, v, decay, s0)
-
-    want = loss("reference")
-    for got, expected in zip(loss("xla" if kind == "head" else "recurrent"), want):
-        assert_close(got, expected, 2 * F32_TOL)
-    if kind == "token":
-        for got, expected in zip(loss("xla"), want):
-            assert_close(got, expected, 2 * F32_TOL)
-
-
-def test_bfloat16_inputs_give_bfloat16_outputs_close_to_float32():
-    q, k, v, per_token, _ = make_inputs(10, D=16, E=16)
+@pytest.mark.parametrize("impl, B, T, H, decay_kind, scale", [("xla", 2, 37, 3, "token", 0.25),
+                                                            ("pallas", 1, 33, 2, "head", 1.0)])
+def test_bfloat16_inputs_give_bfloat16_outputs_close_to_float32(impl, B, T, H, decay_kind, scale):
+    q, k, v, per_token, _ = make_inputs(10, B=B, T=T, H=H, D=16, E=16)
+    decay = decay_of(decay_kind, per_token)
     bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-    out = run(*bf, log_decay=per_token, scale=0.25, impl="xla", chunk_size=16)
+    out = run(*bf, log_decay=decay, scale=scale, impl=impl, chunk_size=16)
     assert out.dtype == jnp.bfloat16
-    ref = run(*[x.astype(jnp.float32) for x in bf], log_decay=per_token, scale=0.25,
-                           impl="reference")
-    assert_close(out, ref, 2e-2)
-
-
-def test_jit_and_determinism():
-    q, k, v, per_token, s0 = make_inputs(11)
-    f = jax.jit(lambda q, k, v, a: run(q, k, v, log_decay=a, impl="xla", chunk_size=8))
-    first, second = f(q, k, v, per_token), f(q, k, v, per_token)
-    np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+    ref = run(*[x.astype(jnp.float32) for x in bf], log_decay=decay, scale=scale, impl="reference")
+    assert_close(out, ref, jnp.bfloat16)
 
 
 @settings(max_examples=5, deadline=None)
@@ -227,8 +326,9 @@ def group_sum(x, groups):
     return x.reshape(B, T, H // groups, groups, F).sum(axis=3)
 
 
-GQA_CASES = ([(impl, 2, causal) for impl in ("reference", "recurrent", "xla", "pallas") for causal in (True, False)]
-             + [(impl, 1, True) for impl in ("recurrent", "xla")])          # GQA 4/2 on every impl, MQA 4/1
+# GQA 4/2 and MQA 4/1 on the oracle. Every impl gets the same head repetition before dispatch, and the
+# table checks each impl == reference on the GQA/MQA groupings: with this test, each impl == repeated kv.
+GQA_CASES = [("reference", 2, True), ("reference", 2, False), ("reference", 1, True)]
 
 
 @pytest.mark.parametrize("impl, hkv, causal", GQA_CASES)
@@ -257,9 +357,9 @@ def test_gqa_equals_explicitly_repeated_kv(impl, hkv, causal):
     assert out.shape == (1, 20, H, 5) and state.shape == (1, H, 8, 5)
     assert_close(out, out_r)
     assert_close(state, state_r)
-    assert_close(dq, dq_r, 2 * F32_TOL)
-    assert_close(dk, group_sum(dk_r, G), 2 * F32_TOL)
-    assert_close(dv, group_sum(dv_r, G), 2 * F32_TOL)
+    assert_close(dq, dq_r, factor=2)
+    assert_close(dk, group_sum(dk_r, G), factor=2)
+    assert_close(dv, group_sum(dv_r, G), factor=2)
     if hkv > 1:   # the pairing is h // G, not h % Hkv: tiled kv heads give a different result
         tiled = run(q, jnp.tile(k, (1, 1, G, 1)), jnp.tile(v, (1, 1, G, 1)), **common)[0]
         assert np.abs(np.asarray(tiled) - np.asarray(out)).max() > 1e-2
@@ -315,7 +415,7 @@ def _errors():
         (dict(initial_state=s0[..., :2]), ValueError, "initial_state must have shape"),
         (dict(scale="big"), TypeError, "scale"),
         (dict(scale=math.inf), ValueError, "scale must be finite"),
-        (dict(chunk_size=0), ValueError, "chunk_size must be >= 1"),
+        (dict(chunk_size=0), ValueError, "chunk_size must be an int >= 1"),
         (dict(chunk_size=2.0), TypeError, "chunk_size must be an int"),
         (dict(chunk_size=24, impl="pallas"), ValueError, "chunk_size must be a power of two"),
         (dict(impl="cuda"), ValueError, "impl must be one of"),

@@ -1,7 +1,15 @@
-"""``jattn.neighborhood_attention`` against an independent transcription of NATTEN's mask rules."""
+"""Neighborhood attention: the family test base, and ``jattn.neighborhood_attention`` against an
+independent transcription of NATTEN's mask rules.
+
+The base: one feature table (``CASES``: 1-3-D, stride, dilation, causal, even kernels, odd sizes, every
+head grouping of ``tests.conftest.GROUPINGS``) and one ``check_against_reference(impl, case)`` (forward
+and q/k/v gradients against the dense oracle with the transcribed NATTEN mask), run for every impl.
+"""
+import dataclasses
 import itertools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +17,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import jattn
-from jattn.ops.neighborhood import neighborhood_attention, neighborhood_mask, token_permute, token_unpermute
-from tests.conftest import assert_close
+from jattn.core.neighborhood import neighborhood_mask, token_permute, token_unpermute
+from jattn.ops.neighborhood import neighborhood_attention
+from tests.conftest import GROUPINGS, assert_close, assert_matches, assert_traced_once, numpy_qkv
 
 
 # ---------------------------------------------------------------------------------- the oracle
@@ -81,7 +90,7 @@ def dense_oracle(q, k, v, mask):
 @given(na_configs())
 def test_mask_equals_natten_transcription(config):
     shape, kernel, stride, dilation, causal = config
-    got = neighborhood_mask(shape, kernel, stride=stride, dilation=dilation, is_causal=causal)
+    got = neighborhood_mask(shape, kernel, stride=stride, dilation=dilation, causal=causal)
     np.testing.assert_array_equal(got, natten_mask(shape, kernel, stride, dilation, causal))
 
 
@@ -92,7 +101,7 @@ def test_stride_one_non_causal_sees_exactly_the_kernel_volume():
 
 def test_full_window_is_dense_attention():
     assert neighborhood_mask((5, 6), (5, 6)).all()
-    np.testing.assert_array_equal(neighborhood_mask((7,), 7, is_causal=True), np.tril(np.ones((7, 7), bool)))
+    np.testing.assert_array_equal(neighborhood_mask((7,), 7, causal=True), np.tril(np.ones((7, 7), bool)))
 
 
 def test_stride_equal_kernel_is_window_partition():
@@ -105,7 +114,7 @@ def test_stride_equal_kernel_is_window_partition():
 
 def test_causal_rows_are_inside_the_causal_mask():
     shape = (6, 5)
-    mask = neighborhood_mask(shape, (3, 2), stride=(2, 2), is_causal=(True, True))
+    mask = neighborhood_mask(shape, (3, 2), stride=(2, 2), causal=(True, True))
     coords = np.array(list(itertools.product(*(range(L) for L in shape))))
     before = np.all(coords[None, :, :] <= coords[:, None, :], axis=-1)
     assert not np.any(mask & ~before)
@@ -123,32 +132,78 @@ def test_xla_forward_equals_dense_reference(config, heads, seed):
     assert_close(out, dense_oracle(q, k, v, natten_mask(shape, kernel, stride, dilation, causal)))
 
 
-CONFIGS = [  # shape, kernel, stride, dilation, causal: odd sizes, even kernels, borders, mixed flags
-    ((37,), (6,), (3,), (2,), (False,)),
-    ((11, 13), (5, 4), (2, 1), (2, 1), (False, True)),
-    ((4, 6, 3), (3, 3, 2), (1, 2, 1), (1, 2, 1), (True, False, False)),
+# ---------------------------------------------------------------------------------- the family test base
+
+IMPLS = ["xla", "pallas"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One row of the feature table: a pattern, a head grouping (H, Hkv) and a batch size."""
+    name: str
+    shape: tuple
+    kernel: tuple
+    stride: tuple
+    dilation: tuple
+    causal: tuple
+    heads: tuple
+    B: int = 1
+    D: int = 8
+
+    def qkv(self, seed: int):
+        H, Hkv = self.heads
+        T = math.prod(self.shape)
+        q, k, v = numpy_qkv(seed, self.B, T, T, H, Hkv, self.D)
+        return tuple(x.reshape(self.B, *self.shape, *x.shape[-2:]) for x in (q, k, v))
+
+    def mask(self):
+        return natten_mask(self.shape, self.kernel, self.stride, self.dilation, self.causal)
+
+    def op(self, impl: str):
+        return lambda q, k, v: neighborhood_attention(q, k, v, self.kernel, stride=self.stride,
+                                                      dilation=self.dilation, causal=self.causal, impl=impl)
+
+
+CASES = [  # odd sizes, even kernels, borders, mixed flags; every grouping of GROUPINGS
+    Case("1d-stride-dilation-even-kernel", (37,), (6,), (3,), (2,), (False,), GROUPINGS[1], B=2),
+    Case("2d-mixed-causal", (11, 13), (5, 4), (2, 1), (2, 1), (False, True), GROUPINGS[2]),
+    Case("3d", (4, 6, 3), (3, 3, 2), (1, 2, 1), (1, 2, 1), (True, False, False), GROUPINGS[3]),
+    Case("1d-causal-even-kernel-mha", (23,), (4,), (2,), (1,), (True,), GROUPINGS[0], B=2),
 ]
+assert {case.heads for case in CASES} == set(GROUPINGS)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-@pytest.mark.parametrize("config", CONFIGS, ids=["1d", "2d", "3d"])
-def test_forward_and_gradients_equal_dense_reference(impl, config):
-    shape, kernel, stride, dilation, causal = config
-    q, k, v = grid_qkv(7, shape, B=2, H=4, Hkv=2)
-    weights = jax.random.normal(jax.random.PRNGKey(1), q.shape)
-    mask = natten_mask(shape, kernel, stride, dilation, causal)
-    kwargs = dict(stride=stride, dilation=dilation, causal=causal)
+def check_against_reference(impl: str, case: Case, seed: int = 7):
+    """``impl`` equals the dense oracle (NATTEN's transcribed mask) forward and in the q/k/v gradients."""
+    q, k, v = case.qkv(seed)
+    mask = case.mask()
+    out = assert_matches(case.op(impl), lambda q, k, v: dense_oracle(q, k, v, mask), q, k, v, seed=1)
+    chex.assert_shape(out, q.shape)
+    assert out.dtype == q.dtype
 
-    def loss(fn):
-        return lambda q, k, v: jnp.sum(weights * fn(q, k, v))
 
-    ours = lambda q, k, v: neighborhood_attention(q, k, v, kernel, impl=impl, **kwargs)
-    oracle = lambda q, k, v: dense_oracle(q, k, v, mask)
-    assert_close(ours(q, k, v), oracle(q, k, v), what="out")
-    for name, got, want in zip("qkv", jax.grad(loss(ours), (0, 1, 2))(q, k, v),
-                               jax.grad(loss(oracle), (0, 1, 2))(q, k, v)):
-        assert_close(got, want, factor=2, what=f"d{name}")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_forward_and_gradients_equal_dense_reference(impl, case):
+    check_against_reference(impl, case)
 
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("transform", [jax.jit, lambda f: f], ids=["jit", "eager"])
+def test_traced_and_eager_agree(impl, transform):
+    case = CASES[-1]
+    q, k, v = case.qkv(3)
+    assert_close(transform(case.op(impl))(q, k, v), case.op(impl)(q, k, v), what=impl)
+
+
+def test_same_shapes_do_not_retrace():
+    case = CASES[-1]
+    first, second = assert_traced_once(case.op("xla"), case.qkv(4), case.qkv(5))
+    chex.assert_shape([first, second], case.qkv(4)[0].shape)
+    assert not np.array_equal(np.asarray(first), np.asarray(second))
+
+
+# ---------------------------------------------------------------------------------- more properties
 
 def test_tile_sizes_do_not_change_the_result():
     shape, kernel = (19, 14), (7, 5)

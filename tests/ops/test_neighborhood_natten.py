@@ -33,5 +33,5 @@ def test_matches_natten_flex_backend(shape, kernel, stride, dilation, causal):
             *(torch.from_numpy(x) for x in (q, k, v)), kernel_size=kernel, stride=stride, dilation=dilation,
             is_causal=causal, backend="flex-fna").numpy()
     got = neighborhood_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), kernel, stride=stride,
-                                 dilation=dilation, is_causal=causal, impl="xla")
+                                 dilation=dilation, causal=causal, impl="xla")
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, rtol=0)

@@ -1,6 +1,6 @@
 """The linear and attention-free family: P58 TransNormerLLM (Lightning-1), P74 Lightning-2, P29 Agent
 Attention, P20 LinFusion, P50 sigmoid / kernel attention and the KV-bias sink slot, P57 DSF, P18 VAN's
-LKA, P73 NiNformer. The shared kernel is ``jattn.ops.linear.linear_attention``.
+LKA, P73 NiNformer. The shared op is ``jattn.linear_attention`` (``jattn.ops.linear``).
 
 As layers: ``jattn.nn.Attention(method=NAME)`` with NAME one of lightning (P58/P74), sigmoid (P50),
 linfusion (P20), agent (P29) (``jattn.nn.describe_method(NAME)``)."""
@@ -15,5 +15,5 @@ from jattn.methods.linear.linfusion import FEATURE_MAPS, LinFusionAttention, gen
 from jattn.methods.linear.lka import LKA, VANAttention, lka, lka_gate
 from jattn.methods.linear.ninformer import MixerGatingUnit, NiNBlock, NiNformer, mixer_gating
 from jattn.methods.linear.sigmoid import kernel_attention, kv_bias_attention, sigmoid_attention
-from jattn.methods.linear.transnormer import (SGLU, TNLBlock, TNLGatedLinearAttention, lrpe, srms_norm,
-                                              tnl_log_decay)
+from jattn.methods.linear.transnormer import (SGLU, TNLBlock, TNLGatedLinearAttention, lrpe, norm_linear_attention,
+                                              srms_norm, tnl_decay, tnl_log_decay)

@@ -18,7 +18,9 @@ from flax import nnx
 from jattn.core import checks
 from jattn.ops.linear import linear_attention
 
+# The feature maps phi of the linear family, by name (one table: LinFusion and Attention(method="lightning")).
 FEATURE_MAPS = {
+    "silu": jax.nn.silu,                                  # TransNormerLLM's phi
     "elu1": lambda x: jax.nn.elu(x) + 1.0,
     "relu": jax.nn.relu,
     "identity": lambda x: x,

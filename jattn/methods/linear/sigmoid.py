@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float
 
 from jattn.core import checks
 from jattn.core.reference import HIGHEST, attention_logits, reference_attention
@@ -34,29 +35,56 @@ def _check_same_heads(q, k, v):
     return B, T, S, H, D
 
 
-def sigmoid_attention(q, k, v, *, causal: bool = True, normalize: bool = False, sim: str = "sigmoid",
-                      mask=None, scale=None, bias=None):
+def sigmoid_attention(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"], *,
+                      causal: bool = True, normalize: bool = False, sim: str = "sigmoid", mask=None, scale=None,
+                      bias=None, return_probs: bool = False):
     """``out = W v`` with ``W = f(q k^T * scale + bias)`` masked (``f`` sigmoid or elu+1), optionally
-    row-normalised. ``q [B, T, H, D]``, ``k, v [B, S, H, D]``; mask (True = attend) / bias
-    broadcastable to ``[B, H, T, S]``."""
-    B, T, S, H, D = _check_same_heads(q, k, v)
+    row-normalised by ``rowsum(W) + 1e-8`` (the official code's epsilon). Quadratic: no row max, no softmax.
+
+    The one sigmoid attention of jattn (``jattn.nn.sigmoid_attention`` and ``Attention(method="sigmoid")``).
+
+    Args:
+      q: queries ``[B, T, H, D]``.
+      k: keys ``[B, S, Hkv, D]``, ``H`` a multiple of ``Hkv`` (GQA: query head ``h`` reads kv head
+        ``h // (H // Hkv)``).
+      v: values ``[B, S, Hkv, D]``.
+      causal: keep only keys ``j <= i``.
+      normalize: divide each row of ``W`` by its sum + 1e-8.
+      sim: ``"sigmoid"`` or ``"elu"`` (``elu(s) + 1``).
+      mask: a bool array broadcastable to ``[B, H, T, S]`` (True = attend), or None.
+      scale: the logit scale (default ``D ** -0.5``).
+      bias: added to the logits before ``f``: None, a Python float (one shift for every logit) or a float
+        array broadcastable to ``[B, H, T, S]``.
+      return_probs: also return the weights ``W`` actually used, ``[B, H, T, S]`` float32 (normalised only
+        when ``normalize``).
+
+    Returns:
+      ``out [B, T, H, D]`` in q's dtype, or ``(out, W)`` with ``return_probs``.
+
+    Raises:
+      ValueError: a shape or a choice is invalid.
+      TypeError: a dtype or a flag is invalid.
+    """
+    array_bias = bias if hasattr(bias, "shape") else None
+    (B, T, S, H, Hkv, D), _, _, scale = checks.check_attention_args(q, k, v, mask=mask, bias=array_bias,
+                                                                    scale=scale)
     checks.check_choice("sim", sim, SIMILARITIES)
-    if mask is not None:
-        checks.check_broadcastable("mask", mask, (B, H, T, S), dtype_kind="bool")
-    if bias is not None:
-        checks.check_broadcastable("bias", bias, (B, H, T, S), dtype_kind="float")
-    scale = D ** -0.5 if scale is None else checks.check_positive_float("scale", scale)
-    s = attention_logits(q, k, scale=scale, bias=bias)
+    checks.check_bool("normalize", normalize)
+    shift = 0.0 if bias is None or array_bias is not None else checks.check_finite_float("bias", bias)
+    s = attention_logits(q, k, scale=scale, bias=array_bias) + shift
     w = jax.nn.sigmoid(s) if sim == "sigmoid" else jax.nn.elu(s) + 1.0
-    visible = jnp.ones((T, S), bool)
+    visible = jnp.ones((1, 1, T, S), bool)
     if causal:
-        visible = jnp.tril(visible)
+        visible = visible & jnp.tril(jnp.ones((T, S), bool))[None, None]
     if mask is not None:
-        visible = visible & mask
+        visible = visible & jnp.reshape(mask, (1,) * (4 - mask.ndim) + tuple(mask.shape))
     w = jnp.where(visible, w, 0.0)
     if normalize:
         w = w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-8)
-    return jnp.einsum("bhts,bshe->bthe", w, v.astype(jnp.float32), precision=HIGHEST).astype(q.dtype)
+    wg = w.reshape(B, Hkv, H // Hkv, T, S)
+    out = jnp.einsum("bkgts,bskd->btkgd", wg, v.astype(jnp.float32), precision=HIGHEST)
+    out = out.reshape(B, T, H, v.shape[-1]).astype(q.dtype)
+    return (out, w) if return_probs else out
 
 
 MLP_KEYS = ({"w1", "w2"}, {"w1", "b1", "w2", "b2"})

@@ -33,10 +33,10 @@ from jattn.core import checks
 from jattn.core.block_mask import BlockMask
 from jattn.core.masks import materialize
 from jattn.core.reference import HIGHEST
-from jattn.ops.block_sparse import block_sparse_attention, resolve_impl
+from jattn.ops.block_sparse import block_sparse_attention
+from jattn.ops.dispatch import resolve_impl
 from pallas_kernels.common import MIN_DOT_DIM, next_power_of_two
 
-F32 = jnp.float32
 FORMS = ("block_sparse", "gather")
 
 
@@ -115,8 +115,8 @@ def bra_region_scores(q, k, n_win: int):
     if k.shape[:3] != q.shape[:3] or q.shape[4] != k.shape[4] or k.shape[3] == 0 or q.shape[3] % k.shape[3]:
         raise ValueError(f"k must be [B, Hgt, Wid, Hkv, D] matching q {checks.describe(q)} (H a multiple of Hkv), "
                          f"got {checks.describe(k)}")
-    q_r = to_regions(jax.lax.stop_gradient(q).astype(F32), n_win).mean(axis=2)  # [B, R, H, D]
-    k_r = to_regions(jax.lax.stop_gradient(k).astype(F32), n_win).mean(axis=2)  # [B, R, Hkv, D]
+    q_r = to_regions(jax.lax.stop_gradient(q).astype(jnp.float32), n_win).mean(axis=2)  # [B, R, H, D]
+    k_r = to_regions(jax.lax.stop_gradient(k).astype(jnp.float32), n_win).mean(axis=2)  # [B, R, Hkv, D]
     k_r = jnp.repeat(k_r, q.shape[3] // k.shape[3], axis=2)
     return jnp.einsum("bphd,brhd->bpr", q_r, k_r, precision=HIGHEST)
 
@@ -165,12 +165,12 @@ def bra_attention(q, k, v, idx, n_win: int, *, scale: float | None = None):
     idx = _check_idx(idx, n_win, B)
     scale = _default_scale(scale, H, D)
     R, topk, g = n_win * n_win, idx.shape[2], H // Hkv
-    q_r = to_regions(q.astype(F32), n_win)                        # [B, R, n, H, D]
+    q_r = to_regions(q.astype(jnp.float32), n_win)                        # [B, R, n, H, D]
     n = q_r.shape[2]
     q_r = q_r.reshape(B, R, n, Hkv, g, D)
     gather = jax.vmap(lambda x, i: x[i])                           # [R, n, ...], [R, topk] -> [R, topk, n, ...]
-    k_sel = gather(to_regions(k.astype(F32), n_win), idx).reshape(B, R, topk * n, Hkv, D)
-    v_sel = gather(to_regions(v.astype(F32), n_win), idx).reshape(B, R, topk * n, Hkv, D)
+    k_sel = gather(to_regions(k.astype(jnp.float32), n_win), idx).reshape(B, R, topk * n, Hkv, D)
+    v_sel = gather(to_regions(v.astype(jnp.float32), n_win), idx).reshape(B, R, topk * n, Hkv, D)
     s = jnp.einsum("brnkgd,brmkd->brkgnm", q_r, k_sel, precision=HIGHEST) * scale
     p = jax.nn.softmax(s, axis=-1)
     out = jnp.einsum("brkgnm,brmkd->brnkgd", p, v_sel, precision=HIGHEST).reshape(B, R, n, H, D)
@@ -310,8 +310,8 @@ class BiLevelRoutingAttention(nnx.Module):
         self.wo = nnx.Linear(dim, dim, rngs=rngs)
         if side_dwconv:
             init = nnx.initializers.lecun_normal()
-            self.lepe_kernel = nnx.Param(init(rngs.params(), (side_dwconv, side_dwconv, dim), F32))
-            self.lepe_bias = nnx.Param(jnp.zeros((dim,), F32))
+            self.lepe_kernel = nnx.Param(init(rngs.params(), (side_dwconv, side_dwconv, dim), jnp.float32))
+            self.lepe_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
         else:
             self.lepe_kernel = self.lepe_bias = None
 
@@ -346,8 +346,8 @@ class BiFormerBlock(nnx.Module):
         self.attn = BiLevelRoutingAttention(dim, num_heads, n_win=n_win, topk=topk, side_dwconv=side_dwconv,
                                             auto_pad=auto_pad, form=form, impl=impl, rngs=rngs)
         init = nnx.initializers.lecun_normal()
-        self.pos_kernel = nnx.Param(init(rngs.params(), (3, 3, dim), F32))
-        self.pos_bias = nnx.Param(jnp.zeros((dim,), F32))
+        self.pos_kernel = nnx.Param(init(rngs.params(), (3, 3, dim), jnp.float32))
+        self.pos_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
         self.norm1 = nnx.LayerNorm(dim, epsilon=1e-6, rngs=rngs)
         self.norm2 = nnx.LayerNorm(dim, epsilon=1e-6, rngs=rngs)
         hidden = int(mlp_ratio * dim)

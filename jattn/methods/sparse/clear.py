@@ -36,36 +36,28 @@ from jattn.core.block_mask import BlockMask
 from jattn.core.masks import materialize
 from jattn.ops.block_sparse import block_sparse_attention
 
-F32 = jnp.float32
 TRAIN_SEQ_LEN = 64 ** 2 + 512  # FLUX 1024^2 training length: 4096 image + 512 text tokens
 
 
 # ---------------------------------------------------------------------------------------- validation
 
 def _check_hw(hw) -> tuple[int, int]:
-    if not (isinstance(hw, (tuple, list)) and len(hw) == 2
-            and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in hw)):
-        raise TypeError(f"hw must be a pair of positive ints (h, w), got {hw!r}")
-    return int(hw[0]), int(hw[1])
+    return checks.check_int_tuple("hw", hw, 2, what="(h, w)")
 
 
 def _check_radius(radius) -> float | int:
-    if isinstance(radius, bool) or not isinstance(radius, (int, float, np.integer, np.floating)):
-        raise TypeError(f"radius must be a positive number, got {radius!r}")
-    if not math.isfinite(float(radius)) or radius <= 0:
-        raise ValueError(f"radius must be a finite number > 0, got {radius!r}")
-    return int(radius) if isinstance(radius, (int, np.integer)) else float(radius)
+    """A finite number > 0; an int stays an int."""
+    value = checks.check_positive_float("radius", radius, allow_none=False)
+    return int(radius) if isinstance(radius, (int, np.integer)) else value
 
 
 def _check_tile(tile, hw: tuple[int, int]) -> tuple[int, int] | None:
     if tile is None:
         return None
-    if not (isinstance(tile, (tuple, list)) and len(tile) == 2
-            and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in tile)):
-        raise TypeError(f"tile must be None or a pair of positive ints (th, tw), got {tile!r}")
+    tile = checks.check_int_tuple("tile", tile, 2, what="(th, tw) or None")
     if hw[0] % tile[0] or hw[1] % tile[1]:
-        raise ValueError(f"tile={tuple(tile)} must divide the image grid hw={hw}")
-    return int(tile[0]), int(tile[1])
+        raise ValueError(f"tile={tile} must divide the image grid hw={hw}")
+    return tile
 
 
 def _check_down_factor(down_factor, hw: tuple[int, int]) -> int | None:
@@ -202,12 +194,12 @@ def downsample_kv(x, hw, text_len: int, down_factor: int, weights=None):
     if x.shape[1] != text_len + h * w:
         raise ValueError(f"x must have text_len + h*w = {text_len + h * w} tokens, got {checks.describe(x)}")
     if weights is None:
-        weights = jnp.full((f, f), 1.0 / (f * f), F32)
+        weights = jnp.full((f, f), 1.0 / (f * f), jnp.float32)
     checks.check_float_array("weights", weights, 2)
     if weights.shape != (f, f):
         raise ValueError(f"weights must have shape [f, f] = ({f}, {f}), got {checks.describe(weights)}")
-    img = x[:, text_len:].astype(F32).reshape(x.shape[0], h // f, f, w // f, f, *x.shape[2:])
-    pooled = jnp.einsum("byixjhd,ij->byxhd", img, weights.astype(F32), precision=jax.lax.Precision.HIGHEST)
+    img = x[:, text_len:].astype(jnp.float32).reshape(x.shape[0], h // f, f, w // f, f, *x.shape[2:])
+    pooled = jnp.einsum("byixjhd,ij->byxhd", img, weights.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return pooled.reshape(x.shape[0], -1, *x.shape[2:]).astype(x.dtype)
 
 
@@ -262,7 +254,7 @@ def clear_distillation_loss(flow_loss, student_pred, teacher_pred, student_attn,
     if len(student_attn) != len(teacher_attn) or not student_attn:
         raise ValueError(f"student_attn and teacher_attn must be equally long non-empty sequences, got "
                          f"{len(student_attn)} and {len(teacher_attn)}")
-    mse = lambda a, b: jnp.mean((a.astype(F32) - b.astype(F32)) ** 2)
+    mse = lambda a, b: jnp.mean((a.astype(jnp.float32) - b.astype(jnp.float32)) ** 2)
     attn = sum(mse(s, t) for s, t in zip(student_attn, teacher_attn)) / len(student_attn)
     return flow_loss + 0.5 * mse(student_pred, teacher_pred) + 0.5 * attn
 
@@ -286,7 +278,7 @@ class CLEARAttention(nnx.Module):
         self.to_v, self.to_out = nnx.Linear(dim, dim, rngs=rngs), nnx.Linear(dim, dim, rngs=rngs)
         if self.down_factor is not None:
             f = self.down_factor
-            self.pool_weights = nnx.Param(jnp.full((f, f), 1.0 / (f * f), F32))
+            self.pool_weights = nnx.Param(jnp.full((f, f), 1.0 / (f * f), jnp.float32))
         else:
             self.pool_weights = None
 

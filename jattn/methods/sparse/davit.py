@@ -34,10 +34,10 @@ from flax import nnx
 from jattn.core import checks
 from jattn.core.block_mask import BlockMask
 from jattn.core.reference import HIGHEST
-from jattn.ops.block_sparse import block_sparse_attention, resolve_impl
+from jattn.ops.block_sparse import block_sparse_attention
+from jattn.ops.dispatch import resolve_impl
 from pallas_kernels.common import MIN_DOT_DIM, next_power_of_two
 
-F32 = jnp.float32
 
 
 # ---------------------------------------------------------------------------------------- validation
@@ -53,10 +53,7 @@ def _check_window(window) -> tuple[int, int]:
 
 
 def _check_hw(hw) -> tuple[int, int]:
-    if not (isinstance(hw, (tuple, list)) and len(hw) == 2
-            and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in hw)):
-        raise TypeError(f"hw must be a pair of positive ints (Hgt, Wid), got {hw!r}")
-    return int(hw[0]), int(hw[1])
+    return checks.check_int_tuple("hw", hw, 2, what="(Hgt, Wid)")
 
 
 def _check_image_qkv(q, k, v) -> tuple[int, int, int, int, int, int]:
@@ -170,7 +167,7 @@ def window_attention_2d_direct(q, k, v, window, *, scale: float | None = None):
     wh, ww = _check_window(window)
     scale = D ** -0.5 if scale is None else checks.check_positive_float("scale", scale)
     n = wh * ww
-    q_w, k_w, v_w = (to_window_major(x.astype(F32), (wh, ww), n) for x in (q, k, v))
+    q_w, k_w, v_w = (to_window_major(x.astype(jnp.float32), (wh, ww), n) for x in (q, k, v))
     nW = q_w.shape[1] // n
     q_w = q_w.reshape(B, nW, n, Hkv, H // Hkv, D)
     k_w, v_w = k_w.reshape(B, nW, n, Hkv, D), v_w.reshape(B, nW, n, Hkv, D)
@@ -208,8 +205,8 @@ def channel_group_attention(q, k, v, groups: int, *, scale: float | None = None,
         raise ValueError(f"groups={groups} must be a multiple of the k/v groups C_kv / C_g = {kv_groups}")
     scale = cg ** -0.5 if scale is None else checks.check_positive_float("scale", scale)
     rep = groups // kv_groups
-    q_g = q.astype(F32).reshape(B, N, kv_groups, rep, cg)
-    k_g, v_g = k.astype(F32).reshape(B, N, kv_groups, cg), v.astype(F32).reshape(B, N, kv_groups, cg)
+    q_g = q.astype(jnp.float32).reshape(B, N, kv_groups, rep, cg)
+    k_g, v_g = k.astype(jnp.float32).reshape(B, N, kv_groups, cg), v.astype(jnp.float32).reshape(B, N, kv_groups, cg)
     logits = jnp.einsum("bnkrc,bnkd->bkrcd", q_g, k_g, precision=HIGHEST) * scale   # [B, Gkv, rep, C_g, C_g]
     attention = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bkrcd,bnkd->bnkrc", attention, v_g, precision=HIGHEST).reshape(B, N, C).astype(q.dtype)
@@ -285,8 +282,8 @@ class _DaViTBlock(nnx.Module):
 
     def __init__(self, dim: int, attn, mlp_ratio: float, rngs: nnx.Rngs):
         init = nnx.initializers.lecun_normal()
-        self.cpe_kernels = nnx.Param(init(rngs.params(), (2, 3, 3, dim), F32))
-        self.cpe_biases = nnx.Param(jnp.zeros((2, dim), F32))
+        self.cpe_kernels = nnx.Param(init(rngs.params(), (2, 3, 3, dim), jnp.float32))
+        self.cpe_biases = nnx.Param(jnp.zeros((2, dim), jnp.float32))
         self.norm1 = nnx.LayerNorm(dim, epsilon=1e-5, rngs=rngs)
         self.norm2 = nnx.LayerNorm(dim, epsilon=1e-5, rngs=rngs)
         self.attn = attn

@@ -1,7 +1,7 @@
 """P48 GNA — Generalized Neighborhood Attention: Multi-dimensional Sparse Attention at the Speed of Light.
 
-Neighborhood attention with a per-axis window ``w``, stride ``s``, dilation ``δ`` and causal flag on a
-1-D to 3-D token grid (the rule is spelled out in ``jattn.ops.neighborhood``). GNA's observations,
+Neighborhood attention with a per-axis kernel size ``w``, stride ``s``, dilation ``δ`` and causal flag on a
+1-D to 3-D token grid (the rule is spelled out in ``jattn.core.neighborhood``). GNA's observations,
 implemented here:
 
 * **Token permutation.** Reordering tokens tile-major (each multi-dimensional tile of the grid becomes a
@@ -18,37 +18,86 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from jaxtyping import Array, Bool, Float
 
 from jattn.core import checks
-from jattn.ops.neighborhood import (NAGeometry, axis_tile_maps, check_tile_shape, over_dilation_groups,
-                                    per_axis, na_tile_maps, neighborhood_attention, neighborhood_mask,
-                                    permuted_attention, token_permute, token_unpermute)
+from jattn.core.neighborhood import (NAGeometry, axis_tile_maps, na_tile_maps, neighborhood_mask, per_axis,
+                                     token_permute, token_unpermute)
+from jattn.ops.neighborhood import check_tile_shape, neighborhood_attention, permuted_attention
+from jattn.ops.neighborhood_xla import over_dilation_groups
 
 __all__ = ["GNATileMap", "gna_attention", "gna_attention_reference", "gna_cost_model", "gna_mask", "gna_tile_map",
            "token_permute", "token_unpermute"]
 
 
-def gna_mask(shape, window, stride=1, dilation=1, causal=False) -> np.ndarray:
-    """The dense ``[T, T]`` GNA mask over row-major flattened grid tokens."""
-    return neighborhood_mask(shape, window, stride=stride, dilation=dilation, is_causal=causal)
+def gna_mask(shape, kernel_size, stride=1, dilation=1, causal=False) -> Bool[np.ndarray, "T T"]:
+    """The dense GNA mask over row-major flattened grid tokens (``jattn.neighborhood_mask``).
+
+    Args:
+      shape: the spatial grid shape (1 to 3 axes).
+      kernel_size: an int or one int per axis.
+      stride: an int or one int per axis (``1 <= stride <= kernel_size``).
+      dilation: an int or one int per axis.
+      causal: a bool or one bool per axis.
+
+    Returns:
+      ``[T, T]`` bool (``T = ∏ shape``), True = attend.
+    """
+    return neighborhood_mask(shape, kernel_size, stride=stride, dilation=dilation, causal=causal)
 
 
-def gna_attention_reference(q, k, v, window, stride=1, dilation=1, causal=False, scale=None):
-    """Dense masked fp32 attention with ``gna_mask`` (the oracle); q, k, v ``[B, *shape, H, D]``."""
-    return neighborhood_attention(q, k, v, window, stride=stride, dilation=dilation, causal=causal, scale=scale,
-                                  impl="reference")
+def gna_attention_reference(q: Float[Array, "B *grid H D"], k: Float[Array, "B *grid Hkv D"],
+                            v: Float[Array, "B *grid Hkv D"], kernel_size, stride=1, dilation=1, causal=False,
+                            scale: float | None = None) -> Float[Array, "B *grid H D"]:
+    """Dense masked fp32 attention with ``gna_mask`` (the oracle).
+
+    Args:
+      q: queries ``[B, *shape, H, D]``.
+      k: keys ``[B, *shape, Hkv, D]``.
+      v: values ``[B, *shape, Hkv, D]``.
+      kernel_size: an int or one int per axis.
+      stride: an int or one int per axis.
+      dilation: an int or one int per axis.
+      causal: a bool or one bool per axis.
+      scale: logit scale (default ``D ** -0.5``).
+
+    Returns:
+      ``[B, *shape, H, D]`` in q's dtype.
+    """
+    return neighborhood_attention(q, k, v, kernel_size, stride=stride, dilation=dilation, causal=causal,
+                                  scale=scale, impl="reference")
 
 
-def gna_attention(q, k, v, window, stride=1, dilation=1, causal=False, *, scale=None, q_tile=None, kv_tile=None,
-                  impl: str = "auto"):
+def gna_attention(q: Float[Array, "B *grid H D"], k: Float[Array, "B *grid Hkv D"], v: Float[Array, "B *grid Hkv D"],
+                  kernel_size, stride=1, dilation=1, causal=False, *, scale: float | None = None, q_tile=None,
+                  kv_tile=None, impl: str = "auto") -> Float[Array, "B *grid H D"]:
     """GNA through token permutation on the shared block-sparse kernel.
 
-    ``q_tile`` / ``kv_tile``: tile shape per axis (powers of two, at least 16 tokens per tile; default
-    ``jattn.ops.neighborhood.DEFAULT_PALLAS_TILES``). ``impl`` picks the block-sparse kernel: "pallas",
-    "xla" (its CPU gather path) or "auto". Dilation groups are split off first (each runs undilated).
+    Dilation groups are split off first (each runs undilated).
+
+    Args:
+      q: queries ``[B, *shape, H, D]``.
+      k: keys ``[B, *shape, Hkv, D]`` (H a multiple of Hkv).
+      v: values ``[B, *shape, Hkv, D]``.
+      kernel_size: an int or one int per axis.
+      stride: an int or one int per axis (``1 <= stride <= kernel_size``).
+      dilation: an int or one int per axis.
+      causal: a bool or one bool per axis.
+      scale: logit scale (default ``D ** -0.5``).
+      q_tile: query tile shape per axis (powers of two, at least 16 tokens per tile; default
+        ``jattn.ops.neighborhood.DEFAULT_PALLAS_TILES``).
+      kv_tile: key tile shape per axis (default ``q_tile``).
+      impl: the block-sparse kernel: "pallas", "xla" (its CPU gather path) or "auto".
+
+    Returns:
+      ``[B, *shape, H, D]`` in q's dtype.
+
+    Raises:
+      ValueError: a size out of range, mismatched shapes, or an unknown impl.
+      TypeError: a non-float array, or a size that is not an int.
     """
     spatial = checks.check_grid_qkv(q, k, v)
-    geometry = NAGeometry.create(spatial, window, stride, dilation, causal)
+    geometry = NAGeometry.create(spatial, kernel_size, stride, dilation, causal)
     checks.check_choice("impl", impl, ("auto", "pallas", "xla"))
     scale = checks.check_positive_float("scale", scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -76,10 +125,10 @@ class GNATileMap:
     kv_ranges: tuple[np.ndarray, ...]
 
 
-def gna_tile_map(shape, window, stride=1, dilation=1, causal=False, *, q_tile, kv_tile=None) -> GNATileMap:
+def gna_tile_map(shape, kernel_size, stride=1, dilation=1, causal=False, *, q_tile, kv_tile=None) -> GNATileMap:
     """The visited kv tiles of every q tile. Dilation must be 1: dilated GNA runs per dilation group,
     each on its own sub-grid (``NAGeometry.dilation_classes``), so call this on a group's shape."""
-    geometry = NAGeometry.create(tuple(shape), window, stride, dilation, causal)
+    geometry = NAGeometry.create(tuple(shape), kernel_size, stride, dilation, causal)
     if any(d != 1 for d in geometry.dilation):
         raise ValueError(f"gna_tile_map takes dilation 1 (tile maps are per dilation group); got dilation "
                          f"{geometry.dilation}: call it on each group's sub-grid shape")
@@ -95,14 +144,14 @@ def gna_tile_map(shape, window, stride=1, dilation=1, causal=False, *, q_tile, k
     return GNATileMap(q_tile, kv_tile, block_map, full_map, tuple(ranges))
 
 
-def gna_cost_model(shape, window, stride=1, dilation=1, causal=False, *, q_tile, kv_tile=None) -> dict:
+def gna_cost_model(shape, kernel_size, stride=1, dilation=1, causal=False, *, q_tile, kv_tile=None) -> dict:
     """Tile-pair counts of a GNA pattern summed over its dilation groups.
 
     Returns ``total_pairs`` (dense), ``visited_pairs`` (≥ 1 visible entry), ``full_pairs``,
     ``partial_pairs`` (need the fine mask), ``speedup_bound = total / visited`` and
     ``perfectly_block_sparse`` (no partial pairs).
     """
-    geometry = NAGeometry.create(tuple(shape), window, stride, dilation, causal)
+    geometry = NAGeometry.create(tuple(shape), kernel_size, stride, dilation, causal)
     q_tile = per_axis("q_tile", q_tile, geometry.ndim)
     kv_tile = q_tile if kv_tile is None else per_axis("kv_tile", kv_tile, geometry.ndim)
     totals = {"total_pairs": 0, "visited_pairs": 0, "full_pairs": 0}

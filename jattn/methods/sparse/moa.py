@@ -57,21 +57,13 @@ DENSITY_MODES = ("kv", "causal", "full")
 
 # ---------------------------------------------------------------------------------------- validation
 
-def _check_real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    if not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
-
-
 def _per_head(name: str, values, num_heads: int | None) -> tuple[float, ...]:
     """A number (the same for every head) or a sequence with one number per head."""
     if isinstance(values, (int, float, np.integer, np.floating)) and not isinstance(values, bool):
-        return (_check_real(name, values),) * (1 if num_heads is None else num_heads)
+        return (checks.check_finite_float(name, values),) * (1 if num_heads is None else num_heads)
     if not isinstance(values, (Sequence, np.ndarray)) or isinstance(values, str):
         raise TypeError(f"{name} must be a number or a sequence of one number per head, got {values!r}")
-    values = tuple(_check_real(name, x) for x in values)
+    values = tuple(checks.check_finite_float(name, x) for x in values)
     if not values or (num_heads is not None and len(values) != num_heads):
         want = f"{num_heads} (one per query head)" if num_heads is not None else ">= 1"
         raise ValueError(f"{name} must have length {want}, got {len(values)}")
@@ -92,7 +84,7 @@ def _alphas_betas(alphas, betas, num_heads=None):
 
 def moa_band_blocks(alpha: float, beta: float, N: int, block: int = 64) -> int:
     """Odd band width in tiles for span ``alpha + beta * N`` (official formula)."""
-    alpha, beta = _check_real("alpha", alpha), _check_real("beta", beta)
+    alpha, beta = checks.check_finite_float("alpha", alpha), checks.check_finite_float("beta", beta)
     N, block = checks.check_int("N", N, 1), checks.check_int("block", block, 1)
     raw = int(alpha // block + beta * (N // block))
     return max(2 * raw - 1, 1)

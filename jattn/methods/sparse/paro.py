@@ -54,14 +54,11 @@ DEFAULT_BLOCK = 64
 # ------------------------------------------------------------------------------------------ validation
 
 def _check_fhw(fhw) -> tuple[int, int, int]:
-    if not (isinstance(fhw, (tuple, list)) and len(fhw) == 3):
-        raise TypeError(f"fhw must be a triple of positive ints (frames, height, width), got {fhw!r}")
-    return tuple(checks.check_int(f"fhw[{i}]", n, 1) for i, n in enumerate(fhw))
+    return checks.check_int_tuple("fhw", fhw, 3, what="(frames, height, width)")
 
 
 def _check_order(order) -> str:
-    if order not in PARO_ORDERS:
-        raise ValueError(f"order must be one of {PARO_ORDERS}, got {order!r}")
+    checks.check_choice("order", order, PARO_ORDERS)
     return order
 
 
@@ -213,8 +210,7 @@ def paro_attention(q, k, v, block_mask: BlockMask, *, fhw, orders, num_text: int
     if not isinstance(block_mask, BlockMask):
         raise TypeError(f"block_mask must be a jattn BlockMask over the permuted tokens, got "
                         f"{type(block_mask).__name__}")
-    if not isinstance(qk_int8, bool):
-        raise TypeError(f"qk_int8 must be a bool, got {qk_int8!r}")
+    qk_int8 = checks.check_bool("qk_int8", qk_int8)
     orders_q = _orders_per_head(orders, H)
     k, v, orders_kv = _kv_for_orders(k, v, orders_q)
     qp = paro_permute(q, fhw, orders_q, num_text=num_text)
@@ -282,9 +278,7 @@ def _incoherence(maps_perm: np.ndarray, block: int) -> np.ndarray:
 def paro_order_costs(attn_maps, fhw, *, block: int = DEFAULT_BLOCK, recall: float = 0.9, num_text: int = 0):
     """``{order: (tiles_needed [H], incoherence [H])}`` for every order of ``PARO_ORDERS``."""
     fhw, num_text, block = _check_fhw(fhw), checks.check_int("num_text", num_text, 0), checks.check_int("block", block, 1)
-    recall = checks.check_positive_float("recall", recall, allow_none=False)
-    if recall > 1:
-        raise ValueError(f"recall must be in (0, 1], got {recall!r}")
+    recall = checks.check_float_in("recall", recall, 0, 1, low_open=True)
     maps = _check_maps(attn_maps, fhw, num_text)
     costs = {}
     for order in PARO_ORDERS:
@@ -297,8 +291,7 @@ def paro_order_costs(attn_maps, fhw, *, block: int = DEFAULT_BLOCK, recall: floa
 def select_paro_order(attn_maps, fhw, *, block: int = DEFAULT_BLOCK, recall: float = 0.9, alpha: float = 0.0,
                       num_text: int = 0) -> tuple[str, ...]:
     """Per head, the order minimising ``(1 - alpha) * tiles_needed + alpha * incoherence``."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    alpha = checks.check_float_in("alpha", alpha, 0, 1)
     costs = paro_order_costs(attn_maps, fhw, block=block, recall=recall, num_text=num_text)
     table = np.stack([(1 - alpha) * costs[o][0] + alpha * costs[o][1] for o in PARO_ORDERS])   # [6, H]
     return tuple(PARO_ORDERS[i] for i in np.argmin(table, axis=0))   # argmin: first of equal costs
@@ -321,17 +314,14 @@ def calibrate_block_mask(attn_maps, *, fhw, orders, block: int = DEFAULT_BLOCK, 
     mass = _tiles(_permuted_maps(maps, fhw, orders, num_text), block).sum(axis=(3, 4))
     nQ, nK = mass.shape[1:]
     if density is not None:
-        density = checks.check_positive_float("density", density, allow_none=False)
-        if density > 1:
-            raise ValueError(f"density must be in (0, 1], got {density!r}")
+        density = checks.check_float_in("density", density, 0, 1, low_open=True)
         keep_count = max(1, math.ceil(density * nQ * nK))
         order = np.argsort(-mass.reshape(H, -1), axis=1, kind="stable")[:, :keep_count]
         keep = np.zeros((H, nQ * nK), bool)
         np.put_along_axis(keep, order, True, axis=1)
         keep = keep.reshape(H, nQ, nK)
     else:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-            raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+        threshold = checks.check_float_in("threshold", threshold, 0, 1)
         row_mass = mass.sum(axis=2, keepdims=True)
         keep = mass >= threshold * row_mass
     heaviest = np.argmax(mass, axis=2)                          # every q-block row keeps at least one tile

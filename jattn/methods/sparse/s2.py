@@ -66,8 +66,7 @@ def _pattern(num_heads, block, local_blocks, vert_stride, num_dense_heads, head_
     num_kv_heads = num_heads if num_kv_heads is None else checks.check_int("num_kv_heads", num_kv_heads, 1)
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {causal!r}")
+    causal = checks.check_bool("causal", causal)
     if causal:
         left, right = checks.check_int("local_blocks", local_blocks, 1), 1
     elif isinstance(local_blocks, (tuple, list)):

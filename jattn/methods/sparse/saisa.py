@@ -119,8 +119,7 @@ def naavit_block_mask(num_prefix: int, num_visual: int, num_text: int, *, block_
     where every entry is visible. ``rows_only=True``: the row-subset form ``[P + T, N]``; otherwise the
     full ``[N, N]`` sequence, where q blocks made only of visual rows list no tile."""
     P, V, T = _layout(num_prefix, num_visual, num_text)
-    if not isinstance(rows_only, bool):
-        raise TypeError(f"rows_only must be a bool, got {rows_only!r}")
+    rows_only = checks.check_bool("rows_only", rows_only)
     bq, bk = _block("block_q", block_q), _block("block_k", block_k)
     mask_fn = NaavitRowsMaskFn(P, V) if rows_only else NaavitMaskFn(P, V)
     seq_q = P + T if rows_only else P + V + T
@@ -254,8 +253,7 @@ class SAISADecoderBlock(nnx.Module):
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads} (or pass head_dim)")
         self.head_dim = dim // num_heads if head_dim is None else checks.check_int("head_dim", head_dim, 1)
         self.num_prefix, self.num_visual = checks.check_int("num_prefix", num_prefix, 0), checks.check_int("num_visual", num_visual, 0)
-        if not isinstance(visual_inputs_per_layer, bool):
-            raise TypeError(f"visual_inputs_per_layer must be a bool, got {visual_inputs_per_layer!r}")
+        visual_inputs_per_layer = checks.check_bool("visual_inputs_per_layer", visual_inputs_per_layer)
         if visual_inputs_per_layer and vision_dim is None:
             raise ValueError("visual_inputs_per_layer=True needs vision_dim (the vision features' width)")
         if rope and self.head_dim % 2:

@@ -60,9 +60,7 @@ def _block(name: str, value) -> int:
 def shifted_group_size(seq_len: int, group_ratio: float = DEFAULT_GROUP_RATIO) -> int:
     """``G = int(seq_len * group_ratio)`` as in LongLoRA (``group_size_ratio = 1/4``), at least 1."""
     seq_len = checks.check_int("seq_len", seq_len, 1)
-    ratio = checks.check_positive_float("group_ratio", group_ratio, allow_none=False)
-    if ratio > 1:
-        raise ValueError(f"group_ratio must be in (0, 1], got {group_ratio!r}")
+    ratio = checks.check_float_in("group_ratio", group_ratio, 0, 1, low_open=True)
     return max(1, int(seq_len * ratio))
 
 

@@ -10,7 +10,7 @@ from flax import nnx
 
 from jattn.core.reference import reference_attention
 from jattn.methods.sparse import biformer as bf
-from tests.conftest import assert_close
+from tests.conftest import assert_close, assert_forward_and_grads_close, build_module, forward_and_grads
 
 
 def image_qkv(seed, B, Hgt, Wid, H, Hkv, D):
@@ -20,15 +20,6 @@ def image_qkv(seed, B, Hgt, Wid, H, Hkv, D):
 
 
 route = jax.jit(bf.bra_route, static_argnums=(2, 3))
-
-
-def build(constructor, seed=0, scale=0.3):
-    """Builds an NNX module with fresh random parameters without compiling its initializers (eval_shape,
-    then NumPy normals): eager initializers cost a compile per parameter shape."""
-    graphdef, state = nnx.split(nnx.eval_shape(constructor))
-    rng = np.random.default_rng(seed)
-    state = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.standard_normal(s.shape) * scale, s.dtype), state)
-    return nnx.merge(graphdef, state)
 
 
 def flat(x):
@@ -56,17 +47,6 @@ def routed_mask_loop(idx, hw, n_win):
                 region_j = ((j // Wid) // rh) * n_win + (j % Wid) // rw
                 mask[b, 0, i, j] = region_j in list(idx[b, region_i])
     return mask
-
-
-def forward_and_grads(fn, q, k, v, seed=99):
-    """``fn(q, k, v)`` and the gradients of ``sum(weights * fn)`` for random weights, in one jit."""
-    shape = jax.eval_shape(fn, q, k, v).shape
-    weights = jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-    def run(q, k, v, weights):
-        out, vjp = jax.vjp(fn, q, k, v)
-        return out, vjp(weights)
-    return jax.jit(run)(q, k, v, weights)
 
 
 @pytest.mark.parametrize("hw,n_win,topk", [((8, 12), 2, 2), ((6, 6), 3, 4)])
@@ -112,11 +92,8 @@ def routed_case():
 
 
 def check_against_reference(fn, routed_case, name):
-    (q, k, v), _, (ref_out, ref_grads) = routed_case
-    out, grads = forward_and_grads(fn, q, k, v)
-    assert_close(out, ref_out, what=f"{name} out")
-    for g, r, n in zip(grads, ref_grads, "qkv"):
-        assert_close(g, r, factor=2.0, what=f"{name} d{n}")
+    (q, k, v), _, expected = routed_case
+    assert_forward_and_grads_close(forward_and_grads(fn, q, k, v), expected, name)
 
 
 def test_gather_form_equals_dense_reference(routed_case):
@@ -203,7 +180,7 @@ def copy_with(module, **attributes):
 
 
 def test_module_equals_its_composition():
-    module = build(lambda: bf.BiLevelRoutingAttention(16, 2, n_win=2, topk=2, form="gather", rngs=nnx.Rngs(0)))
+    module = build_module(lambda: bf.BiLevelRoutingAttention(16, 2, n_win=2, topk=2, form="gather", rngs=nnx.Rngs(0)))
     x = jnp.asarray(np.random.default_rng(8).standard_normal((2, 8, 8, 16)), jnp.float32)
 
     @nnx.jit
@@ -221,7 +198,7 @@ def test_module_equals_its_composition():
 
 
 def test_module_auto_pad_crops_and_trains():
-    module = build(lambda: bf.BiLevelRoutingAttention(16, 2, n_win=2, topk=2, auto_pad=True, form="block_sparse",
+    module = build_module(lambda: bf.BiLevelRoutingAttention(16, 2, n_win=2, topk=2, auto_pad=True, form="block_sparse",
                                                       impl="xla", rngs=nnx.Rngs(1)), seed=1)
     x = jnp.asarray(np.random.default_rng(9).standard_normal((1, 7, 5, 16)), jnp.float32)
 
@@ -263,7 +240,7 @@ def test_biformer_block_equals_literal_composition():
     float64 around the block's own BRA (checked against its composition above).
 
     Mutations caught: any of the three residuals dropped; the two norms swapped; tanh-approximate GELU."""
-    block = build(lambda: bf.BiFormerBlock(16, 2, n_win=2, topk=1, form="gather", rngs=nnx.Rngs(1)), seed=2)
+    block = build_module(lambda: bf.BiFormerBlock(16, 2, n_win=2, topk=1, form="gather", rngs=nnx.Rngs(1)), seed=2)
     x = jnp.asarray(np.random.default_rng(10).standard_normal((1, 8, 8, 16)), jnp.float32)
     y = np.asarray(nnx.jit(lambda m, x: m(x))(block, x))
     assert y.shape == x.shape and np.all(np.isfinite(y))
@@ -299,7 +276,7 @@ def test_bad_inputs_raise_clear_errors():
         bf.bra_attention(q, k[:, :2], v, idx, 2)
     with pytest.raises(ValueError, match="topk must be <= n_win"):
         bf.BiLevelRoutingAttention(16, 2, n_win=2, topk=5, rngs=nnx.Rngs(0))
-    module = build(lambda: bf.BiLevelRoutingAttention(16, 2, n_win=2, topk=2, rngs=nnx.Rngs(0)))
+    module = build_module(lambda: bf.BiLevelRoutingAttention(16, 2, n_win=2, topk=2, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="divisible by n_win=2"):
         module(jnp.ones((1, 5, 4, 16)))
     with pytest.raises(ValueError, match="dim=16"):

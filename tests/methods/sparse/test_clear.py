@@ -12,15 +12,11 @@ from flax import nnx
 
 from jattn.core.reference import reference_attention
 from jattn.methods.sparse import clear as cl
-from tests.conftest import assert_close
-
-
-def rand(seed, *shape):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+from tests.conftest import assert_close, assert_forward_and_grads_close, forward_and_grads, random_array
 
 
 def joint_qkv(seed, B, L, H, Hkv, D):
-    return rand(seed, B, L, H, D), rand(seed + 1, B, L, Hkv, D), rand(seed + 2, B, L, Hkv, D)
+    return random_array(seed, B, L, H, D), random_array(seed + 1, B, L, Hkv, D), random_array(seed + 2, B, L, Hkv, D)
 
 
 def clear_mask_loop(hw, text_len, radius, n_pooled=0):
@@ -44,16 +40,6 @@ def layout_order(hw, text_len, tile, n_pooled=0):
     """Row-major token id at each position of the (tiled) layout."""
     image = np.asarray(cl.to_tile_major(jnp.arange(hw[0] * hw[1])[None], hw, tile))[0] + text_len
     return np.concatenate([np.arange(text_len), image, np.arange(n_pooled) + text_len + hw[0] * hw[1]])
-
-
-def forward_and_grads(fn, q, k, v, seed=99):
-    """``fn(q, k, v)`` and the gradients of ``sum(weights * fn)`` for random weights, in one jit."""
-    weights = rand(seed, *jax.eval_shape(fn, q, k, v).shape)
-
-    def run(q, k, v, weights):
-        out, vjp = jax.vjp(fn, q, k, v)
-        return out, vjp(weights)
-    return jax.jit(run)(q, k, v, weights)
 
 
 MASK_CASES = [  # hw, text_len, radius, down_factor, tile
@@ -110,7 +96,7 @@ ATTENTION_CASES = [  # impl, hw, text_len, radius, down_factor, tile   (all GQA 
 def test_attention_equals_dense_reference(impl, hw, text_len, radius, down_factor, tile):
     L = text_len + hw[0] * hw[1]
     q, k, v = joint_qkv(1, 2, L, 4, 2, 16)
-    weights = rand(5, down_factor, down_factor) if down_factor else None
+    weights = random_array(5, down_factor, down_factor) if down_factor else None
     pool = lambda x: [cl.downsample_kv(x, hw, text_len, down_factor, weights)] if down_factor else []
     mask = jnp.asarray(clear_mask_loop(hw, text_len, radius, cl.num_pooled(hw, down_factor)))
 
@@ -123,11 +109,7 @@ def test_attention_equals_dense_reference(impl, hw, text_len, radius, down_facto
         return cl.clear_attention(q, k, v, hw, text_len, radius, *down, tile=tile, block_q=16, block_k=16,
                                   impl=impl)
 
-    ref_out, ref_grads = forward_and_grads(reference, q, k, v)
-    out, grads = forward_and_grads(clear, q, k, v)
-    assert_close(out, ref_out, what="out")
-    for g, r, n in zip(grads, ref_grads, "qkv"):
-        assert_close(g, r, factor=2.0, what=f"d{n}")
+    assert_forward_and_grads_close(forward_and_grads(clear, q, k, v), forward_and_grads(reference, q, k, v))
 
 
 def test_spec_identities_full_radius_text_rows_and_key_count():
@@ -182,8 +164,8 @@ def test_pooled_branch_with_f1_and_unit_weights_duplicates_image_keys():
 
 def test_downsample_kv_is_a_weighted_cell_sum():
     hw, text_len, f = (4, 6), 3, 2
-    x = rand(4, 2, text_len + 24, 2, 3)
-    weights = rand(5, f, f)
+    x = random_array(4, 2, text_len + 24, 2, 3)
+    weights = random_array(5, f, f)
     pooled = np.asarray(cl.downsample_kv(x, hw, text_len, f, weights))
     image = np.asarray(x)[:, text_len:].reshape(2, 4, 6, 2, 3)
     for Y, X in itertools.product(range(2), range(3)):
@@ -196,9 +178,9 @@ def test_downsample_kv_is_a_weighted_cell_sum():
 def test_proportional_scale_and_distillation_loss():
     assert cl.proportional_scale(4608, 64) == pytest.approx(0.125)
     assert cl.proportional_scale(4608, 64, pooled=True) == pytest.approx(math.sqrt(math.log(46080, 4608) / 64))
-    s, t = rand(6, 2, 5), rand(7, 2, 5)
-    a = [rand(8, 3, 4), rand(9, 3, 4)]
-    b = [rand(10, 3, 4), rand(11, 3, 4)]
+    s, t = random_array(6, 2, 5), random_array(7, 2, 5)
+    a = [random_array(8, 3, 4), random_array(9, 3, 4)]
+    b = [random_array(10, 3, 4), random_array(11, 3, 4)]
     mse = lambda x, y: float(np.mean((np.asarray(x) - np.asarray(y)) ** 2))
     expected = 1.5 + 0.5 * mse(s, t) + 0.5 * (mse(a[0], b[0]) + mse(a[1], b[1])) / 2
     assert float(cl.clear_distillation_loss(1.5, s, t, a, b)) == pytest.approx(expected, rel=1e-5)
@@ -208,7 +190,7 @@ def test_module_equals_its_composition_and_trains_pool_weights():
     hw, text_len, radius, f = (4, 4), 4, 2, 2
     module = cl.CLEARAttention(16, 2, hw, text_len, radius, down_factor=f, block_q=16, block_k=16, impl="xla",
                                rngs=nnx.Rngs(0))
-    x = rand(12, 2, text_len + 16, 16)
+    x = random_array(12, 2, text_len + 16, 16)
 
     @nnx.jit
     def run(module, x):

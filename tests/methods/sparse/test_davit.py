@@ -12,24 +12,12 @@ from flax import nnx
 
 from jattn.core.reference import reference_attention
 from jattn.methods.sparse import davit as dv
-from tests.conftest import assert_close
-
-
-def rand(seed, *shape):
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+from tests.conftest import (assert_close, assert_forward_and_grads_close, build_module, forward_and_grads,
+                            random_array)
 
 
 def flat(x):
     return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
-
-
-def build(constructor, seed=0, scale=0.3):
-    """Builds an NNX module with fresh random parameters without compiling its initializers (eval_shape,
-    then NumPy normals): eager initializers cost a compile per parameter shape."""
-    graphdef, state = nnx.split(nnx.eval_shape(constructor))
-    rng = np.random.default_rng(seed)
-    state = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.standard_normal(s.shape) * scale, s.dtype), state)
-    return nnx.merge(graphdef, state)
 
 
 def window_mask_loop(hw, window):
@@ -41,23 +29,6 @@ def window_mask_loop(hw, window):
         (yi, xi), (yj, xj) = divmod(i, Wid), divmod(j, Wid)
         mask[i, j] = yi // wh == yj // wh and xi // ww == xj // ww
     return mask
-
-
-def forward_and_grads(fn, q, k, v, seed=99):
-    """``fn(q, k, v)`` and the gradients of ``sum(weights * fn)`` for random weights, in one jit."""
-    weights = rand(seed, *jax.eval_shape(fn, q, k, v).shape)
-
-    def run(q, k, v, weights):
-        out, vjp = jax.vjp(fn, q, k, v)
-        return out, vjp(weights)
-    return jax.jit(run)(q, k, v, weights)
-
-
-def check_close(result, expected, name):
-    (out, grads), (ref_out, ref_grads) = result, expected
-    assert_close(out, ref_out, what=f"{name} out")
-    for g, r, n in zip(grads, ref_grads, "qkv"):
-        assert_close(g, r, factor=2.0, what=f"{name} d{n}")
 
 
 # ---------------------------------------------------------------------------------------- spatial windows
@@ -89,7 +60,7 @@ HW, WINDOW = (7, 10), (3, 4)   # not divisible: 3 x 3 windows, the last row / co
 
 @pytest.fixture(scope="module")
 def window_case():
-    q, k, v = rand(1, 2, *HW, 4, 16), rand(2, 2, *HW, 2, 16), rand(3, 2, *HW, 2, 16)   # GQA 4 / 2
+    q, k, v = random_array(1, 2, *HW, 4, 16), random_array(2, 2, *HW, 2, 16), random_array(3, 2, *HW, 2, 16)  # GQA
     mask = jnp.asarray(window_mask_loop(HW, WINDOW))
     ref = lambda q, k, v: reference_attention(flat(q), flat(k), flat(v), mask=mask).reshape(q.shape)
     return (q, k, v), forward_and_grads(ref, q, k, v)
@@ -99,17 +70,17 @@ def window_case():
 def test_window_attention_equals_dense_reference(impl, window_case):
     qkv, expected = window_case
     fn = lambda q, k, v: dv.window_attention_2d(q, k, v, WINDOW, impl=impl)
-    check_close(forward_and_grads(fn, *qkv), expected, f"window_attention_2d[{impl}]")
+    assert_forward_and_grads_close(forward_and_grads(fn, *qkv), expected, f"window_attention_2d[{impl}]")
 
 
 def test_direct_window_reshape_equals_dense_reference(window_case):
     qkv, expected = window_case
     fn = lambda q, k, v: dv.window_attention_2d_direct(q, k, v, WINDOW)
-    check_close(forward_and_grads(fn, *qkv), expected, "window_attention_2d_direct")
+    assert_forward_and_grads_close(forward_and_grads(fn, *qkv), expected, "window_attention_2d_direct")
 
 
 def test_window_covering_the_grid_is_full_attention():
-    q, k, v = rand(4, 1, 5, 6, 2, 8), rand(5, 1, 5, 6, 2, 8), rand(6, 1, 5, 6, 2, 8)
+    q, k, v = random_array(4, 1, 5, 6, 2, 8), random_array(5, 1, 5, 6, 2, 8), random_array(6, 1, 5, 6, 2, 8)
 
     @jax.jit
     def outputs(q, k, v):
@@ -139,7 +110,7 @@ def channel_attention_loop(q, k, v, groups, scale):
 
 @pytest.mark.parametrize("groups,kv_channels", [(4, 32), (4, 16)])   # MHA-style and GQA-style (2 kv groups)
 def test_channel_attention_equals_explicit_reference(groups, kv_channels):
-    q, k, v = rand(7, 2, 30, 32), rand(8, 2, 30, kv_channels), rand(9, 2, 30, kv_channels)
+    q, k, v = random_array(7, 2, 30, 32), random_array(8, 2, 30, kv_channels), random_array(9, 2, 30, kv_channels)
     out, attention = jax.jit(dv.channel_group_attention, static_argnums=3,
                              static_argnames="return_attention")(q, k, v, groups, return_attention=True)
     ref_out, ref_attention = channel_attention_loop(q, k, v, groups, (32 // groups) ** -0.5)
@@ -150,16 +121,16 @@ def test_channel_attention_equals_explicit_reference(groups, kv_channels):
 
 def test_channel_attention_is_attention_over_channels_with_tokens_as_features():
     B, N, G, cg = 2, 24, 2, 8
-    q, k, v = rand(10, B, N, G * cg), rand(11, B, N, G * cg), rand(12, B, N, G * cg)
+    q, k, v = random_array(10, B, N, G * cg), random_array(11, B, N, G * cg), random_array(12, B, N, G * cg)
     as_tokens = lambda x: jnp.transpose(x.reshape(B, N, G, cg), (0, 3, 2, 1))   # [B, C_g tokens, G heads, N]
     ref = lambda q, k, v: jnp.transpose(reference_attention(as_tokens(q), as_tokens(k), as_tokens(v),
                                                             scale=cg ** -0.5), (0, 3, 2, 1)).reshape(B, N, G * cg)
-    check_close(forward_and_grads(lambda q, k, v: dv.channel_group_attention(q, k, v, G), q, k, v),
+    assert_forward_and_grads_close(forward_and_grads(lambda q, k, v: dv.channel_group_attention(q, k, v, G), q, k, v),
                 forward_and_grads(ref, q, k, v), "channel_group_attention")
 
 
 def test_channel_attention_is_token_permutation_equivariant_and_linear_in_tokens():
-    q, k, v = rand(13, 1, 40, 16), rand(14, 1, 40, 16), rand(15, 1, 40, 16)
+    q, k, v = random_array(13, 1, 40, 16), random_array(14, 1, 40, 16), random_array(15, 1, 40, 16)
     perm = np.random.default_rng(16).permutation(40)
     fn = jax.jit(lambda q, k, v: dv.channel_group_attention(q, k, v, 2, return_attention=True))
     out, attention = fn(q, k, v)
@@ -178,8 +149,8 @@ def test_channel_attention_is_token_permutation_equivariant_and_linear_in_tokens
 # ---------------------------------------------------------------------------------------- modules
 
 def test_spatial_window_module_pads_like_the_official_block():
-    module = build(lambda: dv.SpatialWindowAttention(16, 2, 3, impl="xla", rngs=nnx.Rngs(0)))
-    x = rand(17, 2, 5, 7, 16)                                        # padded to 6 x 9 (2 x 3 windows)
+    module = build_module(lambda: dv.SpatialWindowAttention(16, 2, 3, impl="xla", rngs=nnx.Rngs(0)))
+    x = random_array(17, 2, 5, 7, 16)                                # padded to 6 x 9 (2 x 3 windows)
 
     @nnx.jit
     def outputs(module, x):
@@ -192,8 +163,8 @@ def test_spatial_window_module_pads_like_the_official_block():
 
 
 def test_channel_module_matches_the_official_role_assignment():
-    module = build(lambda: dv.ChannelGroupAttention(16, 4, rngs=nnx.Rngs(1)), seed=1)
-    x = rand(18, 2, 3, 5, 16)
+    module = build_module(lambda: dv.ChannelGroupAttention(16, 4, rngs=nnx.Rngs(1)), seed=1)
+    x = random_array(18, 2, 3, 5, 16)
     out = nnx.jit(lambda m, x: m(x))(module, x)
     qkv = np.asarray(module.qkv(x.reshape(2, 15, 16)), np.float64).reshape(2, 15, 3, 4, 4).transpose(2, 0, 3, 1, 4)
     q, k, v = qkv                                                    # [B, groups, N, C_g] each
@@ -207,13 +178,13 @@ def test_channel_module_matches_the_official_role_assignment():
 
 def test_davit_classifier_runs_and_dual_block_trains():
     # impl="reference" (the dense masked oracle) keeps compile time small; the kernels are checked above.
-    model = build(lambda: dv.DaViT(num_classes=5, dims=(8, 16), heads=(1, 2), depths=(1, 1), window=2,
+    model = build_module(lambda: dv.DaViT(num_classes=5, dims=(8, 16), heads=(1, 2), depths=(1, 1), window=2,
                                    impl="reference", rngs=nnx.Rngs(2)))
-    images = rand(19, 2, 15, 13, 3)                                  # stem pads to 16 x 16 -> 4 x 4 -> 2 x 2
+    images = random_array(19, 2, 15, 13, 3)                          # stem pads to 16 x 16 -> 4 x 4 -> 2 x 2
     logits = nnx.jit(lambda m, x: m(x))(model, images)
     assert logits.shape == (2, 5) and np.all(np.isfinite(logits))
-    block = build(lambda: dv.DualAttentionBlock(8, 2, 3, impl="reference", rngs=nnx.Rngs(3)), seed=3)
-    x = rand(20, 1, 5, 4, 8)
+    block = build_module(lambda: dv.DualAttentionBlock(8, 2, 3, impl="reference", rngs=nnx.Rngs(3)), seed=3)
+    x = random_array(20, 1, 5, 4, 8)
     grads = nnx.jit(nnx.grad(lambda m, x: jnp.sum(jnp.sin(m(x)))))(block, x)
     assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
     for module in (grads.spatial, grads.channel):
@@ -270,7 +241,7 @@ def test_dual_block_equals_literal_composition():
 
     Mutations caught: a ConvPosEnc residual (``x +``) dropped; the attention or MLP residual dropped; norm1 and
     norm2 swapped; tanh-approximate GELU; the dual block running channel before spatial (or only one)."""
-    block = build(lambda: dv.DualAttentionBlock(8, 2, 3, impl="reference", rngs=nnx.Rngs(3)), seed=4)
+    block = build_module(lambda: dv.DualAttentionBlock(8, 2, 3, impl="reference", rngs=nnx.Rngs(3)), seed=4)
     x = np.random.default_rng(21).standard_normal((2, 5, 4, 8))
     spatial = davit_block_np(x, block.spatial)
     assert_close(run(block.spatial, x), spatial, what="spatial block")
@@ -283,7 +254,7 @@ def test_davit_classifier_equals_literal_composition():
     global average pool, LN, head: written out in float64 around the model's own dual blocks.
 
     Mutations caught: the merge LayerNorm skipped; max pooling instead of the mean; the final norm skipped."""
-    model = build(lambda: dv.DaViT(num_classes=5, dims=(8, 16), heads=(1, 2), depths=(1, 1), window=2,
+    model = build_module(lambda: dv.DaViT(num_classes=5, dims=(8, 16), heads=(1, 2), depths=(1, 1), window=2,
                                    impl="reference", rngs=nnx.Rngs(2)), seed=5)
     images = np.random.default_rng(22).standard_normal((2, 15, 13, 3))
     logits = run(model, images)
@@ -297,7 +268,7 @@ def test_davit_classifier_equals_literal_composition():
 
 
 def test_bad_inputs_raise_clear_errors():
-    q, k, v = rand(20, 1, 4, 4, 2, 8), rand(21, 1, 4, 4, 2, 8), rand(22, 1, 4, 4, 2, 8)
+    q, k, v = random_array(20, 1, 4, 4, 2, 8), random_array(21, 1, 4, 4, 2, 8), random_array(22, 1, 4, 4, 2, 8)
     with pytest.raises(ValueError, match="window must be an int >= 1"):
         dv.window_attention_2d(q, k, v, 0)
     with pytest.raises(TypeError, match="window must be an int or a pair"):
@@ -310,7 +281,7 @@ def test_bad_inputs_raise_clear_errors():
         dv.window_attention_2d(q, k, v, 4, block=8)
     with pytest.raises(ValueError, match="impl must be one of"):
         dv.window_attention_2d(q, k, v, 2, impl="cuda")
-    x = rand(23, 1, 6, 12)
+    x = random_array(23, 1, 6, 12)
     with pytest.raises(ValueError, match="multiple of groups=5"):
         dv.channel_group_attention(x, x, x, 5)
     with pytest.raises(ValueError, match="groups=4 must be a multiple of the k/v groups"):
@@ -320,4 +291,4 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="dim=16 must be a multiple of num_heads=3"):
         dv.ChannelGroupAttention(16, 3, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="x must be an image"):
-        build(lambda: dv.SpatialWindowAttention(16, 2, 3, rngs=nnx.Rngs(0)))(jnp.ones((1, 4, 4, 8)))
+        build_module(lambda: dv.SpatialWindowAttention(16, 2, 3, rngs=nnx.Rngs(0)))(jnp.ones((1, 4, 4, 8)))

@@ -25,4 +25,4 @@ def test_every_query_sees_the_kernel_volume_and_k1_is_identity():
 
 def test_causal_full_window_is_causal_attention():
     q, k, v = grid_qkv(14, (31,), H=2, Hkv=1)
-    assert_close(na_attention(q, k, v, 31, is_causal=True), jattn.reference_attention(q, k, v, causal=True))
+    assert_close(na_attention(q, k, v, 31, causal=True), jattn.reference_attention(q, k, v, causal=True))

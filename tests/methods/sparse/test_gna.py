@@ -1,14 +1,13 @@
 """P48 GNA: token permutation on the block-sparse kernel, tile maps and the cost model."""
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jattn.methods.sparse.gna import (gna_attention, gna_attention_reference, gna_cost_model, gna_mask,
                                       gna_tile_map, token_permute)
-from tests.conftest import assert_close
+from tests.conftest import assert_matches
 from tests.ops.test_neighborhood import grid_qkv, natten_mask
 
 
@@ -18,8 +17,8 @@ def permuted_positions(shape, tile):
     return np.asarray(token_permute(ids, tile)[0, :, 0, 0]).astype(int) - 1
 
 
-def explicit_tile_counts(shape, window, stride, causal, q_tile, kv_tile):
-    mask = natten_mask(shape, window, stride, (1,) * len(shape), causal)
+def explicit_tile_counts(shape, kernel_size, stride, causal, q_tile, kv_tile):
+    mask = natten_mask(shape, kernel_size, stride, (1,) * len(shape), causal)
     qpos, kpos = permuted_positions(shape, q_tile), permuted_positions(shape, kv_tile)
     permuted = np.zeros((len(qpos), len(kpos)), bool)
     real_q, real_k = qpos >= 0, kpos >= 0
@@ -28,17 +27,17 @@ def explicit_tile_counts(shape, window, stride, causal, q_tile, kv_tile):
     return tiles.any(axis=(1, 3)), tiles.all(axis=(1, 3))
 
 
-@pytest.mark.parametrize("shape, window, stride, causal, q_tile, kv_tile", [
+@pytest.mark.parametrize("shape, kernel_size, stride, causal, q_tile, kv_tile", [
     ((30,), (7,), (1,), (False,), (8,), (4,)),
     ((10, 9), (5, 4), (2, 1), (False, True), (4, 4), (2, 8)),
     ((5, 6, 4), (3, 3, 2), (1, 3, 2), (True, False, False), (2, 2, 4), (4, 2, 2)),
 ])
-def test_tile_map_and_cost_model_match_the_explicit_mask(shape, window, stride, causal, q_tile, kv_tile):
-    visited, full = explicit_tile_counts(shape, window, stride, causal, q_tile, kv_tile)
-    tile_map = gna_tile_map(shape, window, stride, 1, causal, q_tile=q_tile, kv_tile=kv_tile)
+def test_tile_map_and_cost_model_match_the_explicit_mask(shape, kernel_size, stride, causal, q_tile, kv_tile):
+    visited, full = explicit_tile_counts(shape, kernel_size, stride, causal, q_tile, kv_tile)
+    tile_map = gna_tile_map(shape, kernel_size, stride, 1, causal, q_tile=q_tile, kv_tile=kv_tile)
     np.testing.assert_array_equal(tile_map.block_map, visited)
     np.testing.assert_array_equal(tile_map.full_map, full)
-    cost = gna_cost_model(shape, window, stride, 1, causal, q_tile=q_tile, kv_tile=kv_tile)
+    cost = gna_cost_model(shape, kernel_size, stride, 1, causal, q_tile=q_tile, kv_tile=kv_tile)
     assert cost["total_pairs"] == visited.size
     assert cost["visited_pairs"] == visited.sum() and cost["full_pairs"] == full.sum()
     assert cost["speedup_bound"] == pytest.approx(visited.size / visited.sum())
@@ -68,22 +67,17 @@ def test_cost_model_sums_dilation_groups():
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 def test_gna_attention_equals_dense_reference(impl):
-    shape, window, stride, dilation, causal = (13, 10), (5, 4), (2, 2), (2, 1), (False, True)
+    shape, kernel_size, stride, dilation, causal = (13, 10), (5, 4), (2, 2), (2, 1), (False, True)
     q, k, v = grid_qkv(11, shape, H=4, Hkv=2)
-    weights = jax.random.normal(jax.random.PRNGKey(2), q.shape)
-    ours = lambda q, k, v: gna_attention(q, k, v, window, stride, dilation, causal, q_tile=(4, 4), impl=impl)
-    oracle = lambda q, k, v: gna_attention_reference(q, k, v, window, stride, dilation, causal)
-    assert_close(ours(q, k, v), oracle(q, k, v))
-    grads = jax.grad(lambda *a: jnp.sum(weights * ours(*a)), (0, 1, 2))(q, k, v)
-    want = jax.grad(lambda *a: jnp.sum(weights * oracle(*a)), (0, 1, 2))(q, k, v)
-    for name, g, w in zip("qkv", grads, want):
-        assert_close(g, w, factor=2, what=f"d{name}")
+    ours = lambda q, k, v: gna_attention(q, k, v, kernel_size, stride, dilation, causal, q_tile=(4, 4), impl=impl)
+    oracle = lambda q, k, v: gna_attention_reference(q, k, v, kernel_size, stride, dilation, causal)
+    assert_matches(ours, oracle, q, k, v, seed=2)
 
 
 def test_gna_mask_is_the_natten_rule():
-    for shape, window, stride in [((12, 7), (5, 3), (3, 2)), ((20,), (6,), (4,))]:
-        np.testing.assert_array_equal(gna_mask(shape, window, stride),
-                                      natten_mask(shape, window, stride, (1,) * len(shape), (False,) * len(shape)))
+    for shape, kernel_size, stride in [((12, 7), (5, 3), (3, 2)), ((20,), (6,), (4,))]:
+        np.testing.assert_array_equal(gna_mask(shape, kernel_size, stride),
+                                      natten_mask(shape, kernel_size, stride, (1,) * len(shape), (False,) * len(shape)))
 
 
 def test_tile_map_rejects_dilation():
