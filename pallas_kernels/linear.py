@@ -26,6 +26,7 @@ gone in current JAX); every block is loaded through ``pl.ds`` slices of power-of
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -181,10 +182,11 @@ def _backward(q, k, v, a, s0, do, dstate, *, scale, chunk, block_e, target, inte
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _lightning(q, k, v, a, s0, cfg):
-    return _forward(q, k, v, a, s0, **cfg._asdict())
+    return _forward(q, k, v, a, s0, **dataclasses.asdict(cfg))
 
 
-class _Config(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class LinearConfig:
     scale: float
     chunk: int
     block_e: int
@@ -201,7 +203,7 @@ def _lightning_fwd(q, k, v, a, s0, cfg):
 def _lightning_bwd(cfg, residuals, cotangents):
     q, k, v, a, s0, final = residuals
     do, dfinal = cotangents
-    dq, dk, dv, ds0 = _backward(q, k, v, a, s0, do, dfinal.astype(jnp.float32), **cfg._asdict())
+    dq, dk, dv, ds0 = _backward(q, k, v, a, s0, do, dfinal.astype(jnp.float32), **dataclasses.asdict(cfg))
     dc = (jnp.sum(q.astype(jnp.float32) * dq, axis=-1) - jnp.sum(k.astype(jnp.float32) * dk, axis=-1))
     dc = dc.at[:, -1].add(jnp.sum(dfinal.astype(jnp.float32) * final, axis=(-2, -1)))
     da = jnp.flip(jnp.cumsum(jnp.flip(dc, axis=-1), axis=-1), axis=-1)
@@ -257,7 +259,7 @@ def lightning_attention(q: Float[Array, "BH T D"], k: Float[Array, "BH T D"], v:
         raise ValueError(f"T={T} must be a multiple of chunk_size={chunk_size} and E={E} of block_e={block_e}")
 
     def build(target, interpret):
-        cfg = _Config(float(scale), int(chunk_size), int(block_e), target, interpret, bool(poison_outputs))
+        cfg = LinearConfig(float(scale), int(chunk_size), int(block_e), target, interpret, bool(poison_outputs))
         return lambda q, k, v, a, s0: _lightning(q, k, v, a, s0, cfg)
 
     return common.dispatch(build, q, k, v, a.astype(jnp.float32), s0.astype(jnp.float32), interpret=interpret)
