@@ -58,6 +58,26 @@ def attention_logits(q, k, *, scale: float, softcap=None, bias=None):
     return s
 
 
+def softmax_rows(s, sink=None):
+    """Row softmax of masked float32 logits ``s [..., S]`` (``-inf`` = masked), optionally with a value-less
+    ``sink`` logit broadcastable to ``[..., 1]`` in each row's denominator.
+
+    Returns ``(probs [..., S], lse [...])``. Only an exactly empty row (denominator 0) is special: probs 0
+    and lse ``-inf``; a NaN row stays NaN in both. The max is a stabiliser (no gradient flows through it).
+    """
+    row_max = jnp.max(s, axis=-1, keepdims=True)
+    if sink is not None:
+        row_max = jnp.maximum(row_max, sink)
+    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    p = jnp.exp(s - row_max)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    if sink is not None:
+        denom = denom + jnp.exp(sink - row_max)
+    empty = denom == 0
+    safe_denom = jnp.where(empty, 1.0, denom)
+    return p / safe_denom, jnp.where(empty, -jnp.inf, row_max + jnp.log(safe_denom))[..., 0]
+
+
 def reference_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, window=None,
                         segment_ids=None, scale=None, softcap=None, sinks=None,
                         return_lse: bool = False, return_probs: bool = False):
@@ -71,25 +91,12 @@ def reference_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, 
     if visible is not None:
         visible = jnp.broadcast_to(visible, s.shape)
         s = jnp.where(visible, s, -jnp.inf)
-    row_max = jnp.max(s, axis=-1, keepdims=True)
-    if sinks is not None:
-        sink = sinks.astype(jnp.float32)[None, :, None, None]
-        row_max = jnp.maximum(row_max, sink)
-    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-    p = jnp.exp(s - row_max)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    if sinks is not None:
-        denom = denom + jnp.exp(sink - row_max)
-    # Only an exactly empty row (denominator 0) is special; a NaN row stays NaN in out and lse.
-    empty = denom == 0
-    safe_denom = jnp.where(empty, 1.0, denom)
-    probs = p / safe_denom
+    probs, lse = softmax_rows(s, None if sinks is None else sinks.astype(jnp.float32)[None, :, None, None])
     vg = v.astype(jnp.float32)
     probs_g = probs.reshape(B, Hkv, H // Hkv, T, S)
     out = jnp.einsum("bkgts,bskd->btkgd", probs_g, vg, precision=HIGHEST).reshape(B, T, H, v.shape[-1])
     results = [out.astype(q.dtype)]
     if return_lse:
-        lse = jnp.where(empty, -jnp.inf, row_max + jnp.log(safe_denom))[..., 0]
         results.append(jnp.transpose(lse, (0, 2, 1)))
     if return_probs:
         results.append(probs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jattn.core.reference import softmax_rows
 from jattn.ops.decode_reference import contiguous_cache, decode_visibility
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -37,19 +38,11 @@ def decode_attention_xla(q, k_cache, v_cache, lengths, *, page_table=None, windo
     visible = decode_visibility(lengths, Tq, S, window_left, kv_offset)         # [B, Tq, S]
     visible = jnp.broadcast_to(visible[:, None, None], (B, 1, G, Tq, S)).reshape(B, 1, R, S)
     s = jnp.where(visible, s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
+    sink = None
     if sinks is not None:
         sink = jnp.repeat(sinks.astype(jnp.float32).reshape(1, Hkv, G, 1), Tq, axis=-1).reshape(1, Hkv, R, 1)
-        m = jnp.maximum(m, sink)
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-    p = jnp.exp(s - m)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    if sinks is not None:
-        denom = denom + jnp.exp(sink - m)
-    empty = denom == 0       # only an exactly empty row is special; NaN stays NaN
-    safe = jnp.where(empty, 1.0, denom)
-    out = jnp.einsum("bkrs,bksd->bkrd", p / safe, v.astype(jnp.float32), precision=HIGHEST)
-    lse = jnp.where(empty, -jnp.inf, m + jnp.log(safe))[..., 0]                  # [B, Hkv, R]
+    p, lse = softmax_rows(s, sink)                                               # lse [B, Hkv, R]
+    out = jnp.einsum("bkrs,bksd->bkrd", p, v.astype(jnp.float32), precision=HIGHEST)
     Dv = v.shape[-1]
     out = jnp.transpose(out.reshape(B, Hkv, G, Tq, Dv), (0, 3, 1, 2, 4)).reshape(B, Tq, H, Dv)
     return out, jnp.transpose(lse.reshape(B, Hkv, G, Tq), (0, 3, 1, 2)).reshape(B, Tq, H)
