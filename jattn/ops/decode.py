@@ -142,7 +142,8 @@ def decode_attention(q: Float[Array, "B *Tq H D"], k_cache: Float[Array, "..."],
       ``[B, Tq, H]``. Out-of-range traced ``lengths`` or page-table entries make that sequence's rows NaN.
 
     Raises:
-      ValueError / TypeError naming the argument, before any kernel runs.
+      ValueError: a shape, a length or a page-table entry is out of range (named, before any kernel runs).
+      TypeError: a dtype or a static argument is wrong (named, before any kernel runs).
     """
     checks.check_static("decode_attention", window=window, softcap=softcap, scale=scale, return_lse=return_lse,
                         impl=impl, page_size=page_size, num_splits=num_splits)
