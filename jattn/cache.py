@@ -155,17 +155,15 @@ class PagedKVCache:
         B = self.page_table.shape[0]
         _check_new("k_new", k_new, B, Hkv, D, self.k_pool.dtype)
         _check_new("v_new", v_new, B, Hkv, self.v_pool.shape[3], self.v_pool.dtype)
-        T_new = k_new.shape[1]
-        cache = self
-        for t in range(T_new):    # token by token: each may open a page (T_new is small when decoding)
-            cache = cache._append_token(k_new[:, t], v_new[:, t])
+        cache = _append_tokens(self, k_new, v_new)
         if _concrete(cache.lengths) and np.any(np.asarray(cache.lengths) > cache.capacity):
             bad = np.flatnonzero(np.asarray(cache.lengths) > cache.capacity).tolist()
-            raise ValueError(f"appending {T_new} tokens overflowed sequences {bad}: the page pool has no free page "
-                             f"or a sequence passed max_pages * page_size = {cache.capacity}")
+            raise ValueError(f"appending {k_new.shape[1]} tokens overflowed sequences {bad}: the page pool has no "
+                             f"free page or a sequence passed max_pages * page_size = {cache.capacity}")
         return cache
 
-    def _append_token(self, k_tok, v_tok) -> "PagedKVCache":
+    def append_token(self, k_tok, v_tok) -> "PagedKVCache":
+        """One token per sequence (``[B, Hkv, D]``): the step ``append`` scans over."""
         def one(b, cache):
             return cache._append_one(b, k_tok[b], v_tok[b])
         return lax.fori_loop(0, self.page_table.shape[0], one, self)
@@ -220,3 +218,12 @@ class PagedKVCache:
         """``decode_attention`` of ``q`` (the last ``Tq`` tokens already appended) over this cache."""
         table = jnp.where(self.page_table == NO_PAGE, 0, self.page_table)
         return decode_attention(q, self.k_pool, self.v_pool, self.lengths, page_table=table, **kwargs)
+
+
+@jax.jit
+def _append_tokens(cache: PagedKVCache, k_new, v_new) -> PagedKVCache:
+    """``append``'s work: a scan of ``append_token`` over the new tokens (one compile per shape)."""
+    def step(cache, token):
+        return cache.append_token(*token), None
+    cache, _ = lax.scan(step, cache, (jnp.swapaxes(k_new, 0, 1), jnp.swapaxes(v_new, 0, 1)))
+    return cache
