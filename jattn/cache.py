@@ -29,6 +29,7 @@ from jax import lax
 
 from jattn.core import checks
 from jattn.ops.decode import decode_attention
+from jattn.ops.decode_reference import contiguous_cache
 
 NO_PAGE = -1
 
@@ -70,6 +71,14 @@ class ContiguousKVCache:
     @property
     def capacity(self) -> int:
         return self.k.shape[2]
+
+    @property
+    def dtype(self):
+        return self.k.dtype
+
+    def contiguous(self):
+        """``(k, v)`` as ``[B, Hkv, capacity, D]``: the buffers themselves."""
+        return self.k, self.v
 
     def grow(self, capacity: int) -> "ContiguousKVCache":
         """The same cache in a larger buffer (a copy), ``capacity`` rounded up to ``page_size``."""
@@ -145,6 +154,18 @@ class PagedKVCache:
     def capacity(self) -> int:
         return self.page_table.shape[1] * self.page_size
 
+    @property
+    def dtype(self):
+        return self.k_pool.dtype
+
+    def table(self):
+        """The page table with unassigned entries pointing at page 0 (never read: beyond every length)."""
+        return jnp.where(self.page_table == NO_PAGE, 0, self.page_table)
+
+    def contiguous(self):
+        """``(k, v)`` as ``[B, Hkv, capacity, D]``: the pages gathered in table order (a copy)."""
+        return contiguous_cache(self.k_pool, self.table()), contiguous_cache(self.v_pool, self.table())
+
     def free_pages(self) -> jax.Array:
         return jnp.sum(self.refcount == 0)
 
@@ -216,8 +237,7 @@ class PagedKVCache:
 
     def attend(self, q, **kwargs):
         """``decode_attention`` of ``q`` (the last ``Tq`` tokens already appended) over this cache."""
-        table = jnp.where(self.page_table == NO_PAGE, 0, self.page_table)
-        return decode_attention(q, self.k_pool, self.v_pool, self.lengths, page_table=table, **kwargs)
+        return decode_attention(q, self.k_pool, self.v_pool, self.lengths, page_table=self.table(), **kwargs)
 
 
 @jax.jit

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from jattn.cache import ContiguousKVCache, PagedKVCache
-from jattn.ops.decode_reference import contiguous_cache
 from tests.conftest import assert_close
 
 B, HKV, D = 2, 2, 16
@@ -26,11 +25,7 @@ def tokens(seed, T, batch=B):
 def held(cache, b):
     """Sequence b's keys and values, [length, Hkv, D], as the cache holds them."""
     n = int(cache.lengths[b])
-    if isinstance(cache, PagedKVCache):
-        table = jnp.where(cache.page_table == -1, 0, cache.page_table)
-        k, v = contiguous_cache(cache.k_pool, table), contiguous_cache(cache.v_pool, table)
-    else:
-        k, v = cache.k, cache.v
+    k, v = cache.contiguous()
     return jnp.swapaxes(k[b, :, :n], 0, 1), jnp.swapaxes(v[b, :, :n], 0, 1)
 
 

@@ -6,9 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jattn.cache import NO_PAGE, ContiguousKVCache, PagedKVCache
+from jattn.cache import ContiguousKVCache, PagedKVCache
 from jattn.core import checks
-from jattn.ops.decode_reference import contiguous_cache
 from jattn.nn.methods import get_method
 
 
@@ -124,18 +123,10 @@ class Attention(nnx.Module):
             self.cache_state = nnx.Cache(jnp.zeros((B, self.num_heads, D, D), jnp.float32))
         self.cache_max_length = L
 
-    @staticmethod
-    def kv_dtype(cache):
-        return cache.k.dtype if isinstance(cache, ContiguousKVCache) else cache.k_pool.dtype
-
     def _decode_dense(self, cache, q, positions, return_probs):
         """Decoding for a method with a general pattern: ``decode_apply`` over the whole cache with the
         method's absolute-position mask (dense: O(cache length) per token)."""
-        if isinstance(cache, ContiguousKVCache):
-            k, v = cache.k, cache.v
-        else:
-            table = jnp.where(cache.page_table == NO_PAGE, 0, cache.page_table)
-            k, v = contiguous_cache(cache.k_pool, table), contiguous_cache(cache.v_pool, table)
+        k, v = cache.contiguous()
         L = k.shape[2]
         q_pos = positions[0][:, None]
         kv_pos = jnp.arange(L)[None, :]
@@ -205,10 +196,10 @@ class Attention(nnx.Module):
             if cache.lengths.shape[0] != B:
                 raise ValueError(f"x has batch {B} but the cache was built for {cache.lengths.shape[0]}")
             # Past the cache's capacity an append raises (concrete) or marks the sequence (NaN rows, traced).
-            cache = cache.append(k.astype(self.kv_dtype(cache)), v.astype(self.kv_dtype(cache)))
+            cache = cache.append(k.astype(cache.dtype), v.astype(cache.dtype))
             self.kv_cache.set_value(cache)
             if self.spec.decode_kernel is not None and not return_probs:
-                out, probs = cache.attend(q.astype(self.kv_dtype(cache)), scale=self.scale,
+                out, probs = cache.attend(q.astype(cache.dtype), scale=self.scale,
                                           **self.spec.decode_kernel(self.method_config)), None
             else:
                 out, probs = self._decode_dense(cache, q, positions, return_probs)
