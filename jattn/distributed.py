@@ -175,12 +175,12 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str, causal: bool = False, scal
             hi = merge_two(*hi, *per_block(q[:, c:], k[:, :c], v[:, :c]))  # a later query chunk: all visible
             # The other visible pair: both low chunks when the keys come from an earlier device, else both
             # high chunks (the keys' high chunk precedes this device's).
-            earlier = (me - t) % n < me
-            pick = lambda a, b: jnp.where(earlier, a, b)  # noqa: E731
-            partial = per_block(pick(q[:, :c], q[:, c:]), pick(k[:, :c], k[:, c:]), pick(v[:, :c], v[:, c:]))
-            lo_new, hi_new = merge_two(*lo, *partial), merge_two(*hi, *partial)
-            lo = jax.tree_util.tree_map(lambda new, old: jnp.where(earlier, new, old), lo_new, lo)
-            hi = jax.tree_util.tree_map(lambda new, old: jnp.where(earlier, old, new), hi_new, hi)
+            # lax.cond, not jnp.where: a select would materialise both halves of q, k, v and both merges.
+            lo, hi = lax.cond(
+                (me - t) % n < me,
+                lambda lo, hi: (merge_two(*lo, *per_block(q[:, :c], k[:, :c], v[:, :c])), hi),
+                lambda lo, hi: (lo, merge_two(*hi, *per_block(q[:, c:], k[:, c:], v[:, c:]))),
+                lo, hi)
             return (k, v, lo, hi), None
         (_, _, lo, hi), _ = lax.scan(step, (k, v, lo, hi), jnp.arange(1, n))
         return jnp.concatenate([lo[0], hi[0]], axis=1).astype(q.dtype)
