@@ -3,8 +3,8 @@ memory <= 1/4 of single-device flash at T = 32K), from the compiled programs' me
 
 Causal, f32, B=1, H=8, Hkv=8, D=64. The numbers are XLA's ``memory_analysis()`` of the compiled forward
 (``temp_size_in_bytes``: scratch beyond arguments and outputs; for the sharded program, per device), so this
-compiles but does not run the 32K attention. Also prints the per-device KV bytes of the ring: its own K/V
-shard plus the one in flight, ``2 * 2 * (T / n) * Hkv * D * 4``.
+compiles but does not run the 32K attention. Also prints the per-device KV bytes of the ring from
+``jattn.distributed.kv_memory_per_device``: its own K/V shard (an argument) and the two in flight (temp).
 
     python benchmarks/cpu_distributed.py [--lengths 8192 32768] [--devices 8]
 """
@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jattn  # noqa: E402
-from jattn.distributed import ring_attention  # noqa: E402
+from jattn.distributed import kv_memory_per_device, ring_attention  # noqa: E402
 
 B, H, D = 1, 8, 64
 
@@ -49,7 +49,8 @@ def main():
         ring = temp_mib(jax.jit(lambda q, k, v: ring_attention(q, k, v, mesh=mesh, axis="seq", causal=True,
                                                                impl="xla", reorder=False)),
                         sharded, sharded, sharded)
-        kv = 2 * 2 * (T // n) * H * D * 4 / 2**20
+        kv = kv_memory_per_device(form="ring", context=T, devices=n, batch=B, kv_heads=H, head_dim=D)
+        kv = (kv.resident + kv.in_flight) / 2**20
         print(f"{T:>6} {flash:>10.1f} {ring:>16.1f} {ring / flash:>6.2f} {kv:>19.1f}")
 
 

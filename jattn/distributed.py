@@ -18,6 +18,7 @@ On a real multi-host mesh the code is the same; only the mesh changes (see the R
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,47 @@ def _check_mesh(mesh, axis) -> int:
 def _check_divides(name: str, length: int, parts: int, what: str):
     if length % parts:
         raise ValueError(f"{name}'s sequence length {length} must be a multiple of {parts} ({what})")
+
+
+class KVMemory(NamedTuple):
+    resident: int    # this device's K/V shard, bytes
+    in_flight: int   # K/V shards received or being sent around a ring, bytes (0 for the other forms)
+
+
+FORMS = ("ring", "kv_partitioned", "sharded_decode")
+
+
+def kv_memory_per_device(*, form: str, context: int, devices: int, batch: int, kv_heads: int, head_dim: int,
+                         value_dim: int | None = None, bytes_per_element: int = 4) -> KVMemory:
+    """Bytes of K/V each device holds, for ``form`` over a mesh axis of ``devices`` (P03's memory model).
+
+    Every form splits the keys and values along the sequence, so each device keeps
+    ``resident = batch * kv_heads * (context / devices) * (head_dim + value_dim) * bytes_per_element``:
+    KV memory per device falls as ``1 / devices`` at any context. The ring also holds shards in flight:
+    the shard it received last step (the loop's carry) and the one ``ppermute`` is receiving now,
+    ``in_flight = 2 * resident``. ``tests/test_distributed.py`` checks ``resident`` against the compiled
+    programs' per-device argument bytes and ``in_flight`` against their temp bytes.
+
+    Args:
+      form: "ring" | "kv_partitioned" | "sharded_decode".
+      context: keys per sequence (a multiple of ``devices``).
+      devices: size of the mesh axis the sequence is split over.
+      batch: sequences.
+      kv_heads: Hkv.
+      head_dim: D of the keys.
+      value_dim: Dv (default ``head_dim``).
+      bytes_per_element: of K and V.
+
+    Returns:
+      ``KVMemory(resident, in_flight)`` in bytes per device.
+    """
+    checks.check_choice("form", form, FORMS)
+    for name, value in (("context", context), ("devices", devices), ("batch", batch), ("kv_heads", kv_heads),
+                        ("head_dim", head_dim), ("bytes_per_element", bytes_per_element)):
+        checks.check_int(name, value)
+    _check_divides("context", context, devices, "the number of devices")
+    resident = batch * kv_heads * (context // devices) * (head_dim + (value_dim or head_dim)) * bytes_per_element
+    return KVMemory(resident, 2 * resident if form == "ring" else 0)
 
 
 def merge_across(out, lse, axis: str):
