@@ -42,10 +42,6 @@ def _check_new(name: str, x, B: int, Hkv: int, D: int, dtype):
         raise TypeError(f"{name} must have the cache's dtype {dtype}, got {checks.describe(x)}")
 
 
-def _concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ContiguousKVCache:
@@ -98,7 +94,7 @@ class ContiguousKVCache:
             raise ValueError(f"k_new and v_new must hold the same tokens, got {k_new.shape[1]} and {v_new.shape[1]}")
         T_new = k_new.shape[1]
         cache = self
-        if _concrete(self.lengths):
+        if not checks.is_traced(self.lengths):
             needed = int(np.max(np.asarray(self.lengths))) + T_new
             if needed > self.capacity:
                 if self.policy == "raise":
@@ -177,7 +173,7 @@ class PagedKVCache:
         _check_new("k_new", k_new, B, Hkv, D, self.k_pool.dtype)
         _check_new("v_new", v_new, B, Hkv, self.v_pool.shape[3], self.v_pool.dtype)
         cache = _append_tokens(self, k_new, v_new)
-        if _concrete(cache.lengths) and np.any(np.asarray(cache.lengths) > cache.capacity):
+        if not checks.is_traced(cache.lengths) and np.any(np.asarray(cache.lengths) > cache.capacity):
             bad = np.flatnonzero(np.asarray(cache.lengths) > cache.capacity).tolist()
             raise ValueError(f"appending {k_new.shape[1]} tokens overflowed sequences {bad}: the page pool has no "
                              f"free page or a sequence passed max_pages * page_size = {cache.capacity}")

@@ -202,11 +202,13 @@ def check_self_attention_qkv(q, k, v, who: str) -> tuple[int, int, int, int, int
     return B, T, H, Hkv, D
 
 
-def _traced(value) -> bool:
+def is_traced(value) -> bool:
+    """Whether ``value`` (or any item of a tuple/list) is a JAX tracer: its values are unknown until run,
+    so value checks (lengths, page tables, token ids) can only be done when this is False."""
     if isinstance(value, jax.core.Tracer):
         return True
     if isinstance(value, (tuple, list)):
-        return any(_traced(x) for x in value)
+        return any(is_traced(x) for x in value)
     return False
 
 
@@ -218,7 +220,7 @@ def check_static(function: str, **static) -> None:
     arguments (``jax.jit(jattn.attention)(q, k, v, causal=True)``): jit traces every argument. The message
     names the traced arguments and every static one, and shows the two ways out.
     """
-    traced = [name for name, value in static.items() if _traced(value)]
+    traced = [name for name, value in static.items() if is_traced(value)]
     if not traced:
         return
     first = traced[0]

@@ -155,14 +155,23 @@ class Attention(nnx.Module):
             out = out * self.gate(x)
         return self.out(out.astype(self.dtype))
 
-    def __call__(self, x, *, mask=None, positions=None, return_probs: bool = False, decode: bool = False):
+    def __call__(self, x, *, mask=None, positions=None, return_probs: bool = False, decode: bool = False,
+                 prefill: bool = False):
+        """``x [B, T, dim] -> [B, T, dim]`` (and the map ``[B, H, T, S]`` with ``return_probs``).
+
+        ``decode=True`` appends the new tokens' K/V to the cache and attends over it. ``prefill=True``
+        (with ``decode=True``) is the first call after :meth:`init_cache`: the tokens are cached and attend
+        to each other through the method's own prefill path (the flash or block-sparse kernel), not the
+        decode path; the cache must be empty."""
         checks.check_float_array("x", x, 3)
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must be [B, T, dim={self.dim}], got shape {x.shape}")
         if return_probs and not self.spec.supports_probs:
             raise ValueError(f"method {self.method!r} has no attention probabilities; return_probs must be False")
+        if prefill and not decode:
+            raise ValueError("prefill=True fills the decoding cache: it needs decode=True")
         if decode:
-            return self._decode(x, mask=mask, return_probs=return_probs)
+            return self._decode(x, mask=mask, return_probs=return_probs, prefill=prefill)
         B, T, _ = x.shape
         if positions is None:
             positions = jnp.arange(T)[None]
@@ -173,7 +182,7 @@ class Attention(nnx.Module):
         out = self._finish(x, out)
         return (out, probs) if return_probs else out
 
-    def _decode(self, x, *, mask, return_probs):
+    def _decode(self, x, *, mask, return_probs, prefill=False):
         if self.cache_index is None:
             raise ValueError("decode=True needs a cache: call init_cache(batch_size, max_length) first")
         if mask is not None:
@@ -182,6 +191,8 @@ class Attention(nnx.Module):
             raise ValueError("decode=True needs a causal Attention (causal=True)")
         B, T, _ = x.shape
         index = self.cache_index[...]
+        if prefill and not checks.is_traced(index) and int(index) != 0:
+            raise ValueError(f"prefill=True needs an empty cache (call init_cache first); it holds {int(index)} tokens")
         positions = (index + jnp.arange(T))[None]
         q, k, v = self._project(x, positions)
         if self.spec.cache == "state":
@@ -198,7 +209,11 @@ class Attention(nnx.Module):
             # Past the cache's capacity an append raises (concrete) or marks the sequence (NaN rows, traced).
             cache = cache.append(k.astype(cache.dtype), v.astype(cache.dtype))
             self.kv_cache.set_value(cache)
-            if self.spec.decode_kernel is not None and not return_probs:
+            if prefill:  # an empty cache: attention over the cache is the prompt's own causal attention
+                result = self.spec.apply(q, k, v, causal=True, mask=None, scale=self.scale,
+                                         return_probs=return_probs, **self.method_config)
+                out, probs = result if return_probs else (result, None)
+            elif self.spec.decode_kernel is not None and not return_probs:
                 out, probs = cache.attend(q.astype(cache.dtype), scale=self.scale,
                                           **self.spec.decode_kernel(self.method_config)), None
             else:

@@ -77,7 +77,7 @@ def check_token_ids(name: str, ids, vocab_size: int, vocab_name: str = "vocab_si
     and loss turn NaN) and wraps negative ids around from the end. Check the data before it enters a
     jitted step.
     """
-    if isinstance(ids, jax.core.Tracer) or ids.size == 0:
+    if checks.is_traced(ids) or ids.size == 0:
         return
     low, high = int(jnp.min(ids)), int(jnp.max(ids))
     if low < 0 or high >= vocab_size:
@@ -103,10 +103,11 @@ class TransformerBlock(nnx.Module):
         self.attn_norm = make_norm(norm, dim, rngs=rngs, eps=norm_eps, param_dtype=param_dtype)
         self.mlp_norm = make_norm(norm, dim, rngs=rngs, eps=norm_eps, param_dtype=param_dtype)
 
-    def __call__(self, x, *, mask=None, positions=None, return_probs: bool = False, decode: bool = False):
+    def __call__(self, x, *, mask=None, positions=None, return_probs: bool = False, decode: bool = False,
+                 prefill: bool = False):
         pre = self.norm_position == "pre"
         result = self.attention(self.attn_norm(x) if pre else x, mask=mask, positions=positions,
-                                return_probs=return_probs, decode=decode)
+                                return_probs=return_probs, decode=decode, prefill=prefill)
         attn_out, probs = result if return_probs else (result, None)
         if pre:
             x = x + attn_out
@@ -164,8 +165,9 @@ class DecoderLM(nnx.Module):
             block.attention.init_cache(batch_size, max_length, kind=kind, page_size=page_size)
 
     def generate(self, prompt, max_new_tokens: int, *, cache: str = "contiguous", page_size: int = 16):
-        """Greedy generation: the prompt is prefilled through the decoding caches, then each new token is one
-        call of a compiled step (traced once for the prompt's shape and once for a single token; see
+        """Greedy generation: the prompt is prefilled into the decoding caches through each method's own
+        prefill path (the flash or block-sparse kernel), then each new token is one call of a compiled
+        decode step (traced once for the prompt's shape and once for a single token; see
         ``GENERATION_TRACES``).
 
         Args:
@@ -185,8 +187,9 @@ class DecoderLM(nnx.Module):
         steps = _positive_int("max_new_tokens", max_new_tokens)
         self.init_cache(prompt.shape[0], prompt.shape[1] + steps, kind=cache, page_size=page_size)
         graphdef, state = nnx.split(self)
-        step = jax.jit(functools.partial(_greedy_step, graphdef))  # one compile per shape, per generate call
-        token, state = step(state, prompt.astype(jnp.int32))
+        # one compile per shape, per generate call
+        step = jax.jit(functools.partial(_greedy_step, graphdef), static_argnames="prefill")
+        token, state = step(state, prompt.astype(jnp.int32), prefill=True)
         tokens = [token]
         for _ in range(steps - 1):
             token, state = step(state, token[:, None])
@@ -194,7 +197,7 @@ class DecoderLM(nnx.Module):
         nnx.update(self, state)
         return jnp.stack(tokens, axis=1)
 
-    def __call__(self, tokens, *, return_probs: bool = False, decode: bool = False):
+    def __call__(self, tokens, *, return_probs: bool = False, decode: bool = False, prefill: bool = False):
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be an int array [B, T], got {checks.describe(tokens)}")
@@ -202,7 +205,7 @@ class DecoderLM(nnx.Module):
         x = self.embed(tokens).astype(self.dtype)
         maps = []
         for block in self.blocks:
-            result = block(x, return_probs=return_probs, decode=decode)
+            result = block(x, return_probs=return_probs, decode=decode, prefill=prefill)
             x, probs = result if return_probs else (result, None)
             maps.append(probs)
         x = self.final_norm(x)
@@ -215,11 +218,11 @@ class DecoderLM(nnx.Module):
 GENERATION_TRACES: collections.Counter = collections.Counter()
 
 
-def _greedy_step(graphdef, state, tokens):
+def _greedy_step(graphdef, state, tokens, prefill: bool = False):
     """Feeds ``tokens [B, T]`` through the model's caches; returns the next greedy token and the new state."""
     GENERATION_TRACES[tokens.shape] += 1
     model = nnx.merge(graphdef, state)
-    logits = model(tokens, decode=True)
+    logits = model(tokens, decode=True, prefill=prefill)
     return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), nnx.state(model)
 
 

@@ -76,7 +76,7 @@ def _check_lengths(lengths, B: int, capacity: int):
         raise TypeError(f"lengths must be an integer array [B], got {checks.describe(lengths)}")
     if tuple(lengths.shape) != (B,):
         raise ValueError(f"lengths must have shape [B] = ({B},), got {checks.describe(lengths)}")
-    if not isinstance(lengths, jax.core.Tracer):
+    if not checks.is_traced(lengths):
         values = np.asarray(lengths)
         if values.min(initial=0) < 0 or values.max(initial=0) > capacity:
             raise ValueError(f"lengths must lie in [0, S_max={capacity}], got {values.tolist()}")
@@ -84,7 +84,7 @@ def _check_lengths(lengths, B: int, capacity: int):
 
 def _check_page_table(page_table, lengths, num_pages: int, page_size: int):
     """Concrete tables: every page a sequence needs must exist in the pool."""
-    if page_table is None or isinstance(page_table, jax.core.Tracer) or isinstance(lengths, jax.core.Tracer):
+    if page_table is None or checks.is_traced((page_table, lengths)):
         return
     table, lens = np.asarray(page_table), np.asarray(lengths)
     for b in range(table.shape[0]):

@@ -57,3 +57,35 @@ def test_generate_names_bad_arguments():
         model.generate(PROMPT, 0)
     with pytest.raises(ValueError, match="kind must be one of"):
         model.generate(PROMPT, 2, cache="ring")
+
+
+def test_prefill_runs_the_methods_own_path_and_fills_the_cache_like_decoding():
+    """The prompt goes through the method's prefill ``apply`` over its own K/V (T x T), not the decode path
+    over the whole cache; its logits and the cache it leaves equal the decode path's. Catches generate not
+    passing prefill=True, and a prefill that skips the cache append."""
+    from jattn.core.reference import reference_attention
+    from jattn.nn import AttentionMethod, register_method, unregister_method
+    seen = []
+
+    def spy(q, k, v, *, causal, mask, scale, return_probs):
+        seen.append((q.shape[1], k.shape[1]))
+        return reference_attention(q, k, v, causal=causal, mask=mask, scale=scale)
+
+    register_method(AttentionMethod("test_prefill_spy", spy, lambda config: dict(config), cache="kv",
+                                    decode_mask=lambda config: masks.full_mask(), supports_probs=False),
+                    overwrite=True)
+    try:
+        model = lm("test_prefill_spy")
+        model.generate(PROMPT, 3)
+        assert (7, 7) in seen
+        logits = {}
+        for prefill in (False, True):
+            model.init_cache(2, 16)
+            logits[prefill] = model(PROMPT, decode=True, prefill=prefill)
+            cache = model.blocks[0].attention.kv_cache.get_value()
+            assert int(cache.lengths[0]) == 7
+        np.testing.assert_allclose(logits[True], logits[False], atol=2e-5, rtol=2e-5)
+        with pytest.raises(ValueError, match="prefill=True needs an empty cache"):
+            model(PROMPT, decode=True, prefill=True)
+    finally:
+        unregister_method("test_prefill_spy")
