@@ -106,6 +106,7 @@ _BASE = [
 
 _LINEAR = "jattn.methods.linear."
 _SPARSE = "jattn.methods.sparse."
+_KV = "jattn.methods.kv."
 # id -> (entry points, tests, status, note) for every paper with code in the tree.
 _PROGRESS = {
     "P03": (("jattn.distributed.ring_attention", "jattn.distributed.kv_partitioned_attention",
@@ -123,6 +124,29 @@ _PROGRESS = {
             ("tests/ops/test_decode.py", "tests/kernels/test_lowering.py"), "partial",
             "split-K decode kernel (GPU and TPU structures, paged or contiguous, exact LSE merge of the splits); "
             "the stream-K schedule whose ranges cross head/batch boundaries is not implemented"),
+    "P19": (tuple(_KV + n for n in ("x_ecomla.mla_attention", "x_ecomla.mla_decode_absorbed",
+                                    "x_ecomla.upcycle_gqa_to_mla", "x_ecomla.energy_rank", "x_ecomla.kd_kl_loss",
+                                    "x_ecomla.kv_compression", "x_ecomla.MLAAttention")),
+            ("tests/methods/kv/test_x_ecomla.py",), "works",
+            "MLA with absorbed decode on jattn.decode_attention (MQA over the latent), SVD upcycling exact at full "
+            "rank, KD from a trained GQA LM (train/x_ecomla.py: KD 1.92 vs teacher 1.77 nats/byte from 3.35 at "
+            "init, 3 seeds); no DPO stage, no Pallas latent kernel of its own"),
+    "P44": (tuple(_KV + n for n in ("tokenselect.tokenselect_indices", "tokenselect.tokenselect_select",
+                                    "tokenselect.tokenselect_decode", "tokenselect.SelectionCache",
+                                    "tokenselect.token_votes", "tokenselect.query_fingerprint",
+                                    "gather.gathered_decode_attention")),
+            ("tests/methods/kv/test_tokenselect.py", "tests/methods/kv/test_tidaldecode.py"), "partial",
+            "fingerprint, soft vote, sinks + top-k + locals, Selection Cache and gathered attention with contiguous "
+            "RoPE, exact vs transcriptions of the official code; no DecoderLM driver (it caches rotated keys), no "
+            "passkey run, no Pallas scoring/gather kernels"),
+    "P71": (tuple(_KV + n for n in ("tidaldecode.tidal_decode_step", "tidaldecode.select_topk_tokens",
+                                    "tidaldecode.sparse_decode_attention", "tidaldecode.selection_recall",
+                                    "tidaldecode.TidalState", "tidaldecode.layer_kind",
+                                    "tidaldecode.tidal_lm_decode_step", "gather.gathered_decode_attention")),
+            ("tests/methods/kv/test_tidaldecode.py",), "partial",
+            "full / select / persisted-sparse schedule exact vs dense one-hot masks; a DecoderLM decode driver equal "
+            "to full decoding at full budget; recall measured only on a small MQAR model at the copy plateau; no "
+            "LM perplexity vs random-k, no Pallas gather/top-k kernels"),
     "P18": (tuple(_LINEAR + n for n in ("lka.lka", "lka.lka_gate", "lka.LKA", "lka.VANAttention")),
             ("tests/methods/linear/test_lka.py",), "partial", "LKA and VAN attention; no VAN-B0..B2 models"),
     "P20": (tuple(_LINEAR + n for n in ("linfusion.generalized_linear_attention", "linfusion.LinFusionAttention")),
@@ -201,6 +225,12 @@ _LAYER = {
     "P03": "exact split-KV softmax (merge_partials): the layer it gives is method='softmax'",
     "P65": "a decode-time split-K merge of exact softmax: the layer it gives is method='softmax'",
     "P22": "an Op/B cost model and the GQA-packed decode kernel under exact softmax: the layer is method='softmax'",
+    "P19": "MLA replaces the layer's projections and cache (jattn.methods.kv.x_ecomla.MLAAttention drops into a "
+           "TransformerBlock), not a method over q, k, v",
+    "P44": "a decode-time token selection over a cache of un-rotated keys with RoPE inside attention, not a "
+           "per-layer q, k, v method (jattn.methods.kv.tokenselect.tokenselect_decode)",
+    "P71": "a cross-layer decode schedule (one layer's top-k reused by later layers), not a per-layer q, k, v "
+           "method (jattn.methods.kv.tidaldecode.tidal_lm_decode_step drives a DecoderLM)",
     "P18": "LKA is a convolutional gate on images, not attention over q, k, v (jattn.methods.linear.LKA)",
     "P20": ("linfusion",),
     "P29": ("agent",),
