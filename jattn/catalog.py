@@ -131,6 +131,17 @@ _PROGRESS = {
             "MLA with absorbed decode on jattn.decode_attention (MQA over the latent), SVD upcycling exact at full "
             "rank, KD from a trained GQA LM (train/x_ecomla.py: KD 1.92 vs teacher 1.77 nats/byte from 3.35 at "
             "init, 3 seeds); no DPO stage, no Pallas latent kernel of its own"),
+    "P24": (tuple(_KV + "zipcache." + n for n in (
+                "probe_positions", "normalized_attention_score", "select_salient", "quantize_channelwise",
+                "quantize_tokenwise", "quantize_channel_separable_tokenwise", "compress_kv", "compress_with_scores",
+                "zipcache_bytes_per_token", "ZipCompressedKV", "ZipCache", "zipcache_prefill", "zipcache_decode"))
+            + tuple(_KV + "quantized." + n for n in ("quantize", "dequantize", "pack", "unpack", "QuantizedKVCache",
+                                                     "bytes_per_token")),
+            ("tests/methods/kv/test_zipcache.py", "tests/methods/kv/test_quantized.py"), "partial",
+            "probe-normalised saliency, 4/2-bit channel-wise keys and channel-separable token-wise values (packed), "
+            "streaming recompression every gap, KV bytes = formula; beats random selection in every seed and "
+            "accumulated-score selection on mean (3-5 of 5 seeds) at equal bytes (benchmarks/kv_quantization.py); "
+            "attention reads a dequantised view (no Pallas kernel dequantising 2/4-bit tiles), no LLM evaluation"),
     "P44": (tuple(_KV + n for n in ("tokenselect.tokenselect_indices", "tokenselect.tokenselect_select",
                                     "tokenselect.tokenselect_decode", "tokenselect.SelectionCache",
                                     "tokenselect.token_votes", "tokenselect.query_fingerprint",
@@ -227,6 +238,8 @@ _LAYER = {
     "P22": "an Op/B cost model and the GQA-packed decode kernel under exact softmax: the layer is method='softmax'",
     "P19": "MLA replaces the layer's projections and cache (jattn.methods.kv.x_ecomla.MLAAttention drops into a "
            "TransformerBlock), not a method over q, k, v",
+    "P24": "a KV-cache compression (what is cached, not how attention is computed): decode attention over its "
+           "dequantised view is exact softmax (jattn.methods.kv.zipcache.ZipCache, quantized.QuantizedKVCache)",
     "P44": "a decode-time token selection over a cache of un-rotated keys with RoPE inside attention, not a "
            "per-layer q, k, v method (jattn.methods.kv.tokenselect.tokenselect_decode)",
     "P71": "a cross-layer decode schedule (one layer's top-k reused by later layers), not a per-layer q, k, v "
