@@ -224,9 +224,25 @@ _PROGRESS = {
     "P64": (tuple(_SPARSE + n for n in ("paro.paro_attention", "paro.paro_permute", "paro.paro_unpermute", "paro.paro_mask_to_original", "paro.select_paro_order", "paro.calibrate_block_mask", "paro.quantize_int8_per_block",)),
             ("tests/methods/sparse/test_paro.py",), "partial",
             "permute + block-sparse == dense with the mask mapped back; order selection; INT8 simulated only"),
-    "P70": (tuple(_SPARSE + n for n in ("sinklora.shifted_sparse_attention", "sinklora.sf_attention", "sinklora.shifted_sparse_block_mask", "sinklora.sf_block_mask", "sinklora.group_causal_block_mask", "sinklora.shifted_group_size",)),
-            ("tests/methods/sparse/test_sinklora.py",), "partial",
-            "S2-Attn (LongLoRA roll) and SF-Attn with sinks, exact; no H2O cache update, no fine-tuning run"),
+    "P70": (tuple(_SPARSE + n for n in ("sinklora.shifted_sparse_attention", "sinklora.sf_attention", "sinklora.shifted_sparse_block_mask", "sinklora.sf_block_mask", "sinklora.group_causal_block_mask", "sinklora.shifted_group_size",))
+            + tuple(_KV + n for n in ("h2o.H2OCache", "h2o.h2o_keep_mask")),
+            ("tests/methods/sparse/test_sinklora.py", "tests/methods/kv/test_h2o.py"), "partial",
+            "S2-Attn (LongLoRA roll) and SF-Attn with sinks, exact; H2O fixed-budget eviction (prefill + decode "
+            "steps) exact against a transcription of the rule; no fine-tuning run, H2O not wired into nn decoding"),
+    "P45": (tuple(_KV + "duo_attention." + n for n in (
+                "streaming_mask", "streaming_mask_fn", "streaming_block_mask", "streaming_attention",
+                "mixed_duo_attention", "duo_attention", "sparsify_heads", "duo_distillation_loss", "duo_kv_bytes",
+                "DuoKVCache")) + ("train.duo_gates.train_gates",),
+            ("tests/methods/kv/test_duo_attention.py",), "partial",
+            "Lambda mask on the block-sparse kernel, exact mixed/deployed attention, ring DuoKVCache (bytes = "
+            "formula), gate training (toy: local heads' alpha -> 0, the retriever kept, 3 seeds); no LLM/BookSum "
+            "run, not an nn.Attention method yet"),
+    "P49": (tuple(_KV + "task_kv." + n for n in (
+                "head_semantic_vectors", "semantic_distances", "semantic_separator", "kv_head_flags",
+                "middle_activation_indices", "per_head_kv_compress", "TaskKVCache")),
+            ("tests/methods/kv/test_task_kv.py",), "partial",
+            "hypothesis-level (only the abstract was readable): separator, middle activations and decode policy "
+            "are the spec's reading, exact against transcriptions; the buffer does not free memory; no benchmark"),
 }
 
 
@@ -240,6 +256,10 @@ _LAYER = {
            "TransformerBlock), not a method over q, k, v",
     "P24": "a KV-cache compression (what is cached, not how attention is computed): decode attention over its "
            "dequantised view is exact softmax (jattn.methods.kv.zipcache.ZipCache, quantized.QuantizedKVCache)",
+    "P45": "a per-kv-head choice of full or streaming attention with its own cache (duo_attention, DuoKVCache); "
+           "not an nn.Attention method yet (it needs per-head flags and a ring cache kind)",
+    "P49": "a per-head KV-cache compression for decoding (TaskKVCache); the prompt runs exact causal attention "
+           "(method='softmax')",
     "P44": "a decode-time token selection over a cache of un-rotated keys with RoPE inside attention, not a "
            "per-layer q, k, v method (jattn.methods.kv.tokenselect.tokenselect_decode)",
     "P71": "a cross-layer decode schedule (one layer's top-k reused by later layers), not a per-layer q, k, v "

@@ -138,7 +138,10 @@ class Attention(nnx.Module):
 
     # --- forward --------------------------------------------------------------------------------
 
-    def _project(self, x, positions):
+    def project(self, x, positions):
+        """``(q [B, T, H, D], k, v [B, T, Hkv, D])`` of ``x [B, T, dim]`` at ``positions [B|1, T]`` (RoPE applied
+        when the layer has it): the half of the layer before the attention core. Methods that replace the
+        core (TidalDecode, DuoAttention's gates) call it with :meth:`finish`."""
         B, T, _ = x.shape
         q = self.query(x).reshape(B, T, self.num_heads, self.head_dim)
         k = self.key(x).reshape(B, T, self.num_kv_heads, self.head_dim)
@@ -148,7 +151,8 @@ class Attention(nnx.Module):
             k = apply_rope(k, positions, theta=self.rope_theta)
         return q, k, v
 
-    def _finish(self, x, out):
+    def finish(self, x, out):
+        """The half after the attention core: heads ``out [B, T, H, D]`` merged, gated, projected to dim."""
         B, T = out.shape[:2]
         out = out.reshape(B, T, self.num_heads * self.head_dim)
         if self.gate is not None:
@@ -175,11 +179,11 @@ class Attention(nnx.Module):
         B, T, _ = x.shape
         if positions is None:
             positions = jnp.arange(T)[None]
-        q, k, v = self._project(x, positions)
+        q, k, v = self.project(x, positions)
         result = self.spec.apply(q, k, v, causal=self.causal, mask=mask, scale=self.scale,
                                  return_probs=return_probs, **self.method_config)
         out, probs = result if return_probs else (result, None)
-        out = self._finish(x, out)
+        out = self.finish(x, out)
         return (out, probs) if return_probs else out
 
     def _decode(self, x, *, mask, return_probs, prefill=False):
@@ -194,7 +198,7 @@ class Attention(nnx.Module):
         if prefill and not checks.is_traced(index) and int(index) != 0:
             raise ValueError(f"prefill=True needs an empty cache (call init_cache first); it holds {int(index)} tokens")
         positions = (index + jnp.arange(T))[None]
-        q, k, v = self._project(x, positions)
+        q, k, v = self.project(x, positions)
         if self.spec.cache == "state":
             if return_probs:
                 raise ValueError(f"method {self.method!r} decodes through a state; return_probs must be False")
@@ -219,5 +223,5 @@ class Attention(nnx.Module):
             else:
                 out, probs = self._decode_dense(cache, q, positions, return_probs)
         self.cache_index[...] = index + T
-        out = self._finish(x, out)
+        out = self.finish(x, out)
         return (out, probs) if return_probs else out

@@ -49,8 +49,8 @@ def _layer(name, causal, num_kv_heads=2, **extra):
 
 def _through(layer, x, core):
     """The layer with its attention core replaced by ``core(q, k, v)``: projections, core, output projection."""
-    q, k, v = layer._project(x, jnp.arange(x.shape[1])[None])
-    return layer._finish(x, core(q, k, v))
+    q, k, v = layer.project(x, jnp.arange(x.shape[1])[None])
+    return layer.finish(x, core(q, k, v))
 
 
 def library_methods():

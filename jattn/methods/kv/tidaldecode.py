@@ -238,8 +238,8 @@ def tidal_lm_decode_step(model, tokens: Int[Array, "B 1"], *, budget: int, spars
     """One TidalDecode decode step of a ``jattn.nn.DecoderLM`` (what ``model(tokens, decode=True)`` does with
     full attention), updating the model's caches in place as that call does.
 
-    The blocks' submodules are used as ``DecoderLM`` uses them (pre-norm, ``Attention._project`` /
-    ``_finish``, the layer's ``kv_cache`` and ``cache_index``); only the attention core is TidalDecode's.
+    The blocks' submodules are used as ``DecoderLM`` uses them (pre-norm, ``Attention.project`` /
+    ``finish``, the layer's ``kv_cache`` and ``cache_index``); only the attention core is TidalDecode's.
     Jit it the NNX way (``nnx.split`` / ``nnx.merge`` inside ``jax.jit``, as ``DecoderLM.generate``).
 
     Args:
@@ -273,7 +273,7 @@ def tidal_lm_decode_step(model, tokens: Int[Array, "B 1"], *, budget: int, spars
         att = block.attention
         h = block.attn_norm(x)
         index = att.cache_index[...]
-        q, k, v = att._project(h, (index + jnp.arange(1))[None])
+        q, k, v = att.project(h, (index + jnp.arange(1))[None])
         cache = att.kv_cache.get_value()
         cache = cache.append(k.astype(cache.dtype), v.astype(cache.dtype))
         att.kv_cache.set_value(cache)
@@ -290,7 +290,7 @@ def tidal_lm_decode_step(model, tokens: Int[Array, "B 1"], *, budget: int, spars
             stats.append(_layer_stats(layer, q, k_cache, v_cache, cache.lengths, before, out, budget=budget,
                                       scale=att.scale, sparse_layer_start=sparse_layer_start,
                                       correction_layer=correction_layer))
-        x = x + att._finish(h, out[:, None])
+        x = x + att.finish(h, out[:, None])
         x = x + block.mlp(block.mlp_norm(x))
     x = model.final_norm(x)
     logits = (model.embed.attend(x) if model.head is None else model.head(x)).astype(jnp.float32)

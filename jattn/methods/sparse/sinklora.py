@@ -32,7 +32,8 @@ arithmetic, so the Pallas kernel evaluates it in-kernel. Lengths need not be mul
 last group is shorter; the official code requires ``N % G == 0``). The official code rolls by ``-G // 2``
 and back by ``G // 2``, which disagree by one for odd ``G``; here both use ``s = G // 2``.
 
-Not implemented here: the H2O KV-cache eviction SinkLoRA uses at inference, and the fine-tuning recipe.
+The H2O KV-cache eviction SinkLoRA uses at inference is ``jattn.methods.kv.h2o``; the fine-tuning recipe is
+not implemented.
 """
 from __future__ import annotations
 
