@@ -1,0 +1,50 @@
+"""train.needle_kv: the evaluation's full-cache path is the model's own forward, and each method keeps the
+keys its rule names. Mutations caught: the decode tokens not seeing each other (causal tail dropped); the
+streaming window one key short; H2O's recent half left out; top-k over the prompt's own rows instead of
+the decode query's; H2O's mass counting the padded query rows."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jattn.nn.models import DecoderLM
+from train import needle_kv
+
+
+@pytest.fixture(scope="module")
+def model():
+    return DecoderLM(64, 32, 2, 4, num_kv_heads=2, rngs=nnx.Rngs(0))
+
+
+def test_full_cache_prediction_is_the_models_forward(model):
+    tokens, _ = needle_kv.haystack(np.random.default_rng(0), 300, 0.5, 64)
+    tokens = jnp.asarray(np.stack([tokens, np.roll(tokens, 7)]), jnp.int32)
+    got = jax.jit(lambda t: needle_kv.predict(model, t, "full", 64))(tokens)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(model(tokens)[:, -1], -1)))
+
+
+def test_keep_masks_follow_their_rules():
+    rng = np.random.default_rng(1)
+    B, T, H, Hkv, D, budget = 1, 202, 4, 2, 8, 32
+    prompt = T - 2
+    q = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, T, Hkv, D)), jnp.float32)
+    streaming = np.asarray(needle_kv.keep_mask("streaming", q, k, prompt, budget))
+    assert streaming.sum(-1).tolist() == [[budget] * H]
+    assert streaming[0, 0, :4].all() and streaming[0, 0, -(budget - 4):].all()
+    h2o = np.asarray(needle_kv.keep_mask("h2o", q, k, prompt, budget))
+    assert (h2o.sum(-1) == budget).all() and h2o[0, :, -budget // 2:].all()
+    # H2O's heavy hitters: the largest prompt mass among the older keys, numpy transcription
+    s = np.einsum("bqhd,bshd->bhqs", np.asarray(q[:, :prompt]), np.repeat(np.asarray(k[:, :prompt]), 2, 2)) / np.sqrt(D)
+    s = np.where(np.tril(np.ones((prompt, prompt), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    mass = p.sum(2).reshape(B, Hkv, 2, prompt).sum(2)
+    np.testing.assert_allclose(np.asarray(needle_kv.prompt_mass(q, k, prompt, block=64)), mass, rtol=1e-4)
+    older = mass[0, 0, :prompt - budget // 2]
+    assert set(np.nonzero(h2o[0, 0, :prompt - budget // 2])[0]) == set(np.argsort(-older)[:budget // 2])
+    topk = np.asarray(needle_kv.keep_mask("topk", q, k, prompt, budget))
+    logits = np.einsum("thd,shd->hts", np.asarray(q[0, prompt:]), np.repeat(np.asarray(k[0, :prompt]), 2, 1))
+    best = logits.max(1).reshape(Hkv, 2, prompt).max(1)
+    assert set(np.nonzero(topk[0, 0])[0]) == set(np.argsort(-best[0])[:budget])

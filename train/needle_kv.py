@@ -1,0 +1,222 @@
+"""Needle in a haystack over long contexts: full KV cache vs compressed / selected caches at equal budget.
+
+A small softmax ``DecoderLM`` is trained on ``train.tasks.NeedleInHaystack`` (``MARKER key value`` at a random
+depth in random filler; the sequence ends with ``MARKER key`` and the model must produce ``value``). It is then
+evaluated at contexts far longer than it was trained on. The prompt (everything before the final
+``MARKER key``) is prefilled with full causal attention, as every method here does; the two final tokens
+are the decode steps, and each method decides which prompt keys they may attend to, in every layer and head:
+
+* ``full``: every key (the uncompressed cache);
+* ``streaming``: the first ``sink`` keys and the last ``budget - sink`` (StreamingLLM; DuoAttention's
+  streaming heads);
+* ``h2o``: the last ``budget / 2`` keys plus the ``budget / 2`` earlier ones with the largest attention mass
+  accumulated over the prompt's own queries (P70's H2O after prefill, summed over the query heads of a
+  kv head);
+* ``topk``: each kv head's ``budget`` keys with the largest logits from the decode query itself (the
+  selection rule of P71 TidalDecode's selection layers and of P44 TokenSelect's vote, applied in every
+  layer: an upper bound for selection methods);
+* ``int4``: every key, with K quantised per channel over groups of 32 tokens and V per token to 4 bits
+  (KIVI-style, ``jattn.methods.kv.quantized``): 3.4x fewer bytes, not a token budget.
+
+    python -m train.needle_kv [--train-dir runs/needle] [--contexts 1024 2048 4096 8192 16384] [--budget 256]
+
+prints an accuracy table per method (contexts x needle depths, ``--samples`` haystacks per cell) and writes
+``needle_kv.png`` (one heatmap per method).
+
+Status: the harness is tested (tests/train/test_needle_kv.py), but the default needle LM does not learn the
+task yet: with one scored token per sequence it was still at chance (eval loss 4.12 = ln 62) after 500 of
+1000 steps at lr 2e-3 on 2026-12-01, so no table has been published.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jattn.core.reference import reference_attention
+from jattn.methods.kv import quantized
+from jattn.ops.attention import attention
+from train.build import build_model, build_task
+from train.config import DEFAULTS, check_config, merge
+from train.loop import train
+
+METHODS = ("full", "streaming", "h2o", "topk", "int4")
+MARKER = 1
+
+
+def needle_config(out_dir: str, steps: int) -> dict:
+    return check_config(merge(DEFAULTS, {
+        "name": "needle_kv", "task": {"kind": "needle", "seq_len": 128, "vocab_size": 64},
+        "model": {"kind": "decoder_lm", "dim": 64, "num_layers": 2, "num_heads": 4, "method": "softmax",
+                  "method_config": {}},
+        "optim": {"lr": 2e-3, "warmup_steps": 20},
+        "train": {"steps": steps, "batch_size": 32, "log_every": 250, "eval_every": 250, "out_dir": out_dir,
+                  "checkpoint_every": steps}}))
+
+
+def haystack(rng, context: int, depth: float, vocab: int):
+    """``[context]`` tokens ending in ``MARKER key``, and the value the model must produce."""
+    tokens = rng.integers(2, vocab, size=context)
+    key, value = rng.integers(2, vocab, size=2)
+    at = int(depth * (context - 6))
+    tokens[at:at + 3] = MARKER, key, value
+    tokens[-2:] = MARKER, key
+    return tokens, value
+
+
+def prompt_mass(q, k, prompt: int, block: int = 512):
+    """``[B, Hkv, prompt]``: attention probability each prompt key received from the prompt's own queries,
+    summed over rows and over the query heads of its kv head (H2O's accumulated score)."""
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    qp, kp = q[:, :prompt], k[:, :prompt]
+    rows = -(-prompt // block) * block
+    qp = jnp.pad(qp, ((0, 0), (0, rows - prompt), (0, 0), (0, 0))).reshape(B, rows // block, block, H, D)
+
+    def one(i):
+        s = jnp.einsum("bqhd,bshd->bhqs", qp[:, i], jnp.repeat(kp, H // Hkv, axis=2)) * D ** -0.5
+        q_idx = i * block + jnp.arange(block)
+        s = jnp.where(jnp.arange(prompt)[None] <= q_idx[:, None], s, -jnp.inf)
+        p = jax.nn.softmax(s, -1)
+        p = jnp.where((q_idx < prompt)[:, None], p, 0.0)
+        return p.sum(2).reshape(B, Hkv, H // Hkv, prompt).sum(2)
+    return jnp.sum(jax.lax.map(one, jnp.arange(rows // block)), 0)
+
+
+def keep_mask(method: str, q, k, prompt: int, budget: int, sink: int = 4):
+    """``[B, H, prompt]`` bool: the prompt keys the decode tokens may see in this layer."""
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    j = jnp.arange(prompt)
+    if method in ("full", "int4") or budget >= prompt:
+        return jnp.ones((B, H, prompt), bool)
+    if method == "streaming":
+        return jnp.broadcast_to((j < sink) | (j >= prompt - (budget - sink)), (B, H, prompt))
+    if method == "h2o":
+        recent = budget // 2
+        mass = jnp.where(j < prompt - recent, prompt_mass(q, k, prompt), -jnp.inf)
+        top = jax.lax.top_k(mass, budget - recent)[1]                                 # [B, Hkv, n_hh]
+        kept = jnp.zeros((B, Hkv, prompt), bool).at[jnp.arange(B)[:, None, None], jnp.arange(Hkv)[None, :, None],
+                                                    top].set(True) | (j >= prompt - recent)
+        return jnp.repeat(kept, H // Hkv, axis=1)
+    if method == "topk":
+        s = jnp.einsum("bthd,bshd->bhts", q[:, prompt:], jnp.repeat(k[:, :prompt], H // Hkv, axis=2))
+        s = s.max(2).reshape(B, Hkv, H // Hkv, prompt).max(2)                          # per kv head
+        top = jax.lax.top_k(s, budget)[1]
+        kept = jnp.zeros((B, Hkv, prompt), bool).at[jnp.arange(B)[:, None, None], jnp.arange(Hkv)[None, :, None],
+                                                    top].set(True)
+        return jnp.repeat(kept, H // Hkv, axis=1)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def kivi_int4(x, group: int = 32):
+    """``x [B, S, Hkv, D]`` through 4-bit KIVI-style storage: keys per channel per group of tokens."""
+    B, S, Hkv, D = x.shape
+    pad = -S % group
+    g = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, (S + pad) // group, group, Hkv, D)
+    return quantized.dequantize(*quantized.quantize(g, bits=4, axis=2)).reshape(B, S + pad, Hkv, D)[:, :S]
+
+
+def layer_core(method: str, budget: int):
+    def core(q, k, v):
+        T = q.shape[1]
+        prompt = T - 2
+        out_prompt = attention(q[:, :prompt], k[:, :prompt], v[:, :prompt], causal=True, impl="xla")
+        if method == "int4":
+            k = jnp.concatenate([kivi_int4(k[:, :prompt]), k[:, prompt:]], 1)
+            v_prompt = v[:, :prompt]
+            codes = quantized.quantize(v_prompt, bits=4, axis=3)                     # values per token
+            v = jnp.concatenate([quantized.dequantize(*codes), v[:, prompt:]], 1)
+        kept = keep_mask(method, q, k, prompt, budget)                                 # [B, H, prompt]
+        causal_tail = jnp.tril(jnp.ones((2, 2), bool))
+        mask = jnp.concatenate([jnp.broadcast_to(kept[:, :, None], kept.shape[:2] + (2, prompt)),
+                                jnp.broadcast_to(causal_tail, kept.shape[:2] + (2, 2))], -1)
+        out_tail = reference_attention(q[:, prompt:], k, v, mask=mask)
+        return jnp.concatenate([out_prompt, out_tail.astype(out_prompt.dtype)], 1)
+    return core
+
+
+def predict(model, tokens, method: str, budget: int):
+    """The model's greedy next token after ``tokens [B, T]`` with ``method``'s cache for the last two."""
+    x = model.embed(tokens).astype(model.dtype)
+    positions = jnp.arange(tokens.shape[1])[None]
+    core = layer_core(method, budget)
+    for block in model.blocks:
+        h = block.attn_norm(x)
+        q, k, v = block.attention.project(h, positions)
+        x = x + block.attention.finish(h, core(q, k, v))
+        x = x + block.mlp(block.mlp_norm(x))
+    logits = model.embed.attend(model.final_norm(x[:, -1]))
+    return jnp.argmax(logits, -1)
+
+
+def evaluate_grid(model, *, contexts, depths, samples: int, budget: int, seed: int = 0) -> dict:
+    vocab = model.vocab_size
+    results = {m: np.zeros((len(contexts), len(depths))) for m in METHODS}
+    steps = {m: nnx.jit(lambda model, t, m=m: predict(model, t, m, budget)) for m in METHODS}
+    for ci, context in enumerate(contexts):
+        for di, depth in enumerate(depths):
+            rng = np.random.default_rng([seed, context, di])
+            batch = [haystack(rng, context, depth, vocab) for _ in range(samples)]
+            tokens = jnp.asarray(np.stack([t for t, _ in batch]), jnp.int32)
+            values = np.array([v for _, v in batch])
+            for m in METHODS:
+                results[m][ci, di] = float(np.mean(np.asarray(steps[m](model, tokens)) == values))
+    return results
+
+
+def save_heatmaps(results, contexts, depths, path: str, budget: int) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.2), sharey=True)
+    for ax, (method, grid) in zip(axes, results.items()):
+        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
+        ax.set_title(method if method in ("full", "int4") else f"{method} ({budget} keys)", fontsize=9)
+        ax.set_xticks(range(len(depths)), [f"{d:.1f}" for d in depths], fontsize=7)
+        ax.set_yticks(range(len(contexts)), [f"{c // 1024}K" for c in contexts], fontsize=7)
+        ax.set_xlabel("needle depth", fontsize=8)
+        for (i, j), value in np.ndenumerate(grid):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="w" if value < 0.6 else "k")
+    axes[0].set_ylabel("context", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-dir", default="runs/needle_kv")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--budget", type=int, default=256)
+    parser.add_argument("--png", default="needle_kv.png")
+    args = parser.parse_args(argv)
+    config = needle_config(args.train_dir, args.steps)
+    task = build_task(config["task"])
+    start = time.time()
+    result = train(config, build_model(config["model"], task, int(config["seed"])), task, quiet=True)
+    model = result.model()
+    trained = time.time() - start
+    results = evaluate_grid(model, contexts=args.contexts, depths=args.depths, samples=args.samples,
+                            budget=args.budget)
+    print(f"needle LM: {config['model']['num_layers']} layers, dim {config['model']['dim']}, trained "
+          f"{args.steps} steps at 128 tokens ({trained:.0f} s, eval acc {result.history[-1].get('eval_accuracy')}); "
+          f"budget {args.budget} keys; {args.samples} haystacks per cell; {time.time() - start:.0f} s in all")
+    print("| method | " + " | ".join(f"{c // 1024}K" for c in args.contexts) + " |")
+    print("|---|" + "---|" * len(args.contexts))
+    for method, grid in results.items():
+        print(f"| {method} | " + " | ".join(f"{row.mean():.2f}" for row in grid) + " |")
+    save_heatmaps(results, args.contexts, args.depths, args.png, args.budget)
+    print(f"wrote {os.path.abspath(args.png)}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
