@@ -107,6 +107,7 @@ _BASE = [
 _LINEAR = "jattn.methods.linear."
 _SPARSE = "jattn.methods.sparse."
 _KV = "jattn.methods.kv."
+_DYNAMIC = "jattn.methods.dynamic."
 # id -> (entry points, tests, status, note) for every paper with code in the tree.
 _PROGRESS = {
     "P03": (("jattn.distributed.ring_attention", "jattn.distributed.kv_partitioned_attention",
@@ -124,6 +125,17 @@ _PROGRESS = {
             ("tests/ops/test_decode.py", "tests/kernels/test_lowering.py"), "partial",
             "split-K decode kernel (GPU and TPU structures, paged or contiguous, exact LSE merge of the splits); "
             "the stream-K schedule whose ranges cross head/batch boundaries is not implemented"),
+    "P09": (tuple(_DYNAMIC + n for n in ("hip.hip_attention", "hip.hip_block_mask", "hip.hip_select",
+                                         "hip.hip_iterations")),
+            ("tests/methods/dynamic/test_hip.py",), "partial",
+            "block-level hierarchical top-k + window, exact vs a transcription of the search and vs dense with its "
+            "mask; no key-group min/max pooling, no joint head search, no decode reuse; the search dominates CPU time"),
+    "P38": (tuple(_DYNAMIC + n for n in ("flexprefill.flexprefill_attention", "flexprefill.flexprefill_block_mask",
+                                         "flexprefill.flexprefill_select", "flexprefill.jsd")),
+            ("tests/methods/dynamic/test_flexprefill.py",), "partial",
+            "selector = transcription of the official rule (both head patterns, GQA), exact vs dense with its mask; "
+            "synthetic 32K on CPU: 3.1x dense at recall 0.53, selection 45% of the time (targets: recall >= 0.9, "
+            "<= 20%); no nn.Attention adapter, no MiniLM or GPU measurement"),
     "P19": (tuple(_KV + n for n in ("x_ecomla.mla_attention", "x_ecomla.mla_decode_absorbed",
                                     "x_ecomla.upcycle_gqa_to_mla", "x_ecomla.energy_rank", "x_ecomla.kd_kl_loss",
                                     "x_ecomla.kv_compression", "x_ecomla.MLAAttention")),
@@ -252,6 +264,10 @@ _LAYER = {
     "P03": "exact split-KV softmax (merge_partials): the layer it gives is method='softmax'",
     "P65": "a decode-time split-K merge of exact softmax: the layer it gives is method='softmax'",
     "P22": "an Op/B cost model and the GQA-packed decode kernel under exact softmax: the layer is method='softmax'",
+    "P09": "not registered as an nn.Attention method yet (the adapter is the next step); "
+           "jattn.methods.dynamic.hip_attention",
+    "P38": "not registered as an nn.Attention method yet (the adapter is the next step); "
+           "jattn.methods.dynamic.flexprefill_attention",
     "P19": "MLA replaces the layer's projections and cache (jattn.methods.kv.x_ecomla.MLAAttention drops into a "
            "TransformerBlock), not a method over q, k, v",
     "P24": "a KV-cache compression (what is cached, not how attention is computed): decode attention over its "
