@@ -23,9 +23,10 @@ are the decode steps, and each method decides which prompt keys they may attend 
 prints an accuracy table per method (contexts x needle depths, ``--samples`` haystacks per cell) and writes
 ``needle_kv.png`` (one heatmap per method).
 
-Status: the harness is tested (tests/train/test_needle_kv.py), but the default needle LM does not learn the
-task yet: with one scored token per sequence it was still at chance (eval loss 4.12 = ln 62) after 500 of
-1000 steps at lr 2e-3 on 2026-12-01, so no table has been published.
+The needle LM (2 layers, dim 64, RoPE) learns the task at its training length with these defaults (64 tokens,
+vocabulary 32, lr 1e-3: held-out accuracy 1.000 at step 2500 of 3000); an earlier setting (128 tokens,
+vocabulary 64, lr 2e-3) was still at chance after 500 steps. The harness is tested in
+tests/train/test_needle_kv.py.
 """
 from __future__ import annotations
 
@@ -49,13 +50,14 @@ METHODS = ("full", "streaming", "h2o", "topk", "int4")
 MARKER = 1
 
 
-def needle_config(out_dir: str, steps: int) -> dict:
+def needle_config(out_dir: str, steps: int, *, seq_len: int = 64, vocab_size: int = 32, lr: float = 1e-3,
+                  batch_size: int = 64) -> dict:
     return check_config(merge(DEFAULTS, {
-        "name": "needle_kv", "task": {"kind": "needle", "seq_len": 128, "vocab_size": 64},
+        "name": "needle_kv", "task": {"kind": "needle", "seq_len": seq_len, "vocab_size": vocab_size},
         "model": {"kind": "decoder_lm", "dim": 64, "num_layers": 2, "num_heads": 4, "method": "softmax",
                   "method_config": {}},
-        "optim": {"lr": 2e-3, "warmup_steps": 20},
-        "train": {"steps": steps, "batch_size": 32, "log_every": 250, "eval_every": 250, "out_dir": out_dir,
+        "optim": {"lr": lr, "warmup_steps": 20},
+        "train": {"steps": steps, "batch_size": batch_size, "log_every": 250, "eval_every": 250, "out_dir": out_dir,
                   "checkpoint_every": steps}}))
 
 
@@ -191,14 +193,17 @@ def save_heatmaps(results, contexts, depths, path: str, budget: int) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-dir", default="runs/needle_kv")
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--vocab", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--png", default="needle_kv.png")
     args = parser.parse_args(argv)
-    config = needle_config(args.train_dir, args.steps)
+    config = needle_config(args.train_dir, args.steps, seq_len=args.seq_len, vocab_size=args.vocab, lr=args.lr)
     task = build_task(config["task"])
     start = time.time()
     result = train(config, build_model(config["model"], task, int(config["seed"])), task, quiet=True)
@@ -207,7 +212,7 @@ def main(argv=None):
     results = evaluate_grid(model, contexts=args.contexts, depths=args.depths, samples=args.samples,
                             budget=args.budget)
     print(f"needle LM: {config['model']['num_layers']} layers, dim {config['model']['dim']}, trained "
-          f"{args.steps} steps at 128 tokens ({trained:.0f} s, eval acc {result.history[-1].get('eval_accuracy')}); "
+          f"{args.steps} steps at {args.seq_len} tokens ({trained:.0f} s, eval acc {result.history[-1].get('eval_accuracy')}); "
           f"budget {args.budget} keys; {args.samples} haystacks per cell; {time.time() - start:.0f} s in all")
     print("| method | " + " | ".join(f"{c // 1024}K" for c in args.contexts) + " |")
     print("|---|" + "---|" * len(args.contexts))
