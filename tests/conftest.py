@@ -5,10 +5,6 @@ import os
 # 8 host CPU devices for the distributed tests (tests/test_distributed.py); must precede JAX's first use.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-# The tests' tiny programs spend more time in LLVM's optimiser than running: compiling them at -O0 cut
-# a sample of the suite from 109 s to 77 s. The XLA graph passes (fusion, layout) are unchanged.
-if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 
 import chex
 import jax

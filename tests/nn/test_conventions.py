@@ -46,9 +46,9 @@ def test_window_counts_keys_left_of_the_query_and_matches_the_mask_function():
 def test_sliding_window_layer_equals_jattn_attention_with_the_same_window(window):
     x = jax.random.normal(jax.random.key(2), (B, T, 32))
     layer = Attention(32, H, num_kv_heads=HKV, rngs=nnx.Rngs(0), method="sliding_window", window=window)
-    q, k, v = layer._project(x, jnp.arange(T)[None])
+    q, k, v = layer.project(x, jnp.arange(T)[None])
     n = window if isinstance(window, int) else window[0]
-    want = layer._finish(x, jattn.attention(q, k, v, causal=True, window=(n, 0)))
+    want = layer.finish(x, jattn.attention(q, k, v, causal=True, window=(n, 0)))
     assert_close(layer(x), want)
     _, probs = layer(x, return_probs=True)
     assert int(jnp.max(jnp.sum(probs > 0, -1))) == n + 1     # the query and the n keys before it
@@ -57,10 +57,10 @@ def test_sliding_window_layer_equals_jattn_attention_with_the_same_window(window
 def test_bidirectional_sliding_window_layer_is_symmetric():
     x = jax.random.normal(jax.random.key(3), (B, T, 32))
     layer = Attention(32, H, rngs=nnx.Rngs(0), method="sliding_window", window=2, causal=False)
-    q, k, v = layer._project(x, jnp.arange(T)[None])
-    assert_close(layer(x), layer._finish(x, jattn.attention(q, k, v, window=(2, 2))))
+    q, k, v = layer.project(x, jnp.arange(T)[None])
+    assert_close(layer(x), layer.finish(x, jattn.attention(q, k, v, window=(2, 2))))
     pair = Attention(32, H, rngs=nnx.Rngs(0), method="sliding_window", window=(2, 1), causal=False)
-    assert_close(pair(x), pair._finish(x, jattn.attention(q, k, v, window=(2, 1))))
+    assert_close(pair(x), pair.finish(x, jattn.attention(q, k, v, window=(2, 1))))
 
 
 def test_bad_windows_name_the_argument():
