@@ -91,7 +91,7 @@ def _concrete_flags(is_retrieval, kv_heads: int) -> tuple[bool, ...] | None:
         if not hasattr(is_retrieval, "dtype") or is_retrieval.dtype != jnp.bool_:
             raise TypeError(f"is_retrieval must be a bool array [Hkv] or a tuple of bools, got "
                             f"{checks.describe(is_retrieval)}")
-        if isinstance(is_retrieval, jax.core.Tracer):
+        if checks.is_traced(is_retrieval):
             if tuple(is_retrieval.shape) != (kv_heads,):
                 raise ValueError(f"is_retrieval must have shape [Hkv] = ({kv_heads},), got "
                                  f"{checks.describe(is_retrieval)}")
@@ -349,7 +349,7 @@ def duo_distillation_loss(hidden_full: Float[Array, "B T d"], hidden_mixed: Floa
     if not hasattr(label_mask, "shape") or tuple(label_mask.shape) != tuple(hidden_full.shape[:2]):
         raise ValueError(f"label_mask must be [B, T] = {tuple(hidden_full.shape[:2])}, got "
                          f"{checks.describe(label_mask)}")
-    if not isinstance(lam, jax.core.Tracer) and checks.check_finite_float("lam", lam) < 0:
+    if not checks.is_traced(lam) and checks.check_finite_float("lam", lam) < 0:
         raise ValueError(f"lam must be >= 0, got {lam!r}")
     gates = jax.tree_util.tree_leaves(alpha)
     if not gates:
@@ -523,7 +523,7 @@ class DuoKVCache:
                             f"{checks.describe(v)}")
         if self.retrieval_heads and T > self.capacity:
             raise ValueError(f"the prompt's T={T} tokens pass the cache's capacity {self.capacity}")
-        if not isinstance(self.lengths, jax.core.Tracer) and np.any(np.asarray(self.lengths) != 0):
+        if not checks.is_traced(self.lengths) and np.any(np.asarray(self.lengths) != 0):
             raise ValueError(f"prefill needs an empty cache, got lengths {np.asarray(self.lengths).tolist()}")
         out = duo_attention(q, k, v, self.is_retrieval, sink=self.sink, recent=self.recent, block_q=block_q,
                             block_k=block_k, scale=scale, impl=impl)
@@ -566,7 +566,7 @@ class DuoKVCache:
             raise ValueError(f"q must be [B={B}, H (a multiple of Hkv={Hkv}), D={D}], got {checks.describe(q)}")
         _check_token("k_new", k_new, B, Hkv, D, self.full_k.dtype)
         _check_token("v_new", v_new, B, Hkv, Dv, self.full_v.dtype)
-        if self.retrieval_heads and not isinstance(self.lengths, jax.core.Tracer) \
+        if self.retrieval_heads and not checks.is_traced(self.lengths) \
                 and np.any(np.asarray(self.lengths) >= self.capacity):
             raise ValueError(f"a new token passes the retrieval heads' capacity {self.capacity} "
                              f"(lengths {np.asarray(self.lengths).tolist()}); create the cache with a larger capacity")

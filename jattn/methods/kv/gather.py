@@ -56,6 +56,21 @@ def check_index_array(name: str, x, shape: tuple, *, kind: str) -> None:
         raise ValueError(f"{name} must have shape {shape}, got {checks.describe(x)}")
 
 
+def check_step_tokens(q, k_new, v_new, k_cache, v_cache) -> None:
+    """Validates one decode step against head-major caches ``[B, Hkv, S, D|Dv]``: ``q [B, H, D]`` (H a multiple
+    of Hkv) and the new token's ``k_new [B, Hkv, D]``, ``v_new [B, Hkv, Dv]`` in the caches' dtype."""
+    B, Hkv, _, D = k_cache.shape
+    checks.check_float_array("q", q, 3)
+    if q.shape[0] != B or q.shape[2] != D or q.shape[1] % Hkv:
+        raise ValueError(f"q must be [B={B}, H (a multiple of Hkv={Hkv}), D={D}], got {checks.describe(q)}")
+    for name, x, dim in (("k_new", k_new, D), ("v_new", v_new, v_cache.shape[3])):
+        checks.check_float_array(name, x, 3)
+        if x.shape != (B, Hkv, dim):
+            raise ValueError(f"{name} must be [B={B}, Hkv={Hkv}, {dim}], got {checks.describe(x)}")
+        if x.dtype != k_cache.dtype:
+            raise TypeError(f"{name} must have the cache's dtype {k_cache.dtype}, got {checks.describe(x)}")
+
+
 def check_decode_caches(q, k_cache, v_cache, lengths) -> tuple[int, int, int, int, int]:
     """Validates ``q [B, H, D] | [B, Tq, H, D]``, head-major ``k_cache, v_cache [B, Hkv, S, D]`` and
     ``lengths [B]``; returns ``(B, Tq, H, Hkv, S)``."""
@@ -75,7 +90,7 @@ def check_decode_caches(q, k_cache, v_cache, lengths) -> tuple[int, int, int, in
     if H % Hkv:
         raise ValueError(f"q's heads H={H} must be a multiple of the caches' kv heads Hkv={Hkv}")
     check_index_array("lengths", lengths, (B,), kind="int")
-    if not isinstance(lengths, jax.core.Tracer):
+    if not checks.is_traced(lengths):
         values = np.asarray(lengths)
         if values.min(initial=0) < 0 or values.max(initial=0) > S:
             raise ValueError(f"lengths must lie in [0, S_max={S}], got {values.tolist()}")

@@ -40,6 +40,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jattn.core import checks
 from jattn.core.reference import reference_attention
+from jattn.methods.kv.gather import check_step_tokens
 
 EMPTY = -1  # position of an empty slot
 
@@ -201,17 +202,8 @@ class H2OCache:
         Raises:
           TypeError, ValueError: a shape or dtype is wrong (named).
         """
-        B, Hkv, budget, D = self.k.shape
-        Dv = self.v.shape[3]
-        checks.check_float_array("q", q, 3)
-        if q.shape[0] != B or q.shape[2] != D or q.shape[1] % Hkv:
-            raise ValueError(f"q must be [B={B}, H (a multiple of Hkv={Hkv}), D={D}], got {checks.describe(q)}")
-        for name, x, dim in (("k_new", k_new, D), ("v_new", v_new, Dv)):
-            checks.check_float_array(name, x, 3)
-            if x.shape != (B, Hkv, dim):
-                raise ValueError(f"{name} must be [B={B}, Hkv={Hkv}, {dim}], got {checks.describe(x)}")
-            if x.dtype != self.k.dtype:
-                raise TypeError(f"{name} must have the cache's dtype {self.k.dtype}, got {checks.describe(x)}")
+        B, Hkv, budget, _ = self.k.shape
+        check_step_tokens(q, k_new, v_new, self.k, self.v)
         scale = checks.check_positive_float("scale", scale)
         H = q.shape[1]
         new_position = jnp.broadcast_to(self.lengths[:, None, None], (B, Hkv, 1)).astype(jnp.int32)

@@ -43,6 +43,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jattn.core import checks
 from jattn.core.reference import reference_attention
+from jattn.methods.kv.gather import check_step_tokens
 from jattn.ops.decode import decode_attention
 
 
@@ -286,16 +287,8 @@ class TaskKVCache:
         """
         B, Hkv, capacity, D = self.k.shape
         Dv = self.v.shape[3]
-        checks.check_float_array("q", q, 3)
-        if q.shape[0] != B or q.shape[2] != D or q.shape[1] % Hkv:
-            raise ValueError(f"q must be [B={B}, H (a multiple of Hkv={Hkv}), D={D}], got {checks.describe(q)}")
-        for name, x, dim in (("k_new", k_new, D), ("v_new", v_new, Dv)):
-            checks.check_float_array(name, x, 3)
-            if x.shape != (B, Hkv, dim):
-                raise ValueError(f"{name} must be [B={B}, Hkv={Hkv}, {dim}], got {checks.describe(x)}")
-            if x.dtype != self.k.dtype:
-                raise TypeError(f"{name} must have the cache's dtype {self.k.dtype}, got {checks.describe(x)}")
-        if not isinstance(self.positions, jax.core.Tracer) and not isinstance(self.heterogeneous, jax.core.Tracer):
+        check_step_tokens(q, k_new, v_new, self.k, self.v)
+        if not checks.is_traced(self.positions) and not checks.is_traced(self.heterogeneous):
             full_rows = np.any(np.asarray(self.heterogeneous), axis=1)
             if np.any(full_rows & (np.asarray(self.positions) >= capacity)):
                 raise ValueError(f"a new token passes the heterogeneous heads' capacity {capacity} (positions "
