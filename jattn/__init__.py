@@ -18,11 +18,12 @@ from jattn.core.decay import alibi_log_decay, linear_log_decay
 from jattn.ops.linear import linear_attention, linear_attention_step
 from jattn.ops.neighborhood import neighborhood_attention, neighborhood_mask
 from jattn.viz import plot_mask
+from jattn import score_mods
 
 __all__ = [
     "BlockMask", "OnlineSoftmax", "alibi_log_decay", "attention", "block_sparse_attention", "decode_attention", "linear_attention",
     "linear_attention_step", "linear_log_decay", "masks", "materialize", "merge_partials", "neighborhood_attention",
-    "neighborhood_mask", "plot_mask", "reference_attention", "nn", "methods", "catalog", "cache", "distributed",
+    "neighborhood_mask", "plot_mask", "reference_attention", "score_mods", "nn", "methods", "catalog", "cache", "distributed",
 ]
 
 # jattn.nn, jattn.methods, jattn.catalog, jattn.cache and jattn.distributed import on first access.

@@ -52,6 +52,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels import common
+from pallas_kernels import score_mod as score_mod_lib
 from pallas_kernels.common import MASK_VALUE
 
 __all__ = ["flash_attention", "BlockSizes", "DEFAULTS", "tpu_block_problem"]
@@ -117,6 +118,9 @@ class _Spec:
     target: str
     interpret: bool
     poison_outputs: bool
+    score_mod: object = None  # a traced jattn.core.score_mod (its .jaxpr); the arrays are kernel inputs
+    mod_shapes: tuple = ()  # the real shapes of those arrays
+    mod_scalar: tuple = ()  # per array: read one element at a time only (TPU: SMEM)
 
     @property
     def group(self) -> int:
@@ -145,7 +149,12 @@ class _Spec:
 
 
 def tpu_block_problem(spec: _Spec) -> str | None:
-    """Why Mosaic cannot take this spec's kv tiles, or None."""
+    """Why Mosaic cannot take this spec (its kv tiles, or a score mod that gathers), or None."""
+    if spec.target == "mosaic" and spec.score_mod is not None and \
+            score_mod_lib.tile_varying_lookups(spec.score_mod.jaxpr):
+        return ("score_mod reads an array it closes over at an index that varies with q_idx or kv_idx (a gather, "
+                "e.g. table[h, q_idx - kv_idx]), which Mosaic cannot lower inside the TPU kernel: use "
+                "impl='xla' on TPU, or compute the term from the indices arithmetically")
     if spec.target != "mosaic" or not spec.lane_sliced:
         return None
     for name in ("block_k", "block_k_dq", "block_k_dkv"):
@@ -188,10 +197,13 @@ def _q_ranges(spec: _Spec, kv_block, block_q: int, block_k: int):
 # Tile math shared by the three kernels.
 # ----------------------------------------------------------------------------------------------
 
-def _tile_logits(spec: _Spec, q, k, *, row_start, col_start, bias, mask, q_seg, kv_seg, position_mask: bool):
-    """Masked float32 logits of one ``[bq, bk]`` tile and ``tanh(s / softcap)`` (for the backward).
+def _tile_logits(spec: _Spec, q, k, *, row_start, col_start, bias, mask, q_seg, kv_seg, position_mask: bool,
+                 mod=None, mod_derivative: bool = False):
+    """Masked float32 logits of one ``[bq, bk]`` tile, ``tanh(s / softcap)`` (for the backward) and, with
+    ``mod_derivative``, the score mod's ``d mod / d s`` (else None).
 
-    ``q_seg`` is a ``(bq, 1)`` column and ``kv_seg`` a ``(1, bk)`` row; bias/mask tiles broadcast.
+    ``q_seg`` is a ``(bq, 1)`` column and ``kv_seg`` a ``(1, bk)`` row; bias/mask tiles broadcast. ``mod`` is
+    ``(const_refs, b, h)``: the score mod's arrays and this tile's batch and query head.
     """
     s = common.dot_nt(q, k) * spec.scale
     tanh_s = None
@@ -200,6 +212,15 @@ def _tile_logits(spec: _Spec, q, k, *, row_start, col_start, bias, mask, q_seg, 
         s = spec.softcap * tanh_s
     if bias is not None:
         s = s + bias.astype(jnp.float32)
+    d_mod = None
+    if spec.score_mod is not None:
+        const_refs, b, h = mod
+        q_idx = score_mod_lib.clamp_positions(row_start, s.shape[0], spec.T, 0, s.shape)
+        kv_idx = score_mod_lib.clamp_positions(col_start, s.shape[1], spec.S, 1, s.shape)
+        s = score_mod_lib.apply_in_kernel(spec.score_mod.jaxpr, const_refs, spec.mod_shapes, s, b, h, q_idx, kv_idx,
+                                          with_derivative=mod_derivative)
+        if mod_derivative:
+            s, d_mod = s
     visible = None
 
     def both(a, b):
@@ -220,6 +241,8 @@ def _tile_logits(spec: _Spec, q, k, *, row_start, col_start, bias, mask, q_seg, 
             visible = both(visible, jnp.logical_and(c >= r - left, c <= r + right))
     if visible is not None:
         s = jnp.where(visible, s, MASK_VALUE)
+    if mod_derivative:
+        return s, tanh_s, d_mod
     return s, tanh_s
 
 
@@ -259,20 +282,21 @@ def _slice_cols(ref, full: bool, start, size):
     return ref[:, pl.ds(start, size)] if full else ref[...]
 
 
-def _row_tile(spec: _Spec, kv_refs, q, q_seg, row_start, j, bk: int, position_mask: bool):
+def _row_tile(spec: _Spec, kv_refs, q, q_seg, row_start, j, bk: int, position_mask: bool, mod=None,
+              mod_derivative: bool = False):
     """kv tile ``j`` of a q-row program (forward, dq): ``(s, tanh_s, k, v, start)``, the tile's masked logits
-    (``_tile_logits``), its k and v slices and its first key."""
+    (``_tile_logits``), its k and v slices and its first key; with ``mod_derivative`` also ``d mod / d s``."""
     k_ref, v_ref, bias_ref, mask_ref, kv_seg_ref = kv_refs
     start = pl.multiple_of(j * bk, bk)
     k = k_ref[pl.ds(start, bk), :]
     v = v_ref[pl.ds(start, bk), :]
-    s, tanh_s = _tile_logits(
+    logits = _tile_logits(
         spec, q, k, row_start=row_start, col_start=start,
         bias=None if bias_ref is None else _slice_cols(bias_ref, spec.bias_full[3], start, bk),
         mask=None if mask_ref is None else _slice_cols(mask_ref, spec.mask_full[3], start, bk),
         q_seg=q_seg, kv_seg=kv_seg_ref[:, pl.ds(start, bk)] if spec.segments else None,
-        position_mask=position_mask)
-    return s, tanh_s, k, v, start
+        position_mask=position_mask, mod=mod, mod_derivative=mod_derivative)
+    return (*logits[:2], k, v, start, *logits[2:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,13 +309,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_r
     bq, bk = spec.blocks.block_q, spec.blocks.block_k
     q_block = pl.program_id(0)
     program = (pl.program_id(1), pl.program_id(2))
+    mod = (refs[:len(spec.mod_shapes)], *program)
     q = q_ref[...]
     q_seg = q_seg_ref[...] if spec.segments else None
     kv_refs = (k_ref, v_ref, bias_ref, mask_ref, kv_seg_ref)
 
     def body(j, carry, position_mask):
         def update(carry):
-            s, _, _, v, _ = _row_tile(spec, kv_refs, q, q_seg, q_block * bq, j, bk, position_mask)
+            s, _, _, v, _ = _row_tile(spec, kv_refs, q, q_seg, q_block * bq, j, bk, position_mask, mod)
             return common.online_softmax_step(*carry, s, v)
         return _skip_invisible(spec, table_ref, program, q_block, j, update, carry)
 
@@ -326,6 +351,23 @@ def _table_spec(spec: _Spec, rows: int, cols: int, head_block):
                           lambda i, b, h: (b if full_b else 0, h if full_h else 0, 0, 0))
 
 
+def _const_shape(spec: _Spec, shape) -> tuple[int, ...]:
+    """How a score mod's array travels: power-of-two dims on GPU (Triton blocks), at least 1-D everywhere."""
+    return score_mod_lib.pow2_shape(shape) if spec.target == "triton" else (tuple(shape) or (1,))
+
+
+def _const_specs(spec: _Spec) -> list:
+    """Whole-array specs of the score mod's arrays: SMEM on TPU for arrays read one element at a time."""
+    specs = []
+    for shape, scalar in zip(spec.mod_shapes, spec.mod_scalar):
+        if spec.target == "mosaic" and scalar:
+            specs.append(common.smem_spec())
+        else:
+            block = _const_shape(spec, shape)
+            specs.append(pl.BlockSpec(block, lambda *grid, n=len(block): (0,) * n))
+    return specs
+
+
 def _q_row_specs(spec: _Spec, bq: int, bk: int, *, bias, mask, q_seg, kv_seg, table):
     """``in_specs`` of ``(q, k, v, bias, mask, q_seg, kv_seg, table)`` for a q-row kernel (forward, dq) on the
     grid ``(q blocks, B, H)``: one q tile, the head's whole K/V, the bias/mask rows of the tile."""
@@ -351,17 +393,18 @@ def _call(kernel, spec: _Spec, *, grid, inputs, in_specs, out_shapes, out_specs,
         dimension_semantics=semantics)(*inputs)
 
 
-def _forward(spec: _Spec, q, k, v, bias, mask, q_seg, kv_seg):
+def _forward(spec: _Spec, q, k, v, bias, mask, q_seg, kv_seg, consts=()):
     """Padded head-major forward: ``out [B, H, T_pad, D]``, ``lse [B, H, T_pad, 1]`` (float32)."""
     bq, bk = spec.blocks.block_q, spec.blocks.block_k
     table = _visibility_table(spec, mask, q_seg, kv_seg, bq, bk)
     in_specs = _q_row_specs(spec, bq, bk, bias=bias, mask=mask, q_seg=q_seg, kv_seg=kv_seg, table=table)
+    in_specs += _const_specs(spec)
     out_shapes = [jax.ShapeDtypeStruct((spec.B, spec.H, spec.T_pad, spec.D), q.dtype),
                   jax.ShapeDtypeStruct((spec.B, spec.H, spec.T_pad, 1), jnp.float32)]
     out_specs = [pl.BlockSpec((None, None, bq, spec.D), lambda i, b, h: (b, h, i, 0)),
                  pl.BlockSpec((None, None, bq, 1), lambda i, b, h: (b, h, i, 0))]
     return _call(functools.partial(_forward_kernel, spec=spec), spec, grid=(spec.T_pad // bq, spec.B, spec.H),
-                 inputs=[q, k, v, bias, mask, q_seg, kv_seg, table], in_specs=in_specs,
+                 inputs=[q, k, v, bias, mask, q_seg, kv_seg, table, *consts], in_specs=in_specs,
                  out_shapes=out_shapes, out_specs=out_specs, name="jattn_flash_forward",
                  warps=4 if spec.D <= 64 else 8)
 
@@ -394,6 +437,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_ref, t
     bq, bk = spec.blocks.block_q_dq, spec.blocks.block_k_dq
     q_block = pl.program_id(0)
     program = (pl.program_id(1), pl.program_id(2))
+    mod = (refs[:len(spec.mod_shapes)], *program)
     q = q_ref[...]
     do = do_ref[...]
     lse = lse_ref[...]
@@ -403,12 +447,15 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_ref, t
 
     def body(j, dq, position_mask):
         def update(dq):
-            s, tanh_s, k, v, start = _row_tile(spec, kv_refs, q, q_seg, q_block * bq, j, bk, position_mask)
+            s, tanh_s, k, v, start, *d_mod = _row_tile(spec, kv_refs, q, q_seg, q_block * bq, j, bk, position_mask,
+                                                       mod, mod_derivative=spec.score_mod is not None)
             p = jnp.exp(s - lse)
             dp = common.dot_nt(do, v)
             ds = p * (dp - delta)
-            if write_ds:
+            if write_ds:  # w.r.t. the final logits (after the bias and the score mod)
                 ds_ref[:, pl.ds(start, bk)] = ds
+            if d_mod:
+                ds = ds * d_mod[0]
             if tanh_s is not None:
                 ds = ds * (1.0 - tanh_s * tanh_s)
             return dq + common.dot_nn(ds.astype(k.dtype), k)
@@ -422,6 +469,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_ref, t
 def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_ref, table_ref,
                 do_ref, lse_ref, delta_ref, *refs, spec: _Spec):
     dk_ref, dv_ref = refs[-2:]
+    const_refs = refs[:len(spec.mod_shapes)]
     bq, bk = spec.blocks.block_q_dkv, spec.blocks.block_k_dkv
     kv_block = pl.program_id(0)
     b_id, kv_head = pl.program_id(1), pl.program_id(2)
@@ -443,8 +491,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_ref, 
                 do = do_ref[g, pl.ds(start, bq), :]
                 lse = lse_ref[g, pl.ds(start, bq), :]
                 delta = delta_ref[g, pl.ds(start, bq), :]
-                s, tanh_s = _tile_logits(
+                s, tanh_s, *d_mod = _tile_logits(
                     spec, q, k, row_start=start, col_start=kv_block * bk,
+                    mod=(const_refs, b_id, kv_head * spec.group + g), mod_derivative=spec.score_mod is not None,
                     bias=None if bias_ref is None else rows_of(
                         bias_ref, spec.bias_full[2], g if spec.bias_full[1] else 0, start),
                     mask=None if mask_ref is None else rows_of(
@@ -455,6 +504,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_ref, 
                 dv = dv + common.dot_tn(p.astype(do.dtype), do)
                 dp = common.dot_nt(do, v)
                 ds = p * (dp - delta)
+                if d_mod:
+                    ds = ds * d_mod[0]
                 if tanh_s is not None:
                     ds = ds * (1.0 - tanh_s * tanh_s)
                 dk = dk + common.dot_tn(ds.astype(q.dtype), q)
@@ -477,38 +528,44 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, q_seg_ref, kv_seg_ref, 
 
 
 def _backward(spec: _Spec, needs, residuals, d_out, d_lse):
-    """Cotangents ``(dq, dk, dv, dbias)`` of the padded head-major inputs; ``needs`` = (q, kv, bias) flags."""
-    q, k, v, bias, mask, q_seg, kv_seg, out, lse = residuals
-    need_dq, need_dkv, need_dbias = needs
+    """Cotangents ``(dq, dk, dv, dbias, dconsts)`` of the padded head-major inputs; ``needs`` = (q, kv, bias,
+    per score-mod array) flags."""
+    q, k, v, bias, mask, q_seg, kv_seg, consts, out, lse = residuals
+    need_dq, need_dkv, need_dbias, need_dconsts = needs
+    write_ds = need_dbias or any(need_dconsts)
     blocks, G = spec.blocks, spec.group
     # d lse_i / d s_ij = p_ij, so an lse cotangent just shifts delta.
     delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1, keepdims=True) - d_lse
     # Rows with no visible key have lse = -inf; +inf makes every exp(s - lse) exactly 0 there.
     lse_safe = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
     dq = dk = dv = dbias = None
+    dconsts = tuple(None for _ in consts)
 
-    if need_dq or need_dbias:
+    if need_dq or write_ds:
         bq, bk = blocks.block_q_dq, blocks.block_k_dq
-        table = None if need_dbias else _visibility_table(spec, mask, q_seg, kv_seg, bq, bk)
+        table = None if write_ds else _visibility_table(spec, mask, q_seg, kv_seg, bq, bk)
         row_spec = pl.BlockSpec((None, None, bq, 1), lambda i, b, h: (b, h, i, 0))
         tile_spec = pl.BlockSpec((None, None, bq, spec.D), lambda i, b, h: (b, h, i, 0))
         in_specs = [*_q_row_specs(spec, bq, bk, bias=bias, mask=mask, q_seg=q_seg, kv_seg=kv_seg, table=table),
-                    tile_spec, row_spec, row_spec]
+                    tile_spec, row_spec, row_spec, *_const_specs(spec)]
         out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
         out_specs = [tile_spec]
-        if need_dbias:
+        if write_ds:
             out_shapes.append(jax.ShapeDtypeStruct((spec.B, spec.H, spec.T_pad, spec.S_pad), jnp.float32))
             out_specs.append(pl.BlockSpec((None, None, bq, spec.S_pad), lambda i, b, h: (b, h, i, 0)))
         results = _call(
-            functools.partial(_dq_kernel, spec=spec, write_ds=need_dbias), spec,
+            functools.partial(_dq_kernel, spec=spec, write_ds=write_ds), spec,
             grid=(spec.T_pad // bq, spec.B, spec.H),
-            inputs=[q, k, v, bias, mask, q_seg, kv_seg, table, d_out, lse_safe, delta],
+            inputs=[q, k, v, bias, mask, q_seg, kv_seg, table, d_out, lse_safe, delta, *consts],
             in_specs=in_specs, out_shapes=out_shapes, out_specs=out_specs, name="jattn_flash_dq",
             warps=4 if bq * bk < 128 * 128 else 8)
         dq = results[0] if need_dq else None
+        ds = results[1] if write_ds else None
+        if spec.score_mod is not None and write_ds:
+            ds, dconsts = _score_mod_backward(spec, q, k, bias, consts, need_dconsts, ds)
         if need_dbias:
             reduce_axes = tuple(a for a, full in enumerate(spec.bias_full) if not full)
-            dbias = jnp.sum(results[1], axis=reduce_axes, keepdims=True).astype(bias.dtype)
+            dbias = jnp.sum(ds, axis=reduce_axes, keepdims=True).astype(bias.dtype)
 
     if need_dkv:
         bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
@@ -533,14 +590,53 @@ def _backward(spec: _Spec, needs, residuals, d_out, d_lse):
             None if kv_seg is None else pl.BlockSpec((None, 1, bk), lambda j, b, h: (b, 0, j)),
             table_spec,
             group_spec(spec.D), group_spec(1), group_spec(1),
+            *_const_specs(spec),
         ]
         out_shapes = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
         dk, dv = _call(
             functools.partial(_dkv_kernel, spec=spec), spec, grid=(spec.S_pad // bk, spec.B, spec.Hkv),
-            inputs=[q, k, v, bias, mask, q_seg, kv_seg, table, d_out, lse_safe, delta],
+            inputs=[q, k, v, bias, mask, q_seg, kv_seg, table, d_out, lse_safe, delta, *consts],
             in_specs=in_specs, out_shapes=out_shapes, out_specs=[kv_tile, kv_tile], name="jattn_flash_dkv",
             warps=4 if bq * bk < 128 * 128 else 8)
-    return dq, dk, dv, dbias
+    return dq, dk, dv, dbias, dconsts
+
+
+def _score_mod_backward(spec: _Spec, q, k, bias, consts, need_dconsts, ds_final):
+    """From ``ds_final`` ``[B, H, T_pad, S_pad]`` (the gradient w.r.t. the logits after the score mod, written
+    by the dq kernel), the gradient before the mod (the bias gradient) and the mod's array gradients.
+
+    The mod's array gradients sum over every (query, key) entry, so this step is dense: it recomputes the
+    logits ``[B, H, T_pad, S_pad]`` in XLA, as the bias gradient already costs a dense ``dS`` (the xla path
+    needs neither). Only taken when the bias or a mod array is differentiated.
+    """
+    G = spec.group
+    qg = q.astype(jnp.float32).reshape(spec.B, spec.Hkv, G, spec.T_pad, spec.D)
+    s = jnp.einsum("bkgtd,bksd->bkgts", qg, k.astype(jnp.float32),
+                   precision=lax.Precision.HIGHEST).reshape(spec.B, spec.H, spec.T_pad, spec.S_pad) * spec.scale
+    if spec.softcap is not None:
+        s = spec.softcap * jnp.tanh(s / spec.softcap)
+    if bias is not None:
+        s = s + bias.astype(jnp.float32)
+    real = [jnp.reshape(c[tuple(slice(0, d) for d in shape)], shape) if shape else jnp.reshape(c[(0,) * c.ndim], ())
+            for c, shape in zip(consts, spec.mod_shapes)]
+    positions = (jnp.arange(spec.B)[:, None, None, None], jnp.arange(spec.H)[None, :, None, None],
+                 jnp.minimum(jnp.arange(spec.T_pad), spec.T - 1)[None, None, :, None],
+                 jnp.minimum(jnp.arange(spec.S_pad), spec.S - 1)[None, None, None, :])
+    wanted = [i for i, n in enumerate(need_dconsts) if n]
+
+    def mod(s, chosen):
+        arrays = list(real)
+        for i, c in zip(wanted, chosen):
+            arrays[i] = c
+        return score_mod_lib.apply(spec.score_mod.jaxpr, arrays, s, *positions)
+    _, vjp = jax.vjp(mod, s, [real[i] for i in wanted])
+    ds, d_chosen = vjp(ds_final)
+    dconsts = [None] * len(consts)
+    for i, d in zip(wanted, d_chosen):  # back onto the padded array the kernel took
+        shape = consts[i].shape
+        d = jnp.reshape(d, (1,) * len(shape)) if not spec.mod_shapes[i] else d
+        dconsts[i] = jnp.pad(d, [(0, n - m) for n, m in zip(shape, d.shape)]).astype(consts[i].dtype)
+    return ds, tuple(dconsts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -548,8 +644,8 @@ def _backward(spec: _Spec, needs, residuals, d_out, d_lse):
 # ----------------------------------------------------------------------------------------------
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash_padded(spec, q, k, v, bias, mask, q_seg, kv_seg):
-    return _forward(spec, q, k, v, bias, mask, q_seg, kv_seg)
+def _flash_padded(spec, q, k, v, bias, mask, q_seg, kv_seg, consts):
+    return _forward(spec, q, k, v, bias, mask, q_seg, kv_seg, consts)
 
 
 def _value(x):
@@ -560,14 +656,16 @@ def _perturbed(x) -> bool:
     return x is not None and bool(x.perturbed)
 
 
-def _flash_padded_fwd(spec, q, k, v, bias, mask, q_seg, kv_seg):
+def _flash_padded_fwd(spec, q, k, v, bias, mask, q_seg, kv_seg, consts):
     # With symbolic_zeros, each array arrives as CustomVJPPrimal(value, perturbed); None stays None.
     values = [_value(x) for x in (q, k, v, bias, mask, q_seg, kv_seg)]
-    out, lse = _forward(spec, *values)
-    needs = (_perturbed(q), _perturbed(k) or _perturbed(v), _perturbed(bias))
+    const_values = tuple(_value(c) for c in consts)
+    out, lse = _forward(spec, *values, const_values)
+    needs = (_perturbed(q), _perturbed(k) or _perturbed(v), _perturbed(bias),
+             *(_perturbed(c) and jnp.issubdtype(c.value.dtype, jnp.inexact) for c in consts))
     # The flags ride in the residuals' tree structure (None vs ()), which stays static under jit.
     markers = tuple(() if n else None for n in needs)
-    return (out, lse), (markers, (*values, out, lse))
+    return (out, lse), (markers, (*values, const_values, out, lse))
 
 
 def _zeros_if_symbolic(ct, like):
@@ -579,11 +677,12 @@ def _zeros_if_symbolic(ct, like):
 def _flash_padded_bwd(spec, residuals, cotangents):
     markers, arrays = residuals
     needs = tuple(m is not None for m in markers)
+    needs = (*needs[:3], needs[3:])
     out, lse = arrays[-2:]
     d_out = _zeros_if_symbolic(cotangents[0], out)
     d_lse = _zeros_if_symbolic(cotangents[1], lse)
-    dq, dk, dv, dbias = _backward(spec, needs, arrays, d_out, d_lse)
-    return dq, dk, dv, dbias, None, None, None
+    dq, dk, dv, dbias, dconsts = _backward(spec, needs, arrays, d_out, d_lse)
+    return dq, dk, dv, dbias, None, None, None, dconsts
 
 
 _flash_padded.defvjp(_flash_padded_fwd, _flash_padded_bwd, symbolic_zeros=True)
@@ -611,6 +710,9 @@ class _Problem:
     mask_full: tuple[bool, bool, bool, bool] | None
     segments: bool
     poison_outputs: bool
+    score_mod: object = None
+    mod_shapes: tuple = ()
+    mod_scalar: tuple = ()
 
     def spec(self, target: str, interpret: bool) -> _Spec:
         blocks = self.block_sizes.resolve(target).fit(self.T, self.S)
@@ -621,14 +723,16 @@ class _Problem:
                      blocks=blocks, scale=self.scale, softcap=self.softcap, causal=self.causal,
                      window=self.window, bias_full=self.bias_full, mask_full=self.mask_full,
                      segments=self.segments, target=target, interpret=interpret,
-                     poison_outputs=self.poison_outputs)
+                     poison_outputs=self.poison_outputs, score_mod=self.score_mod, mod_shapes=self.mod_shapes,
+                     mod_scalar=self.mod_scalar)
 
 
 def flash_attention(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"], *,
                     bias: Float[Array, "..."] | None = None, mask: Bool[Array, "..."] | None = None,
                     q_segment_ids: Int[Array, "B T"] | None = None, kv_segment_ids: Int[Array, "B S"] | None = None,
                     causal: bool = False, window: tuple[int, int] | None = None, scale: float,
-                    softcap: float | None = None, block_sizes: BlockSizes | None = None, interpret=None,
+                    softcap: float | None = None, score_mod=None, mod_consts: tuple = (),
+                    block_sizes: BlockSizes | None = None, interpret=None,
                     poison_outputs: bool = False) -> tuple[Float[Array, "B T H D"], Float[Array, "B T H"]]:
     """Flash attention with the exact semantics of ``jattn.core.reference.reference_attention``.
 
@@ -647,6 +751,10 @@ def flash_attention(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"], v:
       window: ``(left, right)``: keys ``i - left <= j <= i + right``.
       scale: logit scale.
       softcap: ``s = softcap * tanh(s / softcap)`` before the bias.
+      score_mod: a traced score mod (``jattn.core.score_mod.trace_score_mod``) applied to each tile's logits
+        after the bias, inside the kernels (``pallas_kernels.score_mod``).
+      mod_consts: the arrays it closes over, kernel inputs; differentiable where float (that gradient, like
+        the bias gradient, goes through one dense ``[B, H, T, S]`` step).
       block_sizes: ``BlockSizes`` of the forward, dq and dk/dv kernels (None: the target's defaults).
       interpret: None dispatches at lowering time (Triton / Mosaic / CPU interpreter); ``True`` or
         ``"triton"`` / ``"mosaic"`` run that structure in the interpreter (see ``pallas_kernels.common``).
@@ -668,9 +776,11 @@ def flash_attention(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"], v:
         window=None if window is None else tuple(int(w) for w in window),
         bias_full=None if bias is None else tuple(d != 1 for d in common.as_4d(bias).shape),
         mask_full=None if mask is None else tuple(d != 1 for d in common.as_4d(mask).shape),
-        segments=q_segment_ids is not None, poison_outputs=bool(poison_outputs))
+        segments=q_segment_ids is not None, poison_outputs=bool(poison_outputs), score_mod=score_mod,
+        mod_shapes=tuple(tuple(c.shape) for c in mod_consts),
+        mod_scalar=() if score_mod is None else score_mod_lib.scalar_only_consts(score_mod.jaxpr))
     return _flash(problem, common.check_interpret(interpret), q, k, v, bias, mask, q_segment_ids,
-                  kv_segment_ids)
+                  kv_segment_ids, tuple(mod_consts))
 
 
 def _pad_inputs(spec: _Spec, q, k, v, bias, mask, q_seg, kv_seg):
@@ -706,20 +816,28 @@ def _run_on_target(problem: _Problem, target: str, interpret: bool):
     spec = problem.spec(target, interpret)
     problem_text = tpu_block_problem(spec)
 
-    def run(q, k, v, bias, mask, q_seg, kv_seg):
+    def run(q, k, v, bias, mask, q_seg, kv_seg, consts):
         if problem_text is not None:
             out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                           jax.ShapeDtypeStruct((spec.B, spec.T, spec.H), jnp.float32)]
             return tuple(common.unsupported_on_target(problem_text, out_shapes)(q, k, v, bias))
         padded = _pad_inputs(spec, q, k, v, bias, mask, q_seg, kv_seg)
-        out, lse = _flash_padded(spec, *padded)
+        consts = tuple(_pad_const(spec, c) for c in consts)
+        out, lse = _flash_padded(spec, *padded, consts)
         out = jnp.swapaxes(out[:, :, :spec.T, :q.shape[3]], 1, 2)
         lse = jnp.swapaxes(lse[:, :, :spec.T, 0], 1, 2)
         return out, lse
     return run
 
 
+def _pad_const(spec: _Spec, c):
+    """A score mod's array as the kernels take it (``_const_shape``): zero-padded, never read past its shape."""
+    shape = _const_shape(spec, c.shape)
+    c = jnp.reshape(c, c.shape or (1,))
+    return jnp.pad(c, [(0, n - m) for n, m in zip(shape, c.shape)])
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _flash(problem: _Problem, interpret, q, k, v, bias, mask, q_seg, kv_seg):
+def _flash(problem: _Problem, interpret, q, k, v, bias, mask, q_seg, kv_seg, consts):
     return common.dispatch(lambda target, interpret: _run_on_target(problem, target, interpret),
-                           q, k, v, bias, mask, q_seg, kv_seg, interpret=interpret)
+                           q, k, v, bias, mask, q_seg, kv_seg, consts, interpret=interpret)

@@ -3,7 +3,8 @@
 Semantics (shared by every impl):
 
 * logits ``s = scale * q @ k^T`` with GQA: query head ``h`` reads kv head ``h // (H // Hkv)``;
-* ``softcap``: ``s = softcap * tanh(s / softcap)``, then ``bias`` is added;
+* ``softcap``: ``s = softcap * tanh(s / softcap)``, then ``bias`` is added, then ``score_mod(s, b, h,
+  q_idx, kv_idx)`` rewrites each logit (``jattn.core.score_mod``; ``-inf`` masks the entry);
 * a key is visible when ``mask`` (True = attend), ``causal`` (``j <= i``), ``window``
   (``i - left <= j <= i + right``) and ``segment_ids`` (same segment) all allow it; ``i`` and ``j``
   are positions in the query and key sequences (top-left aligned, as in ``jax.nn``);
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn.core import checks
+from jattn.core.score_mod import apply_score_mod, trace_score_mod
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -44,8 +46,8 @@ def visibility(T: int, S: int, *, mask=None, causal: bool = False, window=None, 
     return visible
 
 
-def attention_logits(q, k, *, scale: float, softcap=None, bias=None):
-    """float32 logits ``[B, H, T, S]`` after scale, softcap and bias (before masking)."""
+def attention_logits(q, k, *, scale: float, softcap=None, bias=None, score_mod=None):
+    """float32 logits ``[B, H, T, S]`` after scale, softcap, bias and ``score_mod`` (before masking)."""
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     qg = q.astype(jnp.float32).reshape(B, T, Hkv, H // Hkv, D)
@@ -55,6 +57,10 @@ def attention_logits(q, k, *, scale: float, softcap=None, bias=None):
         s = softcap * jnp.tanh(s / softcap)
     if bias is not None:
         s = s + bias.astype(jnp.float32)
+    if score_mod is not None:
+        traced, consts = trace_score_mod(score_mod)
+        s = apply_score_mod(traced, consts, s, jnp.arange(B)[:, None, None, None], jnp.arange(H)[None, :, None, None],
+                            jnp.arange(T)[None, None, :, None], jnp.arange(S)[None, None, None, :])
     return s
 
 
@@ -79,14 +85,14 @@ def softmax_rows(s, sink=None):
 
 
 def reference_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, window=None,
-                        segment_ids=None, scale=None, softcap=None, sinks=None,
+                        segment_ids=None, scale=None, softcap=None, sinks=None, score_mod=None,
                         return_lse: bool = False, return_probs: bool = False):
     """Dense attention in float32. Returns ``out [B, T, H, D]`` (q's dtype), plus ``lse [B, T, H]``
     (float32) and ``probs [B, H, T, S]`` (float32) when asked, in that order."""
     (B, T, S, H, Hkv, D), window, segments, scale = checks.check_attention_args(
         q, k, v, bias=bias, mask=mask, window=window, segment_ids=segment_ids, scale=scale,
         softcap=softcap, sinks=sinks)
-    s = attention_logits(q, k, scale=scale, softcap=softcap, bias=bias)
+    s = attention_logits(q, k, scale=scale, softcap=softcap, bias=bias, score_mod=score_mod)
     visible = visibility(T, S, mask=mask, causal=causal, window=window, segments=segments)
     if visible is not None:
         visible = jnp.broadcast_to(visible, s.shape)

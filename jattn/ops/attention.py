@@ -14,10 +14,12 @@ argument of the reference and follows its semantics (see ``jattn.core.reference`
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 from jaxtyping import Array, Bool, Float, Int
 
 from jattn.core import checks
+from jattn.core.score_mod import trace_score_mod
 from jattn.core.softmax import merge_sinks
 from jattn.ops.attention_reference import attention_reference
 from jattn.ops.attention_xla import flash_attention_xla
@@ -37,9 +39,9 @@ def attention(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"], v: Float
               causal: bool = False, window: int | tuple[int, int] | None = None,
               segment_ids: Int[Array, "B T"] | tuple[Int[Array, "B T"], Int[Array, "B S"]] | None = None,
               scale: float | None = None, softcap: float | None = None, sinks: Float[Array, "H"] | None = None,
-              return_lse: bool = False, impl: str = "auto", block_q: int | None = None,
-              block_k: int | None = None):
-    """Softmax attention ``softmax(q k^T * scale + bias, masked) v``.
+              score_mod: Callable | None = None, return_lse: bool = False, impl: str = "auto",
+              block_q: int | None = None, block_k: int | None = None):
+    """Softmax attention ``softmax(score_mod(q k^T * scale + bias), masked) v``.
 
     Args:
       q: ``[B, T, H, D]``.
@@ -58,6 +60,15 @@ def attention(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"], v: Float
       scale: logit scale, default ``D ** -0.5``.
       softcap: ``s -> softcap * tanh(s / softcap)``.
       sinks: ``[H]`` logits of one value-less extra term per row's softmax (GPT-OSS).
+      score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score``, FlexAttention's hook: rewrites each float32
+        logit (after scale, softcap and bias) from its batch, query head and positions (int32). Elementwise;
+        may close over arrays (gradients flow to them); ``-inf`` masks an entry (but skips no tile: prefer
+        ``mask``/``causal``/``window`` for structure). Fused into the xla path and the Pallas kernels: no
+        ``[T, S]`` array is formed outside ``"reference"``, except that differentiating the arrays it closes
+        over on ``impl="pallas"`` takes one dense step, as the bias gradient does. Inside a kernel an array
+        may be read at a per-(batch, head) index (``slopes[h]``); a lookup whose index varies across the tile
+        (``table[h, q_idx - kv_idx]``) is a gather, which the xla path runs and Triton/Mosaic may not lower.
+        Ready-made mods: ``jattn.score_mods``.
       return_lse: also return the float32 log-sum-exp ``[B, T, H]``.
       impl: "auto" | "xla" | "pallas" | "reference".
       block_q: query tile size (a power of two >= 16); None picks the impl's default.
@@ -74,32 +85,35 @@ def attention(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"], v: Float
     (B, T, S, H, Hkv, D), window, segments, scale = checks.check_attention_args(
         q, k, v, bias=bias, mask=mask, window=window, segment_ids=segment_ids, scale=scale, softcap=softcap,
         sinks=sinks)
+    traced_mod, mod_consts = (None, ()) if score_mod is None else trace_score_mod(score_mod)
     block_q = checks.check_block_size("block_q", block_q, minimum=MIN_BLOCK)
     block_k = checks.check_block_size("block_k", block_k, minimum=MIN_BLOCK)
     static = dict(causal=bool(causal), window=window, scale=scale, softcap=softcap)
 
-    def reference(q, k, v, bias, mask, segments, sinks):
+    def reference(q, k, v, bias, mask, segments, sinks, mod_consts):
+        mod = None if traced_mod is None else traced_mod.scalar_fn(mod_consts)
         return attention_reference(q, k, v, bias=bias, mask=mask, segment_ids=segments, sinks=sinks,
-                                   return_lse=True, **static)
+                                   score_mod=mod, return_lse=True, **static)
 
-    def xla(q, k, v, bias, mask, segments, sinks):
+    def xla(q, k, v, bias, mask, segments, sinks, mod_consts):
         default_q, default_k = DEFAULT_BLOCKS["xla"]
         return flash_attention_xla(
             q, k, v, bias=bias, mask=mask, q_segment_ids=None if segments is None else segments[0],
-            kv_segment_ids=None if segments is None else segments[1], sinks=sinks,
-            block_q=fit_block(default_q, T) if block_q is None else block_q,
+            kv_segment_ids=None if segments is None else segments[1], sinks=sinks, score_mod=traced_mod,
+            mod_consts=mod_consts, block_q=fit_block(default_q, T) if block_q is None else block_q,
             block_k=fit_block(default_k, S) if block_k is None else block_k, **static)
 
-    pallas = functools.partial(_flash_pallas, block_q=block_q, block_k=block_k, **static)
-    out, lse = run_impl(impl, (q, k, v, bias, mask, segments, sinks), xla=xla, pallas=pallas, reference=reference)
+    pallas = functools.partial(_flash_pallas, block_q=block_q, block_k=block_k, score_mod=traced_mod, **static)
+    out, lse = run_impl(impl, (q, k, v, bias, mask, segments, sinks, mod_consts), xla=xla, pallas=pallas,
+                        reference=reference)
     return (out, lse) if return_lse else out
 
 
-def _flash_pallas(q, k, v, bias, mask, segments, sinks, *, block_q, block_k, **kwargs):
+def _flash_pallas(q, k, v, bias, mask, segments, sinks, mod_consts, *, block_q, block_k, **kwargs):
     """The Pallas flash kernel; sinks are merged after it as one value-less LSE partial (exact)."""
     out, lse = flash_attention_pallas(
         q, k, v, bias=bias, mask=mask, q_segment_ids=None if segments is None else segments[0],
-        kv_segment_ids=None if segments is None else segments[1],
+        kv_segment_ids=None if segments is None else segments[1], mod_consts=mod_consts,
         block_sizes=BlockSizes(block_q=block_q, block_k=block_k), **kwargs)
     if sinks is not None:
         out, lse = merge_sinks(out, lse, sinks)

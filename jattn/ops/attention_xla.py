@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
+from jattn.core.score_mod import TracedScoreMod, apply_score_mod, is_differentiable
 from jattn.core.softmax import MASK_VALUE, OnlineSoftmax
 from pallas_kernels.common import as_4d, online_softmax_step, pad_axis, tile_ranges, visible_tiles
 
@@ -46,6 +47,8 @@ class TileConfig:
     has_segments: bool
     has_sinks: bool
     scale_in_q: bool = False  # q arrives multiplied by `scale` (see `_prepare`): tiles skip the multiply
+    score_mod: Optional[TracedScoreMod] = None  # jattn.core.score_mod; its arrays travel as ops["mod_consts"]
+    mod_float_consts: tuple[bool, ...] = ()  # which of those arrays can carry a gradient
 
     @property
     def num_q_blocks(self) -> int:
@@ -125,6 +128,28 @@ def _tile_visible(cfg: TileConfig, ops, qi, kj):
     return visible
 
 
+def _merge_consts(cfg: TileConfig, ops, float_consts):
+    """The mod's arrays, with the differentiable ones replaced by ``float_consts`` (same order)."""
+    floats = iter(float_consts)
+    return tuple(next(floats) if is_float else c for c, is_float in zip(ops["mod_consts"], cfg.mod_float_consts))
+
+
+def _float_consts(cfg: TileConfig, ops):
+    return tuple(c for c, is_float in zip(ops["mod_consts"], cfg.mod_float_consts) if is_float)
+
+
+def _tile_score_mod(cfg: TileConfig, ops, s, qi, kj, float_consts):
+    """``score_mod`` on tile (qi, kj), ``s`` laid out ``[B, Hkv, G, bq, bk]``. Padded rows and keys read the
+    last real position (they are masked anyway), so a table the mod indexes is never read out of range."""
+    B, Hkv, G, bq, bk = s.shape
+    q_idx = jnp.minimum(qi * bq + jnp.arange(bq, dtype=jnp.int32), cfg.T - 1)
+    kv_idx = jnp.minimum(kj * bk + jnp.arange(bk, dtype=jnp.int32), cfg.S - 1)
+    return apply_score_mod(cfg.score_mod, _merge_consts(cfg, ops, float_consts), s,
+                           jnp.arange(B, dtype=jnp.int32).reshape(B, 1, 1, 1, 1),
+                           jnp.arange(Hkv * G, dtype=jnp.int32).reshape(1, Hkv, G, 1, 1),
+                           q_idx.reshape(1, 1, 1, bq, 1), kv_idx.reshape(1, 1, 1, 1, bk))
+
+
 def _tile_logits(cfg: TileConfig, ops, q_blk, qi, kj):
     """float32 logits of tile (qi, kj) after scale, softcap and bias; also returns tanh for softcap's VJP."""
     k_blk = lax.dynamic_slice_in_dim(ops["k"], kj * cfg.block_k, cfg.block_k, axis=2)
@@ -192,12 +217,14 @@ def _forward_q_block(cfg: TileConfig, ops, qi):
             s = s * cfg.scale
         if cfg.softcap is not None:
             s = cfg.softcap * jnp.tanh(s / cfg.softcap)
-        if cfg.has_bias or (masked and cfg.dynamic_mask):
+        if cfg.has_bias or cfg.score_mod is not None or (masked and cfg.dynamic_mask):
             # Per-(batch, head) operands: back to [B, Hkv, G, bq, bk] for this tile.
             s = s.reshape(B, Hkv, G, bq, bk)
             if cfg.has_bias:
                 bias = _slice_axis(_slice_axis(ops["bias"], 3, qi * bq, bq), 4, kj * bk, bk)
                 s = s + bias.astype(jnp.float32)
+            if cfg.score_mod is not None:
+                s = _tile_score_mod(cfg, ops, s, qi, kj, _float_consts(cfg, ops))
             if masked:
                 s = jnp.where(_tile_visible(cfg, ops, qi, kj), s, MASK_VALUE)
             s = s.reshape(N, R, bk)
@@ -233,16 +260,23 @@ def _forward(cfg: TileConfig, ops):
 
 
 def _tile_probs_and_dlogits(cfg, ops, res, q_blk, do_blk, lse_blk, delta_blk, qi, kj, masked: bool):
-    """Recomputes tile (qi, kj): probabilities p and the logit gradient before softcap (ds)."""
+    """Recomputes tile (qi, kj): probabilities p, the logit gradient before softcap (ds), the one after the bias
+    (ds_biased, before the score mod) and the tile's gradient of the score mod's float arrays (or None)."""
     s, capped, k_blk = _tile_logits(cfg, ops, q_blk, qi, kj)
+    mod_vjp = None
+    if cfg.score_mod is not None:
+        s, mod_vjp = jax.vjp(lambda s, fc: _tile_score_mod(cfg, ops, s, qi, kj, fc), s, _float_consts(cfg, ops))
     p = jnp.exp(s - lse_blk[..., None])
     if masked:
         p = jnp.where(_tile_visible(cfg, ops, qi, kj), p, 0.0)
     v_blk = lax.dynamic_slice_in_dim(ops["v"], kj * cfg.block_k, cfg.block_k, axis=2)
     dp = jnp.einsum("bkgqd,bkcd->bkgqc", do_blk, v_blk, preferred_element_type=jnp.float32)
-    ds_final = p * (dp - delta_blk[..., None])  # gradient w.r.t. logits after softcap and bias
-    ds = ds_final if capped is None else ds_final * (1.0 - capped * capped)
-    return p, ds, ds_final, k_blk, v_blk
+    ds_biased = p * (dp - delta_blk[..., None])  # gradient w.r.t. the final logits
+    d_consts = None
+    if mod_vjp is not None:
+        ds_biased, d_consts = mod_vjp(ds_biased)  # now w.r.t. the logits before the score mod
+    ds = ds_biased if capped is None else ds_biased * (1.0 - capped * capped)
+    return p, ds, ds_biased, k_blk, v_blk, d_consts
 
 
 def _q_side_inputs(cfg, ops, res, qi):
@@ -260,7 +294,8 @@ def _reduce_to_shape(x, shape):
 
 
 def _dq_q_block(cfg: TileConfig, ops, res, qi):
-    """dq for query block qi, and this block's rows of the bias gradient."""
+    """dq for query block qi, this block's rows of the bias gradient and its part of the score mod's array
+    gradients."""
     q_blk, do_blk, lse_blk, delta_blk = _q_side_inputs(cfg, ops, res, qi)
     dq = jnp.zeros(q_blk.shape, jnp.float32)
     dbias = None
@@ -268,10 +303,14 @@ def _dq_q_block(cfg: TileConfig, ops, res, qi):
         b_shape = ops["bias"].shape
         dbias = jnp.zeros((*b_shape[:3], cfg.block_q if b_shape[3] != 1 else 1, b_shape[4]), jnp.float32)
 
+    d_consts = jax.tree.map(lambda c: jnp.zeros(c.shape, jnp.float32), _float_consts(cfg, ops))
+
     def step(kj, carry, masked: bool):
-        dq, dbias = carry
-        _, ds, ds_final, k_blk, _ = _tile_probs_and_dlogits(cfg, ops, res, q_blk, do_blk, lse_blk, delta_blk,
-                                                            qi, kj, masked)
+        dq, dbias, d_consts = carry
+        _, ds, ds_final, k_blk, _, tile_d_consts = _tile_probs_and_dlogits(
+            cfg, ops, res, q_blk, do_blk, lse_blk, delta_blk, qi, kj, masked)
+        if tile_d_consts is not None:
+            d_consts = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), d_consts, tile_d_consts)
         dq = dq + jnp.einsum("bkgqc,bkcd->bkgqd", ds, k_blk.astype(jnp.float32), preferred_element_type=jnp.float32)
         if dbias is not None:
             tile = _reduce_to_shape(ds_final, (*dbias.shape[:4], 1 if dbias.shape[4] == 1 else cfg.block_k))
@@ -280,10 +319,10 @@ def _dq_q_block(cfg: TileConfig, ops, res, qi):
             else:
                 start = (0, 0, 0, 0, kj * cfg.block_k)
                 dbias = lax.dynamic_update_slice(dbias, lax.dynamic_slice(dbias, start, tile.shape) + tile, start)
-        return dq, dbias
+        return dq, dbias, d_consts
 
-    dq, dbias = _sweep(cfg, ops, qi, "kv", step, (dq, dbias))
-    return dq * cfg.scale, dbias
+    dq, dbias, d_consts = _sweep(cfg, ops, qi, "kv", step, (dq, dbias, d_consts))
+    return dq * cfg.scale, dbias, d_consts
 
 
 def _dkv_k_block(cfg: TileConfig, ops, res, kj):
@@ -296,7 +335,7 @@ def _dkv_k_block(cfg: TileConfig, ops, res, kj):
     def step(qi, carry, masked: bool):
         dk, dv = carry
         q_blk, do_blk, lse_blk, delta_blk = _q_side_inputs(cfg, ops, res, qi)
-        p, ds, _, _, _ = _tile_probs_and_dlogits(cfg, ops, res, q_blk, do_blk, lse_blk, delta_blk, qi, kj, masked)
+        p, ds, _, _, _, _ = _tile_probs_and_dlogits(cfg, ops, res, q_blk, do_blk, lse_blk, delta_blk, qi, kj, masked)
         dv = dv + jnp.einsum("bkgqc,bkgqd->bkcd", p, do_blk.astype(jnp.float32), preferred_element_type=jnp.float32)
         dk = dk + jnp.einsum("bkgqc,bkgqd->bkcd", ds, q_blk.astype(jnp.float32), preferred_element_type=jnp.float32)
         return dk, dv
@@ -313,7 +352,8 @@ def _stack_blocks(x, axis: int):
 
 
 def _backward(cfg: TileConfig, ops, res):
-    dq, dbias_rows = lax.map(functools.partial(_dq_q_block, cfg, ops, res), jnp.arange(cfg.num_q_blocks))
+    dq, dbias_rows, d_consts = lax.map(functools.partial(_dq_q_block, cfg, ops, res), jnp.arange(cfg.num_q_blocks))
+    d_consts = jax.tree.map(lambda d: jnp.sum(d, axis=0), d_consts)
     dq = _stack_blocks(dq, 3)
     dbias = None
     if cfg.has_bias:
@@ -324,14 +364,14 @@ def _backward(cfg: TileConfig, ops, res):
     if cfg.has_sinks:
         p_sink = jnp.exp(ops["sinks"][None, :, :, None] - res["lse"])
         dsinks = -jnp.sum(p_sink * res["delta"], axis=(0, 3))
-    return dq, dk, dv, dbias, dsinks
+    return dq, dk, dv, dbias, dsinks, d_consts
 
 
 # ----------------------------------------------------------------------------------------------
 # Entry point
 
 
-def _prepare(cfg: TileConfig, q, k, v, bias, mask, q_segments, kv_segments, sinks):
+def _prepare(cfg: TileConfig, q, k, v, bias, mask, q_segments, kv_segments, sinks, mod_consts=()):
     """Pads to whole blocks and moves everything into the internal layout."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
@@ -343,6 +383,7 @@ def _prepare(cfg: TileConfig, q, k, v, bias, mask, q_segments, kv_segments, sink
         "q": pad_axis(jnp.transpose(q, (0, 2, 1, 3)).reshape(B, Hkv, H // Hkv, T, D), 3, Tp),
         "k": pad_axis(jnp.transpose(k, (0, 2, 1, 3)), 2, Sp),
         "v": pad_axis(jnp.transpose(v, (0, 2, 1, 3)), 2, Sp),
+        "mod_consts": tuple(mod_consts),
     }
     if bias is not None:
         bias = pad_axis(pad_axis(as_4d(bias), 2, Tp, keep_broadcast=True), 3, Sp, keep_broadcast=True)
@@ -371,26 +412,26 @@ def _unprepare_out(out, lse, B, T, H):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: TileConfig, q, k, v, bias, mask, q_segments, kv_segments, sinks):
-    return _flash_fwd(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks)[0]
+def _flash(cfg: TileConfig, q, k, v, bias, mask, q_segments, kv_segments, sinks, mod_consts):
+    return _flash_fwd(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks, mod_consts)[0]
 
 
-def _flash_fwd(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks):
+def _flash_fwd(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks, mod_consts):
     B, T, H, _ = q.shape
-    ops = _prepare(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks)
+    ops = _prepare(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks, mod_consts)
     out_i, lse_i = _forward(cfg, ops)
     out, lse = _unprepare_out(out_i, lse_i, B, T, H)
     out = out.astype(q.dtype)
-    residuals = (q, k, v, bias, mask, q_segments, kv_segments, sinks, out, lse)
+    residuals = (q, k, v, bias, mask, q_segments, kv_segments, sinks, mod_consts, out, lse)
     return (out, lse), residuals
 
 
 def _flash_bwd(cfg, residuals, cotangents):
-    q, k, v, bias, mask, q_segments, kv_segments, sinks, out, lse = residuals
+    q, k, v, bias, mask, q_segments, kv_segments, sinks, mod_consts, out, lse = residuals
     d_out, d_lse = cotangents
     B, T, H, D = q.shape
     Hkv = k.shape[2]
-    ops = _prepare(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks)
+    ops = _prepare(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks, mod_consts)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     # d lse / d logits = p, so an lse cotangent enters like a shift of delta (ds = p * (dp - delta + dlse)).
     delta = delta - d_lse.astype(jnp.float32)
@@ -403,7 +444,7 @@ def _flash_bwd(cfg, residuals, cotangents):
 
     # lse = +inf makes p = exp(s - lse) exactly 0 on fully masked and padded rows.
     res = {"do": internal(d_out.astype(v.dtype)), "lse": internal(masked_lse, jnp.inf), "delta": internal(delta)}
-    dq, dk, dv, dbias, dsinks = _backward(cfg, ops, res)
+    dq, dk, dv, dbias, dsinks, d_float_consts = _backward(cfg, ops, res)
     dq = dq[:, :, :, :T].reshape(B, H, T, D).transpose(0, 2, 1, 3).astype(q.dtype)
     S = k.shape[1]
     dk = dk[:, :, :S].transpose(0, 2, 1, 3).astype(k.dtype)
@@ -415,11 +456,14 @@ def _flash_bwd(cfg, residuals, cotangents):
         dbias = dbias.reshape(b4[0], b4[1], dbias.shape[3], dbias.shape[4]).reshape(bias.shape).astype(bias.dtype)
     if sinks is not None:
         dsinks = dsinks.reshape(H).astype(sinks.dtype)
-    return dq, dk, dv, dbias, None, None, None, dsinks
+    floats = iter(d_float_consts)
+    d_consts = tuple(next(floats).astype(c.dtype) if is_float else None
+                     for c, is_float in zip(mod_consts, cfg.mod_float_consts))
+    return dq, dk, dv, dbias, None, None, None, dsinks, d_consts
 
 
-def _flash_fwd_rule(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks):
-    return _flash_fwd(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks)
+def _flash_fwd_rule(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks, mod_consts):
+    return _flash_fwd(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks, mod_consts)
 
 
 _flash.defvjp(_flash_fwd_rule, _flash_bwd)
@@ -430,6 +474,7 @@ def flash_attention_xla(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"]
                         q_segment_ids: Int[Array, "B T"] | None = None, kv_segment_ids: Int[Array, "B S"] | None = None,
                         sinks: Float[Array, "H"] | None = None, causal: bool = False,
                         window: tuple[int, int] | None = None, scale: float, softcap: float | None = None,
+                        score_mod: TracedScoreMod | None = None, mod_consts: tuple = (),
                         block_q: int = 512, block_k: int = 128
                         ) -> tuple[Float[Array, "B T H Dv"], Float[Array, "B T H"]]:
     """Blockwise attention with the semantics of ``jattn.core.reference`` (``jattn.attention(impl="xla")``).
@@ -449,6 +494,8 @@ def flash_attention_xla(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"]
       window: ``(left, right)``: keys ``i - left <= j <= i + right``.
       scale: logit scale.
       softcap: ``s -> softcap * tanh(s / softcap)`` before the bias.
+      score_mod: a ``jattn.core.score_mod.TracedScoreMod``, applied to each tile's logits after the bias.
+      mod_consts: the arrays it closes over (``trace_score_mod``); differentiable where float.
       block_q: query tile (any positive int).
       block_k: key tile (any positive int).
 
@@ -460,5 +507,6 @@ def flash_attention_xla(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"]
                      causal=bool(causal), window=None if window is None else tuple(window),
                      softcap=None if softcap is None else float(softcap), has_mask=mask is not None,
                      has_bias=bias is not None, has_segments=q_segment_ids is not None,
-                     has_sinks=sinks is not None, scale_in_q=q.dtype == jnp.float32)
-    return _flash(cfg, q, k, v, bias, mask, q_segment_ids, kv_segment_ids, sinks)
+                     has_sinks=sinks is not None, scale_in_q=q.dtype == jnp.float32, score_mod=score_mod,
+                     mod_float_consts=tuple(is_differentiable(c) for c in mod_consts))
+    return _flash(cfg, q, k, v, bias, mask, q_segment_ids, kv_segment_ids, sinks, tuple(mod_consts))

@@ -36,6 +36,7 @@ from jaxtyping import Array, Float
 
 from jattn.core import checks
 from jattn.core.block_mask import BlockMask
+from jattn.core.score_mod import trace_score_mod
 from jattn.core.softmax import merge_sinks
 from jattn.ops.block_sparse_reference import block_sparse_reference
 from jattn.ops.block_sparse_xla import SparseConfig, block_sparse_xla
@@ -84,7 +85,8 @@ def _validate(q, k, v, block_mask, *, mask_fn, causal, scale, softcap, sinks, im
 def block_sparse_attention(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"],
                            block_mask: BlockMask, *, mask_fn: Callable | None = None, causal: bool = False,
                            scale: float | None = None, softcap: float | None = None,
-                           sinks: Float[Array, "H"] | None = None, impl: str = "auto", return_lse: bool = False):
+                           sinks: Float[Array, "H"] | None = None, score_mod: Callable | None = None,
+                           impl: str = "auto", return_lse: bool = False):
     """Exact softmax attention restricted to the tiles of ``block_mask``.
 
     Args:
@@ -99,6 +101,9 @@ def block_sparse_attention(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv 
       scale: logit scale (default ``D ** -0.5``).
       softcap: ``s -> softcap * tanh(s / softcap)``.
       sinks: ``[H]`` logits of one value-less extra term in each row's softmax denominator.
+      score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` on each logit after the softcap, run
+        only on the listed tiles (``jattn.attention`` documents the contract). Fused into the xla path; not
+        into the Pallas kernel yet, so with a ``score_mod`` ``impl="auto"`` runs the xla path everywhere.
       impl: "auto" | "xla" | "pallas" | "reference".
       return_lse: also return the float32 log-sum-exp ``[B, T, H]`` (sink included; -inf on empty rows).
 
@@ -113,30 +118,37 @@ def block_sparse_attention(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv 
     checks.check_static("block_sparse_attention", causal=causal, scale=scale, softcap=softcap, impl=impl, return_lse=return_lse)
     (B, T, S, H, Hkv, D), cfg = _validate(q, k, v, block_mask, mask_fn=mask_fn, causal=causal, scale=scale,
                                           softcap=softcap, sinks=sinks, impl=impl, return_lse=return_lse)
+    traced_mod, mod_consts = (None, ()) if score_mod is None else trace_score_mod(score_mod)
+    if traced_mod is not None:
+        if impl == "pallas":
+            raise ValueError("score_mod is not supported by impl='pallas' yet (the Pallas block-sparse kernel "
+                             "does not fuse it); use impl='xla' or 'auto' (which then runs the xla path)")
+        impl = "xla" if impl == "auto" else impl
 
     def with_sinks(run):
         """A kernel path (no sinks) with the sinks merged after it as one value-less LSE partial (exact)."""
-        def call(q, k, v, tables, sinks):
-            out, lse = run(q, k, v, tables)
+        def call(q, k, v, tables, sinks, mod_consts):
+            out, lse = run(q, k, v, tables, mod_consts)
             if sinks is not None:
                 out, lse = merge_sinks(out, lse, sinks)
             return out.astype(q.dtype), lse
         return call
 
-    def xla(q, k, v, tables):
-        return block_sparse_xla(cfg, q, k, v, tables[:3])
+    def xla(q, k, v, tables, mod_consts):
+        return block_sparse_xla(cfg, q, k, v, tables[:3], score_mod=traced_mod, mod_consts=mod_consts)
 
-    def pallas(q, k, v, tables):
+    def pallas(q, k, v, tables, _mod_consts):
         return block_sparse_attention_pallas(
             q, k, v, *tables, block_q=cfg.block_q, block_k=cfg.block_k, scale=cfg.scale, softcap=cfg.softcap,
             causal=cfg.causal, mask_fn=cfg.mask_fn, out_dtype=jnp.float32 if sinks is not None else q.dtype)
 
-    def reference(q, k, v, tables, sinks):
+    def reference(q, k, v, tables, sinks, mod_consts):
+        mod = None if traced_mod is None else traced_mod.scalar_fn(mod_consts)
         return block_sparse_reference(q, k, v, block_mask, mask_fn=cfg.mask_fn, causal=cfg.causal, scale=cfg.scale,
-                                      softcap=cfg.softcap, sinks=sinks, return_lse=True)
+                                      softcap=cfg.softcap, sinks=sinks, score_mod=mod, return_lse=True)
 
     tables = (block_mask.kv_indices, block_mask.kv_counts, block_mask.kv_full, block_mask.q_indices,
               block_mask.q_counts, block_mask.q_full)
-    out, lse = run_impl(impl, (q, k, v, tables, sinks), xla=with_sinks(xla), pallas=with_sinks(pallas),
+    out, lse = run_impl(impl, (q, k, v, tables, sinks, mod_consts), xla=with_sinks(xla), pallas=with_sinks(pallas),
                         reference=reference)
     return (out, lse) if return_lse else out

@@ -19,7 +19,8 @@ from jattn.core.reference import reference_attention
 def block_sparse_reference(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv Dv"],
                            block_mask: BlockMask, *, mask_fn: Callable | None = None, causal: bool = False,
                            scale: float | None = None, softcap: float | None = None,
-                           sinks: Float[Array, "H"] | None = None, return_lse: bool = False):
+                           sinks: Float[Array, "H"] | None = None, score_mod: Callable | None = None,
+                           return_lse: bool = False):
     """Dense float32 attention under the element mask of ``block_mask`` (and ``causal``).
 
     Args:
@@ -33,6 +34,7 @@ def block_sparse_reference(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv 
       scale: logit scale (default ``D ** -0.5``).
       softcap: ``s -> softcap * tanh(s / softcap)``.
       sinks: ``[H]`` logits of one value-less extra term in each row's softmax denominator.
+      score_mod: ``(score, b, h, q_idx, kv_idx) -> score`` on each logit (``jattn.attention``).
       return_lse: also return the float32 log-sum-exp ``[B, T, H]``.
 
     Returns:
@@ -45,4 +47,4 @@ def block_sparse_reference(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv 
     B, H = q.shape[0], q.shape[2]
     dense = block_mask.to_dense_mask(mask_fn, batch=B, heads=H)
     return reference_attention(q, k, v, mask=dense, causal=causal, scale=scale, softcap=softcap, sinks=sinks,
-                               return_lse=return_lse)
+                               score_mod=score_mod, return_lse=return_lse)

@@ -30,6 +30,7 @@ row; tiles that are not listed are never read.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -37,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from jattn.core.score_mod import TracedScoreMod, apply_score_mod, is_differentiable
 from jattn.core.softmax import MASK_VALUE
 from pallas_kernels.block_sparse import SparseConfig
 from pallas_kernels.common import finalize_rows, pad_axis
@@ -56,7 +58,8 @@ def chunk_size(block_q: int, block_k: int, capacity: int) -> int:
 
 def block_sparse_xla(cfg: SparseConfig, q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"],
                      v: Float[Array, "B S Hkv E"],
-                     kv_tables: tuple[Int[Array, "Bm Hm nQ W"], Int[Array, "Bm Hm nQ"], Bool[Array, "Bm Hm nQ W"]]
+                     kv_tables: tuple[Int[Array, "Bm Hm nQ W"], Int[Array, "Bm Hm nQ"], Bool[Array, "Bm Hm nQ W"]],
+                     *, score_mod: TracedScoreMod | None = None, mod_consts: tuple = ()
                      ) -> tuple[Float[Array, "B T H E"], Float[Array, "B T H"]]:
     """Block-sparse attention over the listed tiles, without sinks (``block_sparse_attention(impl="xla")``).
 
@@ -66,11 +69,37 @@ def block_sparse_xla(cfg: SparseConfig, q: Float[Array, "B T H D"], k: Float[Arr
       k: ``[B, S, Hkv, D]``.
       v: ``[B, S, Hkv, E]``.
       kv_tables: the BlockMask's ``(kv_indices, kv_counts, kv_full)``.
+      score_mod: a traced ``jattn.core.score_mod`` applied to every listed tile's logits after the softcap.
+      mod_consts: the arrays it closes over; differentiable where float.
 
     Returns:
       ``out [B, T, H, E]`` float32 and ``lse [B, T, H]`` float32 (``-inf`` on rows with nothing visible).
     """
-    return _core(cfg, q, k, v, tuple(kv_tables))
+    mod = None if score_mod is None else ScoreModPlan(score_mod, tuple(is_differentiable(c) for c in mod_consts))
+    return _core(cfg, mod, q, k, v, tuple(kv_tables), tuple(mod_consts))
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreModPlan:
+    """The static half of a score mod: the traced function and which of its arrays are differentiable."""
+    traced: TracedScoreMod
+    float_consts: tuple[bool, ...]
+
+    def split(self, consts):
+        return tuple(c for c, f in zip(consts, self.float_consts) if f)
+
+    def merge(self, consts, floats):
+        floats = iter(floats)
+        return tuple(next(floats) if f else c for c, f in zip(consts, self.float_consts))
+
+
+def _apply_mod(cfg, mod: ScoreModPlan, consts, float_consts, s, ch):
+    """The score mod on a chunk's logits ``s [C, bq, bk]`` (padded positions read the last real one)."""
+    bq, bk = cfg.block_q, cfg.block_k
+    q_pos = jnp.minimum(ch["qb"][:, None, None] * bq + jnp.arange(bq, dtype=jnp.int32)[None, :, None], cfg.seq_q - 1)
+    kv_pos = jnp.minimum(ch["kb"][:, None, None] * bk + jnp.arange(bk, dtype=jnp.int32)[None, None, :], cfg.seq_k - 1)
+    return apply_score_mod(mod.traced, mod.merge(consts, float_consts), s, ch["b"][:, None, None],
+                           ch["h"][:, None, None], q_pos, kv_pos)
 
 
 # ---------------------------------------------------------------------------------- layout
@@ -199,7 +228,7 @@ def _scores(cfg, q_t, k_t):
 
 # ---------------------------------------------------------------------------------- forward
 
-def _forward(cfg, q, k, v, tables):
+def _forward(cfg, mod, q, k, v, tables, consts):
     B, H, Hkv, nQ, nK = _geometry(cfg, q, k)
     T, E = q.shape[1], v.shape[-1]
     R = B * H * nQ
@@ -216,12 +245,17 @@ def _forward(cfg, q, k, v, tables):
             k_t = jnp.take(k_tiles, ch["kv"], axis=0, mode="clip")
             v_t = jnp.take(v_tiles, ch["kv"], axis=0, mode="clip")
             s, _ = _scores(cfg, q_t, k_t)
-            if masked:
-                visible = _visibility(cfg, ch, C)
+            visible = _visibility(cfg, ch, C) if masked else None
+            if mod is not None:
+                s = _apply_mod(cfg, mod, consts, mod.split(consts), s, ch)
+                # A mod may mask with -inf; as a visibility it keeps a fully masked tile row out of the sums.
+                mod_visible = s > -jnp.inf
+                visible = mod_visible if visible is None else visible & mod_visible
+            if visible is not None:
                 s = jnp.where(visible, s, MASK_VALUE)
             m = jnp.max(s, axis=-1)                                        # [C, bq]
             p = jnp.exp(s - m[..., None])
-            if masked:
+            if visible is not None:
                 p = jnp.where(visible, p, 0.0)
             l = jnp.sum(p, axis=-1)
             o = jnp.einsum("cqk,cke->cqe", p, v_t)
@@ -258,18 +292,18 @@ def _forward(cfg, q, k, v, tables):
 
 # ---------------------------------------------------------------------------------- custom vjp
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(cfg, q, k, v, tables):
-    return _forward(cfg, q, k, v, tables)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _core(cfg, mod, q, k, v, tables, consts):
+    return _forward(cfg, mod, q, k, v, tables, consts)
 
 
-def _core_fwd(cfg, q, k, v, tables):
-    out, lse = _forward(cfg, q, k, v, tables)
-    return (out, lse), (q, k, v, tables, out, lse)
+def _core_fwd(cfg, mod, q, k, v, tables, consts):
+    out, lse = _forward(cfg, mod, q, k, v, tables, consts)
+    return (out, lse), (q, k, v, tables, consts, out, lse)
 
 
-def _core_bwd(cfg, residuals, cotangents):
-    q, k, v, tables, out, lse = residuals
+def _core_bwd(cfg, mod, residuals, cotangents):
+    q, k, v, tables, consts, out, lse = residuals
     d_out, d_lse = cotangents
     B, H, Hkv, nQ, nK = _geometry(cfg, q, k)
     T, S, D = q.shape[1], k.shape[1], q.shape[-1]
@@ -287,7 +321,7 @@ def _core_bwd(cfg, residuals, cotangents):
 
     def run(lst, masked: bool, state):
         def body(i, state):
-            dq, dk, dv = state
+            dq, dk, dv, d_consts = state
             ch = _chunk(lst, i, C)
             rows, kv = ch["row"], ch["kv"]
             q_t = jnp.take(q_rows, rows, axis=0, mode="clip")
@@ -295,12 +329,20 @@ def _core_bwd(cfg, residuals, cotangents):
             k_t = jnp.take(k_tiles, kv, axis=0, mode="clip")
             v_t = jnp.take(v_tiles, kv, axis=0, mode="clip")
             s, tanh = _scores(cfg, q_t, k_t)
+            mod_vjp = None
+            if mod is not None:
+                s, mod_vjp = jax.vjp(lambda s, fc: _apply_mod(cfg, mod, consts, fc, s, ch), s, mod.split(consts))
             p = jnp.exp(s - jnp.take(lse_rows, rows, axis=0, mode="clip")[..., None])
             if masked:
                 p = jnp.where(_visibility(cfg, ch, C), p, 0.0)
+            if mod is not None:  # past the count, a chunk's entries repeat real tiles: drop their gradient
+                p = jnp.where((i * C + jnp.arange(C) < lst["count"])[:, None, None], p, 0.0)
             dv_t = jnp.einsum("cqk,cqe->cke", p, do_t)
             dp = jnp.einsum("cqe,cke->cqk", do_t, v_t)
             ds = p * (dp - jnp.take(delta_rows, rows, axis=0, mode="clip")[..., None])
+            if mod_vjp is not None:
+                ds, tile_d_consts = mod_vjp(ds)
+                d_consts = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), d_consts, tile_d_consts)
             if tanh is not None:
                 ds = ds * (1.0 - tanh * tanh)
             ds = ds * cfg.scale
@@ -311,21 +353,25 @@ def _core_bwd(cfg, residuals, cotangents):
             dq = dq.at[seg_row].add(dq_seg, mode="drop")
             dk = dk.at[kv].add(dk_t, mode="drop")                          # past the count: kv is out of range
             dv = dv.at[kv].add(dv_t, mode="drop")
-            return dq, dk, dv
+            return dq, dk, dv, d_consts
 
         n_chunks = (lst["count"] + C - 1) // C
         return jax.lax.fori_loop(0, n_chunks, body, state)
 
-    state = (jnp.zeros_like(q_rows), jnp.zeros_like(k_tiles), jnp.zeros_like(v_tiles))
+    float_consts = () if mod is None else mod.split(consts)
+    state = (jnp.zeros_like(q_rows), jnp.zeros_like(k_tiles), jnp.zeros_like(v_tiles),
+             jax.tree.map(lambda c: jnp.zeros(c.shape, jnp.float32), float_consts))
     clean, masked = lists
     state = run(clean, False, state)
     if masked is not None:
         state = run(masked, True, state)
-    dq, dk, dv = state
+    dq, dk, dv, d_float_consts = state
     dq = _untile(dq, B, H, T).astype(q.dtype)
     dk = _untile(dk, B, Hkv, S).astype(k.dtype)
     dv = _untile(dv, B, Hkv, S).astype(v.dtype)
-    return dq, dk, dv, None
+    d_consts = () if mod is None else mod.merge(tuple(None for _ in consts),
+                                                (d.astype(c.dtype) for d, c in zip(d_float_consts, float_consts)))
+    return dq, dk, dv, None, d_consts
 
 
 _core.defvjp(_core_fwd, _core_bwd)

@@ -18,6 +18,7 @@ import pytest
 from jax import export
 
 import jattn
+from jattn import score_mods
 from jattn.core import masks
 from jattn.core.block_mask import BlockMask
 from pallas_kernels.attention import BlockSizes, flash_attention
@@ -183,3 +184,36 @@ def test_decode_lowers_forward_and_its_gradient(platform, impl, paged):
     assert kernel_calls(fn, q, cache, cache, platform=platform) == 1
     assert kernel_calls(grad_of(fn, (0, 1, 2)), q, cache, cache, platform=platform) == 1
 
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_attention_with_score_mod_lowers_forward_and_backward(platform, impl):
+    """ALiBi (its slopes read at the program's head: a ref load, SMEM on TPU) times a per-head temperature:
+    the forward, the q/k/v backward (forward + dq + dk/dv) and the temperature's gradient (which adds the dq
+    kernel's dS tiles and one dense XLA step) all hold the real kernels."""
+    H = 4
+    q, k, v = qkv(B, T, S, H, 2, 64)
+    temperature = jnp.linspace(0.5, 1.5, H)
+
+    def fn(q, k, v, temperature):
+        mod = score_mods.compose(score_mods.alibi(H), score_mods.head_temperature(temperature))
+        return jattn.attention(q, k, v, causal=True, score_mod=mod, impl=impl)
+
+    assert kernel_calls(fn, q, k, v, temperature, platform=platform) == 1
+    assert kernel_calls(grad_of(fn, (0, 1, 2)), q, k, v, temperature, platform=platform) == 3
+    assert kernel_calls(grad_of(fn, (0, 1, 2, 3)), q, k, v, temperature, platform=platform) == 3
+
+
+def test_score_mod_gather_lowers_for_gpu_and_names_itself_on_tpu():
+    """A relative-position table read at ``q_idx - kv_idx`` is a gather across the tile: Triton lowers it;
+    Mosaic cannot, and the TPU lowering says why instead of failing inside the compiler."""
+    q, k, v = qkv(B, T, S, 2, 2, 64)
+    table = jax.random.normal(jax.random.PRNGKey(4), (2, 33))
+
+    def fn(q, k, v, table):
+        return jattn.attention(q, k, v, score_mod=score_mods.relative_position_bias(table), impl="pallas")
+
+    assert kernel_calls(fn, q, k, v, table, platform="cuda") == 1
+    with pytest.raises(ValueError, match="score_mod reads an array it closes over at an index that varies"):
+        exported_text(fn, q, k, v, table, platform="tpu")
