@@ -130,12 +130,62 @@ _PROGRESS = {
             ("tests/methods/dynamic/test_hip.py",), "partial",
             "block-level hierarchical top-k + window, exact vs a transcription of the search and vs dense with its "
             "mask; no key-group min/max pooling, no joint head search, no decode reuse; the search dominates CPU time"),
+    "P08": (tuple(_DYNAMIC + n for n in ("kinetics.kinetics_cost", "kinetics.dense_cost", "kinetics.block_sparse_cost",
+                                         "kinetics.zero_overhead_sparse_cost", "kinetics.expected_cost",
+                                         "kinetics.kinetics_block_mask", "kinetics.kinetics_attention",
+                                         "kinetics.kinetics_select", "kinetics.block_topk_decode",
+                                         "kinetics.block_topk_decode_indices", "kinetics.kinetics_block_summary")),
+            ("tests/methods/dynamic/test_kinetics.py",), "partial",
+            "eFLOPs cost model reproduces the official CSVs exactly (Qwen3-4B AIME24, dense and block top-k); block "
+            "top-k prefill selector and decode (LiteSys rule) exact vs transcriptions and dense; decode 4.8x dense "
+            "at S=32K on CPU with a precomputed block summary (slower without); the summary is not kept up to date "
+            "as blocks fill, no Pallas page-gather kernel, no GPU measurement"),
+    "P13": (tuple(_DYNAMIC + n for n in ("zipvl.zipvl_attention", "zipvl.zipvl_block_mask", "zipvl.zipvl_token_mask",
+                                         "zipvl.normalized_attention_score", "zipvl.adaptive_keep_count",
+                                         "zipvl.important_tokens", "zipvl.token_sparse_attention")),
+            ("tests/methods/dynamic/test_zipvl.py",), "partial",
+            "probe-normalised token scores (ZipCache's), adaptive keep count, attention among the important tokens "
+            "gathered to the front (exact vs dense with the token mask; 23x dense at 10% kept, T=8K CPU); the "
+            "unimportant tokens' outputs are 0 (jattn's reading: no official code read); high error on the synthetic "
+            "inputs; decode half lives in P24"),
+    "P37": (tuple(_DYNAMIC + n for n in ("adaspa.adaspa_attention", "adaspa.adaspa_block_mask", "adaspa.adaspa_select",
+                                         "adaspa.block_attention_mass", "adaspa.rowwise_topk_block_mask",
+                                         "adaspa.head_adaptive_sparsity", "adaspa.AdaSpaState",
+                                         "adaspa.AdaSpaSchedule", "adaspa.adaspa_init_state")),
+            ("tests/methods/dynamic/test_adaspa.py",), "partial",
+            "block mass from the LSE, row-wise top-k with text sinks, head-adaptive sparsity, the warm-up / fused "
+            "search / reuse / LSE-cached search schedule as explicit state (a test runs a denoising loop); no "
+            "official code (paper reading), no Pallas mass kernel, Fig. 5 comparison not reproduced"),
+    "P05": (tuple(_DYNAMIC + n for n in ("vmoba.vmoba_attention", "vmoba.vmoba_block_mask", "vmoba.vmoba_select",
+                                         "vmoba.vmoba_gates", "vmoba.video_block_partition",
+                                         "vmoba.video_block_unpartition", "vmoba.video_chunk_size",
+                                         "vmoba.layer_chunk")),
+            ("tests/methods/dynamic/test_vmoba.py",), "partial",
+            "1-D/2-D/3-D layer-cycled partitions (official axis order), mean-key gates, threshold and top-k "
+            "selection (query_head, head_global), exact vs dense and vs the official two-branch LSE merge; no "
+            "trained toy video denoiser (the spec's 'works'), no 'block'/'overall' modes, no Pallas gather kernel"),
+    "P32": (tuple(_DYNAMIC + n for n in ("sale.sale_attention", "sale.sale_block_mask", "sale.sale_select",
+                                         "sale.quantize_int4_per_token", "sale.quantize_symmetric",
+                                         "sale.sale_estimate_logits")),
+            ("tests/methods/dynamic/test_sale.py",), "partial",
+            "mean-smoothed INT4 (per-token or per-block) q . k estimate plus the q_bar . k' term, exact sink/local "
+            "statistics, relative-score tile choice with per-head tau; exact vs a transcription and vs dense; "
+            "synthetic T=4K CPU: density 0.39 at recall 0.996; selection is plain jnp (slower than the sparse "
+            "attention on CPU), no Pallas selection kernel, no tau calibration, no GPU measurement"),
+    "P33": (tuple(_DYNAMIC + n for n in ("anchor.anchor_attention", "anchor.anchor_block_mask", "anchor.anchor_select",
+                                         "anchor.anchor_stats", "anchor.anchor_tile_map",
+                                         "anchor.anchor_stripe_mask_fn")),
+            ("tests/methods/dynamic/test_anchor.py",), "partial",
+            "exact anchor (m, l) over the initial and local blocks, difference-aware stripes over pooled keys, a "
+            "minimal tile cover (jit-able) or the token-exact stripe mask (eager only); exact vs transcriptions "
+            "and dense; recall 0.95 vs 0.82 for block top-k at equal tiles on striped synthetic data; the paper's "
+            "2048-key blocks make it dense below ~8K tokens; no Pallas kernels, official code not read"),
     "P38": (tuple(_DYNAMIC + n for n in ("flexprefill.flexprefill_attention", "flexprefill.flexprefill_block_mask",
                                          "flexprefill.flexprefill_select", "flexprefill.jsd")),
             ("tests/methods/dynamic/test_flexprefill.py",), "partial",
             "selector = transcription of the official rule (both head patterns, GQA), exact vs dense with its mask; "
             "synthetic 32K on CPU: 3.1x dense at recall 0.53, selection 45% of the time (targets: recall >= 0.9, "
-            "<= 20%); no nn.Attention adapter, no MiniLM or GPU measurement"),
+            "<= 20%); no MiniLM or GPU measurement"),
     "P19": (tuple(_KV + n for n in ("x_ecomla.mla_attention", "x_ecomla.mla_decode_absorbed",
                                     "x_ecomla.upcycle_gqa_to_mla", "x_ecomla.energy_rank", "x_ecomla.kd_kl_loss",
                                     "x_ecomla.kv_compression", "x_ecomla.MLAAttention")),
@@ -264,10 +314,17 @@ _LAYER = {
     "P03": "exact split-KV softmax (merge_partials): the layer it gives is method='softmax'",
     "P65": "a decode-time split-K merge of exact softmax: the layer it gives is method='softmax'",
     "P22": "an Op/B cost model and the GQA-packed decode kernel under exact softmax: the layer is method='softmax'",
-    "P09": "not registered as an nn.Attention method yet (the adapter is the next step); "
-           "jattn.methods.dynamic.hip_attention",
-    "P38": "not registered as an nn.Attention method yet (the adapter is the next step); "
-           "jattn.methods.dynamic.flexprefill_attention",
+    "P09": ("hip",),
+    "P38": ("flexprefill",),
+    "P08": ("kinetics",),
+    "P32": ("sale",),
+    "P33": ("anchor",),
+    "P13": "a layer-level important-token set for LVLM prefill whose other tokens' outputs are dropped: call "
+           "jattn.methods.dynamic.zipvl_attention where that reading fits",
+    "P37": "stateful across denoising steps (AdaSpaState: LSE cache, mask, step): call "
+           "jattn.methods.dynamic.adaspa_attention in the sampling loop",
+    "P05": "video DiT attention over a (t, h, w) token grid whose partition cycles with the layer index: call "
+           "jattn.methods.dynamic.vmoba_attention per layer (the layer adapter needs the layer index, not wired)",
     "P19": "MLA replaces the layer's projections and cache (jattn.methods.kv.x_ecomla.MLAAttention drops into a "
            "TransformerBlock), not a method over q, k, v",
     "P24": "a KV-cache compression (what is cached, not how attention is computed): decode attention over its "

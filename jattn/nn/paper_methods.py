@@ -306,6 +306,38 @@ def _agent_apply(q, k, v, *, causal, mask, scale, return_probs, grid, num_agents
     return agent_attention(q, k, v, pool_agents(q, grid, num_agents), scale=scale)
 
 
+# ---------------------------------------------------------------------------------- dynamic selectors
+
+
+def _selector_apply(name, module: str, function: str):
+    """A dynamic-sparse prefill selector (``jattn.methods.dynamic``): it reads this call's q and k, picks tiles
+    and runs the block-sparse kernel on them. Causal self-attention only, no padding mask, no probabilities."""
+    def apply(q, k, v, *, causal, mask, scale, return_probs, **config):
+        _self_attention(name, q, k)
+        if not causal:
+            raise ValueError(f"method {name!r} selects tiles for causal prefill (its paper's setting): build "
+                             f"Attention(..., causal=True)")
+        if mask is not None or return_probs:
+            raise ValueError(f"method {name!r} takes no padding mask and returns no attention probabilities; its "
+                             f"chosen tiles are jattn.methods.dynamic.{module}.{name}_block_mask")
+        import importlib
+        attention = getattr(importlib.import_module(f"jattn.methods.dynamic.{module}"), function)
+        return attention(q, k, v, scale=scale, **config)
+    return apply
+
+
+def _selector_adapter(name, module, options, description):
+    return _adapter(name, _selector_apply(name, module, f"{name}_attention"), (*options, IMPL), description,
+                    supports_probs=False)
+
+
+def _fraction(key, value):
+    value = _positive_float(key, value)
+    if value > 1:
+        raise ValueError(f"{key} must be in (0, 1], got {value!r}")
+    return value
+
+
 # ---------------------------------------------------------------------------------- the adapters
 
 
@@ -383,6 +415,41 @@ ADAPTERS: dict[str, Callable[[], AttentionMethod]] = {
                _choice("elu1", "relu", "identity")),
         Option("eps", 1e-4, "added to the normaliser", _positive_float),
     ), "P20 LinFusion generalized (normalised, non-causal) linear attention", supports_probs=False),
+    "flexprefill": lambda: _selector_adapter("flexprefill", "flexprefill", (
+        Option("gamma", 0.9, "cumulative attention budget gamma in (0, 1]", _fraction),
+        Option("tau", 0.1, "JS-distance threshold for a query-aware head", _positive_float),
+        Option("min_budget", 512, "fewest tokens kept per head", _int(0)),
+        Option("max_budget", None, "most tokens kept per head (None: no cap)", _optional(_int(1))),
+        Option("block_size", 128, "tile size (block_q = block_k), a power of two >= 16", _power_of_two),
+    ), "P38 FlexPrefill: per-head query-aware or vertical-slash tiles from the last block's attention"),
+    "hip": lambda: _selector_adapter("hip", "hip", (
+        Option("k_budget", 512, "keys kept per query block by the hierarchical top-k search", _int(1)),
+        Option("block_q", 32, "query tile, a power of two >= 16", _power_of_two),
+        Option("block_k", 16, "key tile, a power of two >= 16", _power_of_two),
+        Option("window", 128, "sliding window of recent keys always kept", _int(0)),
+    ), "P09 HiP: hierarchical top-k pruning of key blocks plus a sliding window"),
+    "kinetics": lambda: _selector_adapter("kinetics", "kinetics", (
+        Option("topk", 64, "key blocks kept per query block, by their mean logit", _int(1)),
+        Option("block_q", 64, "query tile, a power of two >= 16", _power_of_two),
+        Option("block_size", 16, "key block (and tile) size, a power of two >= 16", _power_of_two),
+        Option("local", 0, "recent tokens always kept", _int(0)),
+        Option("sink", 4, "first tokens always kept", _int(0)),
+    ), "P08 Kinetics block top-k: sinks + local window + the top-k key blocks by q . mean(K_block)"),
+    "sale": lambda: _selector_adapter("sale", "sale", (
+        Option("tau", 0.004, "relative-score threshold of a kept block", _positive_float),
+        Option("block_q", 64, "query tile, a power of two >= 16", _power_of_two),
+        Option("block_k", 32, "key tile, a power of two >= 16", _power_of_two),
+        Option("local_window", 128, "recent tokens always kept", _int(0)),
+        Option("bits", 4, "bits of the quantised q . k estimate (None: full precision)", _optional(_int(1))),
+        Option("dense_len", 1024, "queries below this position run dense", _int(0)),
+    ), "P32 SALE: blocks chosen from a low-bit q . k estimate by their relative attention score"),
+    "anchor": lambda: _selector_adapter("anchor", "anchor", (
+        Option("theta", 12.0, "difference threshold (logit units) of a kept stripe", _positive_float),
+        Option("block_size", 128, "query block the anchor and stripes are computed for", _int(1)),
+        Option("step", 16, "stripe width in keys", _int(1)),
+        Option("block_q", 128, "query tile, a power of two >= 16", _power_of_two),
+        Option("block_k", 128, "key tile, a power of two >= 16", _power_of_two),
+    ), "P33 AnchorAttention: an anchor from the initial and local blocks, difference-aware stripes"),
     "agent": lambda: _adapter("agent", _agent_apply, (
         Option("grid", REQUIRED, "(height, width) of the image the T tokens form", _grid2),
         Option("num_agents", REQUIRED, "agent tokens (a square number), pooled from q", _int(1)),

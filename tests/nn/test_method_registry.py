@@ -34,7 +34,13 @@ TINY = {
     "biformer": {"grid": GRID, "regions": 2, "topk": 2},
     "linfusion": {},
     "agent": {"grid": GRID, "num_agents": 4},
+    "flexprefill": {"block_size": 16, "min_budget": 16},
+    "hip": {"k_budget": 16, "block_q": 16, "block_k": 16, "window": 16},
+    "kinetics": {"topk": 1, "block_q": 16, "block_size": 16, "sink": 4},
+    "sale": {"block_q": 16, "block_k": 16, "local_window": 16, "dense_len": 0},
+    "anchor": {"block_size": 16, "step": 2, "block_q": 16, "block_k": 16},
 }
+CAUSAL_ONLY = {"flexprefill", "hip", "kinetics", "sale", "anchor"}
 NON_CAUSAL_ONLY = {"biformer", "linfusion", "agent"}
 
 
@@ -230,3 +236,19 @@ def test_cli_overrides_choose_a_pattern_by_name(tmp_path):
     bad = apply_overrides(config, ["model.method_config.frams=8"])
     with pytest.raises(TypeError, match="did you mean 'frames'"):
         build_model(bad["model"], task, 0)
+
+
+@pytest.mark.parametrize("name", sorted(CAUSAL_ONLY))
+def test_selector_layer_is_its_attention_function_and_refuses_the_rest(name):
+    """A dynamic selector layer runs ``jattn.methods.dynamic.<name>_attention`` on the layer's own q, k, v with
+    its config (a dropped or renamed option changes the tiles it picks); it is causal prefill only and has no
+    probabilities or padding mask, and says so."""
+    import jattn.methods.dynamic as dynamic
+    layer = _layer(name, causal=True)
+    x = _x(3)
+    want = _through(layer, x, lambda q, k, v: getattr(dynamic, f"{name}_attention")(q, k, v, **TINY[name]))
+    assert_close(layer(x), want, what=name)
+    with pytest.raises(ValueError, match="causal prefill"):
+        _layer(name, causal=False)(x)
+    with pytest.raises(ValueError, match="no attention probabilities"):
+        layer(x, return_probs=True)
