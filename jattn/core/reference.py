@@ -9,6 +9,8 @@ Semantics (shared by every impl):
   (``i - left <= j <= i + right``) and ``segment_ids`` (same segment) all allow it; ``i`` and ``j``
   are positions in the query and key sequences (top-left aligned, as in ``jax.nn``);
 * ``sinks[h]`` adds one value-less term ``exp(sinks[h])`` to each row's softmax denominator;
+* ``prob_mod(probs) -> probs`` (dense path only) rewrites the normalised ``[B, H, T, S]`` probabilities before
+  they weight ``v``; ``lse`` stays the softmax's;
 * ``lse`` is the log of the denominator actually used (sink included), so
   ``out = sum_j exp(s_j - lse) v_j`` always holds; a fully masked row has ``out = 0`` and
   ``lse = -inf`` (or ``lse = sinks[h]`` when sinks are given), never NaN, forward and backward.
@@ -84,8 +86,23 @@ def softmax_rows(s, sink=None):
     return p / safe_denom, jnp.where(empty, -jnp.inf, row_max + jnp.log(safe_denom))[..., 0]
 
 
+def check_prob_mod(prob_mod, shape) -> None:
+    """A ``prob_mod`` must map float32 probabilities ``shape`` to a float array of the same shape (checked
+    abstractly, before anything runs)."""
+    if not callable(prob_mod):
+        raise TypeError(f"prob_mod must be a function probs [B, H, T, S] -> probs, got {type(prob_mod).__name__}")
+    out = jax.eval_shape(prob_mod, jax.ShapeDtypeStruct(tuple(shape), jnp.float32))
+    if not hasattr(out, "shape") or tuple(out.shape) != tuple(shape) or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(f"prob_mod must return float probabilities of the shape it gets, {list(shape)}, got {out}")
+
+
+def apply_prob_mod(prob_mod, probs):
+    check_prob_mod(prob_mod, probs.shape)
+    return prob_mod(probs).astype(jnp.float32)
+
+
 def reference_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, window=None,
-                        segment_ids=None, scale=None, softcap=None, sinks=None, score_mod=None,
+                        segment_ids=None, scale=None, softcap=None, sinks=None, score_mod=None, prob_mod=None,
                         return_lse: bool = False, return_probs: bool = False):
     """Dense attention in float32. Returns ``out [B, T, H, D]`` (q's dtype), plus ``lse [B, T, H]``
     (float32) and ``probs [B, H, T, S]`` (float32) when asked, in that order."""
@@ -98,6 +115,8 @@ def reference_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, 
         visible = jnp.broadcast_to(visible, s.shape)
         s = jnp.where(visible, s, -jnp.inf)
     probs, lse = softmax_rows(s, None if sinks is None else sinks.astype(jnp.float32)[None, :, None, None])
+    if prob_mod is not None:
+        probs = apply_prob_mod(prob_mod, probs)
     vg = v.astype(jnp.float32)
     probs_g = probs.reshape(B, Hkv, H // Hkv, T, S)
     out = jnp.einsum("bkgts,bskd->btkgd", probs_g, vg, precision=HIGHEST).reshape(B, T, H, v.shape[-1])

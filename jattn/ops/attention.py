@@ -19,6 +19,7 @@ from typing import Callable
 from jaxtyping import Array, Bool, Float, Int
 
 from jattn.core import checks
+from jattn.core.reference import check_prob_mod
 from jattn.core.score_mod import trace_score_mod
 from jattn.core.softmax import merge_sinks
 from jattn.ops.attention_reference import attention_reference
@@ -39,7 +40,8 @@ def attention(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"], v: Float
               causal: bool = False, window: int | tuple[int, int] | None = None,
               segment_ids: Int[Array, "B T"] | tuple[Int[Array, "B T"], Int[Array, "B S"]] | None = None,
               scale: float | None = None, softcap: float | None = None, sinks: Float[Array, "H"] | None = None,
-              score_mod: Callable | None = None, return_lse: bool = False, impl: str = "auto",
+              score_mod: Callable | None = None, prob_mod: Callable | None = None, return_lse: bool = False,
+              impl: str = "auto",
               block_q: int | None = None, block_k: int | None = None):
     """Softmax attention ``softmax(score_mod(q k^T * scale + bias), masked) v``.
 
@@ -69,6 +71,12 @@ def attention(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"], v: Float
         may be read at a per-(batch, head) index (``slopes[h]``); a lookup whose index varies across the tile
         (``table[h, q_idx - kv_idx]``) is a gather, which the xla path runs and Triton/Mosaic may not lower.
         Ready-made mods: ``jattn.score_mods``.
+      prob_mod: ``prob_mod(probs) -> probs`` on the normalised float32 probabilities ``[B, H, T, S]`` (masked
+        entries 0) before they weight ``v``: redistribution, interpolation toward the identity, head masking.
+        Dense path only: it needs each whole normalised row, which a one-pass (online-softmax) kernel never
+        holds (a row is normalised only after its last tile), so honouring it in a kernel would take a second
+        pass over K/V. ``impl="auto"`` then runs ``"reference"``; ``"xla"`` and ``"pallas"`` raise. ``lse``
+        stays the softmax's.
       return_lse: also return the float32 log-sum-exp ``[B, T, H]``.
       impl: "auto" | "xla" | "pallas" | "reference".
       block_q: query tile size (a power of two >= 16); None picks the impl's default.
@@ -86,6 +94,12 @@ def attention(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"], v: Float
         q, k, v, bias=bias, mask=mask, window=window, segment_ids=segment_ids, scale=scale, softcap=softcap,
         sinks=sinks)
     traced_mod, mod_consts = (None, ()) if score_mod is None else trace_score_mod(score_mod)
+    if prob_mod is not None:
+        check_prob_mod(prob_mod, (B, H, T, S))
+        if impl in ("xla", "pallas"):
+            raise ValueError(f"prob_mod needs the dense path (impl='reference' or 'auto'), got impl={impl!r}: it "
+                             f"rewrites whole normalised rows, which the one-pass {impl} kernels never hold")
+        impl = "reference"
     block_q = checks.check_block_size("block_q", block_q, minimum=MIN_BLOCK)
     block_k = checks.check_block_size("block_k", block_k, minimum=MIN_BLOCK)
     static = dict(causal=bool(causal), window=window, scale=scale, softcap=softcap)
@@ -93,7 +107,7 @@ def attention(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"], v: Float
     def reference(q, k, v, bias, mask, segments, sinks, mod_consts):
         mod = None if traced_mod is None else traced_mod.scalar_fn(mod_consts)
         return attention_reference(q, k, v, bias=bias, mask=mask, segment_ids=segments, sinks=sinks,
-                                   score_mod=mod, return_lse=True, **static)
+                                   score_mod=mod, prob_mod=prob_mod, return_lse=True, **static)
 
     def xla(q, k, v, bias, mask, segments, sinks, mod_consts):
         default_q, default_k = DEFAULT_BLOCKS["xla"]

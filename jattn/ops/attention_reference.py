@@ -17,7 +17,8 @@ def attention_reference(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"]
                         causal: bool = False, window: int | tuple[int, int] | None = None,
                         segment_ids: Int[Array, "B T"] | tuple[Int[Array, "B T"], Int[Array, "B S"]] | None = None,
                         scale: float | None = None, softcap: float | None = None,
-                        sinks: Float[Array, "H"] | None = None, score_mod=None, return_lse: bool = False):
+                        sinks: Float[Array, "H"] | None = None, score_mod=None, prob_mod=None,
+                        return_lse: bool = False):
     """Dense float32 softmax attention with ``jattn.attention``'s arguments and semantics.
 
     Args:
@@ -33,6 +34,7 @@ def attention_reference(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"]
       softcap: ``s -> softcap * tanh(s / softcap)``.
       sinks: ``[H]`` logits of one value-less extra term per row's softmax.
       score_mod: ``(score, b, h, q_idx, kv_idx) -> score`` on each logit after the bias (``jattn.attention``).
+      prob_mod: ``probs [B, H, T, S] -> probs`` on the normalised probabilities (``jattn.attention``).
       return_lse: also return the float32 log-sum-exp ``[B, T, H]``.
 
     Returns:
@@ -44,4 +46,4 @@ def attention_reference(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"]
     """
     return reference_attention(q, k, v, bias=bias, mask=mask, causal=causal, window=window,
                                segment_ids=segment_ids, scale=scale, softcap=softcap, sinks=sinks,
-                               score_mod=score_mod, return_lse=return_lse)
+                               score_mod=score_mod, prob_mod=prob_mod, return_lse=return_lse)

@@ -230,3 +230,46 @@ def test_xla_mod_adds_no_quadratic_temporary():
         return fn.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
     plain, alibi = temp_bytes(None), temp_bytes(score_mods.alibi(H))
     assert alibi - plain < H * T_ * T_ * 4 / 16, (plain, alibi)
+
+
+# ---------------------------------------------------------------------------------------- prob_mod
+
+
+def _soft_pag(u, heads):
+    """P07's SoftPAG on a set of heads: ``(1 - u) P + u I`` (identity over the square map)."""
+    def prob_mod(p):
+        eye = jnp.eye(p.shape[-2], p.shape[-1], dtype=p.dtype)
+        chosen = jnp.isin(jnp.arange(p.shape[1]), jnp.asarray(heads))[None, :, None, None]
+        return jnp.where(chosen, (1 - u) * p + u * eye, p)
+    return prob_mod
+
+
+def test_prob_mod_rewrites_the_normalised_rows():
+    """Interpolating selected heads toward the identity: u = 1 makes those heads output v itself (P07's
+    PAG limit), other heads are untouched, and the gradient through the mod matches the by-hand form
+    (catches a mod applied to logits instead of probabilities, or to every head)."""
+    H = 4
+    q, k, v = random_qkv(10, B, T, T, H, H, D)
+    full = jattn.attention(q, k, v, causal=True, prob_mod=_soft_pag(1.0, [1, 3]))
+    plain = jattn.attention(q, k, v, causal=True, impl="reference")
+    assert_close(full[:, :, [1, 3]], v[:, :, [1, 3]])
+    assert_close(full[:, :, [0, 2]], plain[:, :, [0, 2]])
+
+    def by_hand(q, k, v):
+        s = jnp.einsum("bthd,bshd->bhts", q, k) * D ** -0.5
+        p = jax.nn.softmax(jnp.where(jnp.tril(jnp.ones((T, T), bool)), s, -jnp.inf), axis=-1)
+        p = _soft_pag(0.3, [2])(p)
+        return jnp.einsum("bhts,bshd->bthd", p, v)
+    got = _grad_all(lambda q, k, v: jattn.attention(q, k, v, causal=True, prob_mod=_soft_pag(0.3, [2])), q, k, v)
+    _assert_same(got, _grad_all(by_hand, q, k, v), "prob_mod")
+
+
+def test_prob_mod_is_never_silently_ignored():
+    q, k, v = random_qkv(11, 1, 16, 16, 2, 2, D)
+    for impl in ("xla", "pallas"):
+        with pytest.raises(ValueError, match="prob_mod needs the dense path"):
+            jattn.attention(q, k, v, prob_mod=lambda p: p, impl=impl)
+    with pytest.raises(TypeError, match="prob_mod must return float probabilities"):
+        jattn.attention(q, k, v, prob_mod=lambda p: p[..., :3])
+    with pytest.raises(TypeError, match="prob_mod must be a function"):
+        jattn.attention(q, k, v, prob_mod="identity")
