@@ -108,6 +108,7 @@ _LINEAR = "jattn.methods.linear."
 _SPARSE = "jattn.methods.sparse."
 _KV = "jattn.methods.kv."
 _DYNAMIC = "jattn.methods.dynamic."
+_ANALYSIS = "jattn.methods.analysis."
 # id -> (entry points, tests, status, note) for every paper with code in the tree.
 _PROGRESS = {
     "P03": (("jattn.distributed.ring_attention", "jattn.distributed.kv_partitioned_attention",
@@ -180,6 +181,12 @@ _PROGRESS = {
             "minimal tile cover (jit-able) or the token-exact stripe mask (eager only); exact vs transcriptions "
             "and dense; recall 0.95 vs 0.82 for block top-k at equal tiles on striped synthetic data; the paper's "
             "2048-key blocks make it dense below ~8K tokens; no Pallas kernels, official code not read"),
+    "P55": (tuple(_ANALYSIS + n for n in ("fusemax.cascade_attention", "fusemax.cascade_cost_model")),
+            ("tests/methods/analysis/test_fusemax.py",), "works",
+            "the 3-, 2- and 1-pass Einsum cascades, each one scan over the key chunks per pass (counted in the "
+            "jaxpr), all equal softmax attention; the cost model's 1-pass buffer is independent of M while the "
+            "unfused 3-pass needs M P; jattn's flash forward is one kernel with one loop over the kv tiles; op counts "
+            "follow the cascade definitions (the artifact's table was not read); no accelerator model"),
     "P38": (tuple(_DYNAMIC + n for n in ("flexprefill.flexprefill_attention", "flexprefill.flexprefill_block_mask",
                                          "flexprefill.flexprefill_select", "flexprefill.jsd")),
             ("tests/methods/dynamic/test_flexprefill.py",), "partial",
@@ -318,6 +325,8 @@ _LAYER = {
     "P38": ("flexprefill",),
     "P08": ("kinetics",),
     "P32": ("sale",),
+    "P55": "reference cascades and a cost model of exact softmax attention: the layer it describes is "
+           "method='softmax' (the flash kernels are the 1-pass cascade)",
     "P33": ("anchor",),
     "P13": "a layer-level important-token set for LVLM prefill whose other tokens' outputs are dropped: call "
            "jattn.methods.dynamic.zipvl_attention where that reading fits",
