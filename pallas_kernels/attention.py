@@ -152,9 +152,7 @@ def tpu_block_problem(spec: _Spec) -> str | None:
     """Why Mosaic cannot take this spec (its kv tiles, or a score mod that gathers), or None."""
     if spec.target == "mosaic" and spec.score_mod is not None and \
             score_mod_lib.tile_varying_lookups(spec.score_mod.jaxpr):
-        return ("score_mod reads an array it closes over at an index that varies with q_idx or kv_idx (a gather, "
-                "e.g. table[h, q_idx - kv_idx]), which Mosaic cannot lower inside the TPU kernel: use "
-                "impl='xla' on TPU, or compute the term from the indices arithmetically")
+        return score_mod_lib.TPU_GATHER_PROBLEM
     if spec.target != "mosaic" or not spec.lane_sliced:
         return None
     for name in ("block_k", "block_k_dq", "block_k_dkv"):
@@ -351,21 +349,8 @@ def _table_spec(spec: _Spec, rows: int, cols: int, head_block):
                           lambda i, b, h: (b if full_b else 0, h if full_h else 0, 0, 0))
 
 
-def _const_shape(spec: _Spec, shape) -> tuple[int, ...]:
-    """How a score mod's array travels: power-of-two dims on GPU (Triton blocks), at least 1-D everywhere."""
-    return score_mod_lib.pow2_shape(shape) if spec.target == "triton" else (tuple(shape) or (1,))
-
-
 def _const_specs(spec: _Spec) -> list:
-    """Whole-array specs of the score mod's arrays: SMEM on TPU for arrays read one element at a time."""
-    specs = []
-    for shape, scalar in zip(spec.mod_shapes, spec.mod_scalar):
-        if spec.target == "mosaic" and scalar:
-            specs.append(common.smem_spec())
-        else:
-            block = _const_shape(spec, shape)
-            specs.append(pl.BlockSpec(block, lambda *grid, n=len(block): (0,) * n))
-    return specs
+    return score_mod_lib.const_specs(spec.target, spec.mod_shapes, spec.mod_scalar)
 
 
 def _q_row_specs(spec: _Spec, bq: int, bk: int, *, bias, mask, q_seg, kv_seg, table):
@@ -822,19 +807,12 @@ def _run_on_target(problem: _Problem, target: str, interpret: bool):
                           jax.ShapeDtypeStruct((spec.B, spec.T, spec.H), jnp.float32)]
             return tuple(common.unsupported_on_target(problem_text, out_shapes)(q, k, v, bias))
         padded = _pad_inputs(spec, q, k, v, bias, mask, q_seg, kv_seg)
-        consts = tuple(_pad_const(spec, c) for c in consts)
+        consts = tuple(score_mod_lib.pad_const(spec.target, c) for c in consts)
         out, lse = _flash_padded(spec, *padded, consts)
         out = jnp.swapaxes(out[:, :, :spec.T, :q.shape[3]], 1, 2)
         lse = jnp.swapaxes(lse[:, :, :spec.T, 0], 1, 2)
         return out, lse
     return run
-
-
-def _pad_const(spec: _Spec, c):
-    """A score mod's array as the kernels take it (``_const_shape``): zero-padded, never read past its shape."""
-    shape = _const_shape(spec, c.shape)
-    c = jnp.reshape(c, c.shape or (1,))
-    return jnp.pad(c, [(0, n - m) for n, m in zip(shape, c.shape)])
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

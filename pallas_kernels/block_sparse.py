@@ -45,6 +45,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels import common
+from pallas_kernels import score_mod as score_mod_lib
 from pallas_kernels.common import MASK_VALUE
 
 
@@ -77,6 +78,9 @@ class KernelConfig(SparseConfig):
     target: str
     interpret: bool
     poison_outputs: bool
+    score_mod: object = None  # a traced jattn.core.score_mod (its .jaxpr); its arrays are kernel inputs
+    mod_shapes: tuple = ()    # their real shapes
+    mod_scalar: tuple = ()    # per array: read one element at a time only (TPU: SMEM)
 
 
 # ---------------------------------------------------------------------------------------- tables
@@ -131,22 +135,37 @@ def _mask_tile(cfg: KernelConfig, s, is_full, b, h, q_start, kv_start):
     return lax.cond(is_full, lambda s: s, partial, s)
 
 
-def _softmax_step(cfg, state, q_tile, k_tile, v_tile, is_full, b, h, q_start, kv_start):
+def _apply_mod(cfg: KernelConfig, s, const_refs, b, h, q_start, kv_start, *, derivative: bool):
+    """The score mod on a tile's logits (``pallas_kernels.score_mod``); with ``derivative`` also ``d mod / d s``."""
+    q_idx = score_mod_lib.clamp_positions(q_start, s.shape[0], cfg.seq_q, 0, s.shape)
+    kv_idx = score_mod_lib.clamp_positions(kv_start, s.shape[1], cfg.seq_k, 1, s.shape)
+    return score_mod_lib.apply_in_kernel(cfg.score_mod.jaxpr, const_refs, cfg.mod_shapes, s, b, h, q_idx, kv_idx,
+                                         with_derivative=derivative)
+
+
+def _softmax_step(cfg, state, q_tile, k_tile, v_tile, is_full, b, h, q_start, kv_start, const_refs=()):
     """One online-softmax update (``common.online_softmax_step``) of ``(m [bq, 1], l [bq, 1], acc [bq, Dv])``."""
     s, _ = _tile_logits(cfg, q_tile, k_tile)
+    if cfg.score_mod is not None:
+        s = _apply_mod(cfg, s, const_refs, b, h, q_start, kv_start, derivative=False)
     s = _mask_tile(cfg, s, is_full, b, h, q_start, kv_start)
     return common.online_softmax_step(*state, s, v_tile)
 
 
 def _tile_dlogits(cfg: KernelConfig, q_tile, k_tile, v_tile, do_tile, lse_rows, delta_rows, is_full, b, h,
-                  q_start, kv_start):
+                  q_start, kv_start, const_refs=()):
     """Recomputes one tile: ``p`` and ``ds = dL/d(raw logits) * scale`` (float32 ``[bq, bk]``)."""
     s, tanh = _tile_logits(cfg, q_tile, k_tile)
+    d_mod = None
+    if cfg.score_mod is not None:
+        s, d_mod = _apply_mod(cfg, s, const_refs, b, h, q_start, kv_start, derivative=True)
     s = _mask_tile(cfg, s, is_full, b, h, q_start, kv_start)
     # lse is +inf on rows that saw nothing (and on padding rows), so p = 0 there; masked s gives p = 0.
     p = jnp.exp(s - lse_rows)
     dp = common.dot_nt(do_tile, v_tile)
     ds = p * (dp - delta_rows)
+    if d_mod is not None:
+        ds = ds * d_mod
     if tanh is not None:
         ds = ds * (1.0 - tanh * tanh)
     return p, ds * cfg.scale
@@ -155,7 +174,8 @@ def _tile_dlogits(cfg: KernelConfig, q_tile, k_tile, v_tile, do_tile, lse_rows, 
 # ------------------------------------------------------------------- GPU structure: loop inside a program
 
 def _gpu_forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, cfg: KernelConfig):
-    out_ref, lse_ref = rest[-2:]  # leading entries are the (unread) NaN buffers aliased to the outputs
+    out_ref, lse_ref = rest[-2:]  # leading entries: the score mod's arrays, then the (unread) NaN buffers
+    const_refs = rest[:len(cfg.mod_shapes)]
     b, h, qi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bq, bk = cfg.block_q, cfg.block_k
     q_tile = q_ref[...]
@@ -164,7 +184,7 @@ def _gpu_forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, cfg: KernelConfig
         kv_block, is_full = _decode(table_ref[1 + j])
         kv_start = pl.multiple_of(kv_block * bk, bk)
         return _softmax_step(cfg, state, q_tile, k_ref[pl.ds(kv_start, bk), :], v_ref[pl.ds(kv_start, bk), :],
-                             is_full, b, h, qi * bq, kv_start)
+                             is_full, b, h, qi * bq, kv_start, const_refs)
 
     init = (jnp.full((bq, 1), MASK_VALUE, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
             jnp.zeros(out_ref.shape, jnp.float32))
@@ -175,6 +195,7 @@ def _gpu_forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, cfg: KernelConfig
 
 def _gpu_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg: KernelConfig):
     dq_ref = rest[-1]
+    const_refs = rest[:len(cfg.mod_shapes)]
     b, h, qi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bk = cfg.block_k
     q_tile, do_tile = q_ref[...], do_ref[...]
@@ -185,7 +206,7 @@ def _gpu_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *
         kv_start = pl.multiple_of(kv_block * bk, bk)
         k_tile = k_ref[pl.ds(kv_start, bk), :]
         _, ds = _tile_dlogits(cfg, q_tile, k_tile, v_ref[pl.ds(kv_start, bk), :], do_tile, lse_rows, delta_rows,
-                              is_full, b, h, qi * cfg.block_q, kv_start)
+                              is_full, b, h, qi * cfg.block_q, kv_start, const_refs)
         return dq + common.dot_nn(ds.astype(k_tile.dtype), k_tile)
 
     dq_ref[...] = lax.fori_loop(0, table_ref[0], visit, jnp.zeros(dq_ref.shape, jnp.float32))
@@ -193,6 +214,7 @@ def _gpu_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *
 
 def _gpu_dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg: KernelConfig):
     dk_ref, dv_ref = rest[-2:]
+    const_refs = rest[:len(cfg.mod_shapes)]
     b, h, ki = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bq = cfg.block_q
     k_tile, v_tile = k_ref[...], v_ref[...]
@@ -204,7 +226,8 @@ def _gpu_dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, 
         q_tile = q_ref[pl.ds(q_start, bq), :]
         do_tile = do_ref[pl.ds(q_start, bq), :]
         p, ds = _tile_dlogits(cfg, q_tile, k_tile, v_tile, do_tile, lse_ref[pl.ds(q_start, bq), :],
-                              delta_ref[pl.ds(q_start, bq), :], is_full, b, h, q_start, ki * cfg.block_k)
+                              delta_ref[pl.ds(q_start, bq), :], is_full, b, h, q_start, ki * cfg.block_k,
+                              const_refs)
         return dk + common.dot_tn(ds.astype(q_tile.dtype), q_tile), dv + common.dot_tn(p.astype(do_tile.dtype),
                                                                                        do_tile)
 
@@ -233,7 +256,11 @@ def _whole(length: int, head_of, dim: int):
     return pl.BlockSpec((None, None, length, dim), lambda b, h, r: (b, head_of(h), 0, 0))
 
 
-def _gpu_forward(cfg, q, k, v, kv_table):
+def _const_specs(cfg) -> list:
+    return score_mod_lib.const_specs(cfg.target, cfg.mod_shapes, cfg.mod_scalar)
+
+
+def _gpu_forward(cfg, q, k, v, kv_table, consts):
     B, H, Tp, Dp = q.shape
     Hkv, Sp, Dv = k.shape[1], k.shape[2], v.shape[3]
     group = H // Hkv
@@ -244,12 +271,12 @@ def _gpu_forward(cfg, q, k, v, kv_table):
         target=cfg.target, interpret=cfg.interpret, name="jattn_block_sparse_forward",
         grid=(B, H, cfg.num_q_blocks),
         in_specs=[_gpu_table_spec(kv_table), _rows(cfg.block_q, same, Dp), _whole(Sp, kv_head, Dp),
-                  _whole(Sp, kv_head, Dv)],
+                  _whole(Sp, kv_head, Dv), *_const_specs(cfg)],
         out_specs=[_rows(cfg.block_q, same, Dv), _rows(cfg.block_q, same, 1)],
-        poison_outputs=cfg.poison_outputs)(kv_table, q, k, v)
+        poison_outputs=cfg.poison_outputs)(kv_table, q, k, v, *consts)
 
 
-def _gpu_backward(cfg, q, k, v, kv_table, q_table, d_out, lse_rows, delta):
+def _gpu_backward(cfg, q, k, v, kv_table, q_table, d_out, lse_rows, delta, consts):
     B, H, Tp, Dp = q.shape
     Hkv, Sp, Dv = k.shape[1], k.shape[2], v.shape[3]
     group = H // Hkv
@@ -262,16 +289,17 @@ def _gpu_backward(cfg, q, k, v, kv_table, q_table, d_out, lse_rows, delta):
         name="jattn_block_sparse_dq", grid=(B, H, cfg.num_q_blocks),
         in_specs=[_gpu_table_spec(kv_table), _rows(cfg.block_q, same, Dp), _whole(Sp, kv_head, Dp),
                   _whole(Sp, kv_head, Dv), _rows(cfg.block_q, same, Dv), _rows(cfg.block_q, same, 1),
-                  _rows(cfg.block_q, same, 1)],
-        out_specs=[_rows(cfg.block_q, same, Dp)])(kv_table, q, k, v, d_out, lse_rows, delta)
+                  _rows(cfg.block_q, same, 1), *_const_specs(cfg)],
+        out_specs=[_rows(cfg.block_q, same, Dp)])(kv_table, q, k, v, d_out, lse_rows, delta, *consts)
     dk, dv = call(
         functools.partial(_gpu_dkv_kernel, cfg=cfg), name="jattn_block_sparse_dkv", grid=(B, H, cfg.num_kv_blocks),
         out_shape=[jax.ShapeDtypeStruct((B, H, Sp, Dp), jnp.float32),
                    jax.ShapeDtypeStruct((B, H, Sp, Dv), jnp.float32)],
         in_specs=[_gpu_table_spec(q_table), _whole(Tp, same, Dp), _rows(cfg.block_k, kv_head, Dp),
-                  _rows(cfg.block_k, kv_head, Dv), _whole(Tp, same, Dv), _whole(Tp, same, 1), _whole(Tp, same, 1)],
+                  _rows(cfg.block_k, kv_head, Dv), _whole(Tp, same, Dv), _whole(Tp, same, 1), _whole(Tp, same, 1),
+                  *_const_specs(cfg)],
         out_specs=[_rows(cfg.block_k, same, Dp), _rows(cfg.block_k, same, Dv)])(
-            q_table, q, k, v, d_out, lse_rows, delta)
+            q_table, q, k, v, d_out, lse_rows, delta, *consts)
     return dq, dk, dv
 
 
@@ -295,6 +323,7 @@ def _listed_entry(table_ref, b, h, r, j):
 
 def _tpu_forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, cfg: KernelConfig):
     out_ref, lse_ref, m_scratch, l_scratch, acc_scratch = rest[-5:]
+    const_refs = rest[:len(cfg.mod_shapes)]
     b, h, qi, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
@@ -309,7 +338,7 @@ def _tpu_forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, cfg: KernelConfig
     def _visit():
         state = (m_scratch[...], l_scratch[...], acc_scratch[...])
         m, l, acc = _softmax_step(cfg, state, q_ref[...], k_ref[...], v_ref[...], is_full, b, h,
-                                  qi * cfg.block_q, kv_block * cfg.block_k)
+                                  qi * cfg.block_q, kv_block * cfg.block_k, const_refs)
         m_scratch[...], l_scratch[...], acc_scratch[...] = m, l, acc
 
     @pl.when(j == pl.num_programs(3) - 1)
@@ -321,6 +350,7 @@ def _tpu_forward_kernel(table_ref, q_ref, k_ref, v_ref, *rest, cfg: KernelConfig
 
 def _tpu_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg: KernelConfig):
     dq_ref, dq_scratch = rest[-2:]
+    const_refs = rest[:len(cfg.mod_shapes)]
     b, h, qi, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
@@ -333,7 +363,7 @@ def _tpu_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *
     def _visit():
         k_tile = k_ref[...]
         _, ds = _tile_dlogits(cfg, q_ref[...], k_tile, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
-                              is_full, b, h, qi * cfg.block_q, kv_block * cfg.block_k)
+                              is_full, b, h, qi * cfg.block_q, kv_block * cfg.block_k, const_refs)
         dq_scratch[...] += common.dot_nn(ds.astype(k_tile.dtype), k_tile)
 
     @pl.when(j == pl.num_programs(3) - 1)
@@ -343,6 +373,7 @@ def _tpu_dq_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *
 
 def _tpu_dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest, cfg: KernelConfig):
     dk_ref, dv_ref, dk_scratch, dv_scratch = rest[-4:]
+    const_refs = rest[:len(cfg.mod_shapes)]
     b, h, ki, j = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
@@ -356,7 +387,7 @@ def _tpu_dkv_kernel(table_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, 
     def _visit():
         q_tile, do_tile = q_ref[...], do_ref[...]
         p, ds = _tile_dlogits(cfg, q_tile, k_ref[...], v_ref[...], do_tile, lse_ref[...], delta_ref[...],
-                              is_full, b, h, q_block * cfg.block_q, ki * cfg.block_k)
+                              is_full, b, h, q_block * cfg.block_q, ki * cfg.block_k, const_refs)
         dk_scratch[...] += common.dot_tn(ds.astype(q_tile.dtype), q_tile)
         dv_scratch[...] += common.dot_tn(p.astype(do_tile.dtype), do_tile)
 
@@ -375,7 +406,7 @@ def _tpu_call(kernel, cfg, *, name, table, grid_rows, out_shape, in_specs, out_s
         dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))(table, *inputs)
 
 
-def _tpu_forward(cfg, q, k, v, kv_table):
+def _tpu_forward(cfg, q, k, v, kv_table, consts):
     B, H, Tp, Dp = q.shape
     Hkv, Dv = k.shape[1], v.shape[3]
     group = H // Hkv
@@ -389,14 +420,14 @@ def _tpu_forward(cfg, q, k, v, kv_table):
     return _tpu_call(
         _tpu_forward_kernel, cfg, name="jattn_block_sparse_forward", table=kv_table,
         grid_rows=(B, H, cfg.num_q_blocks), out_shape=_forward_shapes(cfg, q, v),
-        in_specs=[q_spec, kv_spec(Dp), kv_spec(Dv)],
+        in_specs=[q_spec, kv_spec(Dp), kv_spec(Dv), *_const_specs(cfg)],
         out_specs=[pl.BlockSpec((None, None, bq, Dv), lambda b, h, i, j, t: (b, h, i, 0)),
                    pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, t: (b, h, i, 0))],
         scratch=[common.vmem_scratch((bq, 1), jnp.float32), common.vmem_scratch((bq, 1), jnp.float32),
-                 common.vmem_scratch((bq, Dv), jnp.float32)], inputs=(q, k, v))
+                 common.vmem_scratch((bq, Dv), jnp.float32)], inputs=(q, k, v, *consts))
 
 
-def _tpu_backward(cfg, q, k, v, kv_table, q_table, d_out, lse_rows, delta):
+def _tpu_backward(cfg, q, k, v, kv_table, q_table, d_out, lse_rows, delta, consts):
     B, H, Tp, Dp = q.shape
     Hkv, Sp, Dv = k.shape[1], k.shape[2], v.shape[3]
     group = H // Hkv
@@ -414,18 +445,18 @@ def _tpu_backward(cfg, q, k, v, kv_table, q_table, d_out, lse_rows, delta):
         _tpu_dq_kernel, cfg, name="jattn_block_sparse_dq", table=kv_table, grid_rows=(B, H, cfg.num_q_blocks),
         out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32)],
         in_specs=[fixed(bq, Dp), listed(bk, Dp, True), listed(bk, Dv, True), fixed(bq, Dv), fixed(bq, 1),
-                  fixed(bq, 1)],
+                  fixed(bq, 1), *_const_specs(cfg)],
         out_specs=[fixed(bq, Dp)], scratch=[common.vmem_scratch((bq, Dp), jnp.float32)],
-        inputs=(q, k, v, d_out, lse_rows, delta))
+        inputs=(q, k, v, d_out, lse_rows, delta, *consts))
     dk, dv = _tpu_call(
         _tpu_dkv_kernel, cfg, name="jattn_block_sparse_dkv", table=q_table, grid_rows=(B, H, cfg.num_kv_blocks),
         out_shape=[jax.ShapeDtypeStruct((B, H, Sp, Dp), jnp.float32),
                    jax.ShapeDtypeStruct((B, H, Sp, Dv), jnp.float32)],
         in_specs=[listed(bq, Dp), fixed(bk, Dp, True), fixed(bk, Dv, True), listed(bq, Dv), listed(bq, 1),
-                  listed(bq, 1)],
+                  listed(bq, 1), *_const_specs(cfg)],
         out_specs=[fixed(bk, Dp), fixed(bk, Dv)],
         scratch=[common.vmem_scratch((bk, Dp), jnp.float32), common.vmem_scratch((bk, Dv), jnp.float32)],
-        inputs=(q, k, v, d_out, lse_rows, delta))
+        inputs=(q, k, v, d_out, lse_rows, delta, *consts))
     return dq, dk, dv
 
 
@@ -453,23 +484,46 @@ def _pad_inputs(cfg: KernelConfig, q, k, v):
     return heads_first(q, Tp, Dp), heads_first(k, Sp, Dp), heads_first(v, Sp, Dv)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(cfg: KernelConfig, q, k, v, kv_table, q_table):
-    return _core_fwd(cfg, q, k, v, kv_table, q_table)[0]
-
-
-def _core_fwd(cfg, q, k, v, kv_table, q_table):
+def _forward_core(cfg, q, k, v, kv_table, consts):
     T, D_v = q.shape[1], v.shape[3]
     forward, _ = STRUCTURES[cfg.target]
-    out, lse = forward(cfg, *_pad_inputs(cfg, q, k, v), kv_table)
+    out, lse = forward(cfg, *_pad_inputs(cfg, q, k, v), kv_table, consts)
     out = jnp.swapaxes(out[:, :, :T, :D_v], 1, 2)
     lse = lse[:, :, :T, 0]                                               # [B, H, T]: the kernels' row layout
-    return (out, jnp.swapaxes(lse, 1, 2)), (q, k, v, kv_table, q_table, out, lse)
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(cfg: KernelConfig, q, k, v, kv_table, q_table, consts):
+    out, lse = _forward_core(cfg, q, k, v, kv_table, consts)
+    return out, jnp.swapaxes(lse, 1, 2)
+
+
+def _core_fwd(cfg, q, k, v, kv_table, q_table, consts):
+    # symbolic_zeros: every array arrives as CustomVJPPrimal(value, perturbed)
+    q, k, v, kv_table, q_table = (x.value for x in (q, k, v, kv_table, q_table))
+    differentiated = any(c.perturbed and jnp.issubdtype(c.value.dtype, jnp.inexact) for c in consts)
+    consts = tuple(c.value for c in consts)
+    out, lse = _forward_core(cfg, q, k, v, kv_table, consts)
+    # the flag rides in the residuals' tree structure (None vs ()), static under jit
+    return (out, jnp.swapaxes(lse, 1, 2)), (() if differentiated else None, (q, k, v, kv_table, q_table, consts,
+                                                                             out, lse))
+
+
+def _zeros_if_symbolic(ct, like):
+    if ct is None or isinstance(ct, jax.custom_derivatives.SymbolicZero):
+        return jnp.zeros(like.shape, like.dtype)
+    return ct
 
 
 def _core_bwd(cfg, residuals, cotangents):
-    q, k, v, kv_table, q_table, out, lse = residuals
-    d_out, d_lse = cotangents
+    differentiated, (q, k, v, kv_table, q_table, consts, out, lse) = residuals
+    if differentiated is not None:
+        raise ValueError("the gradient w.r.t. the arrays a score_mod closes over is not available from the "
+                         "block-sparse Pallas kernel: use impl='xla' (jattn.block_sparse_attention's default on "
+                         "every platform for a mod that closes over float arrays)")
+    d_out = _zeros_if_symbolic(cotangents[0], out)
+    d_lse = _zeros_if_symbolic(cotangents[1], jnp.swapaxes(lse, 1, 2))
     B, T, H, D = q.shape
     S, Hkv, D_v = k.shape[1], k.shape[2], v.shape[3]
     qp, kp, vp = _pad_inputs(cfg, q, k, v)
@@ -481,15 +535,15 @@ def _core_bwd(cfg, residuals, cotangents):
     lse_rows = common.pad_axis(jnp.where(jnp.isneginf(lse), jnp.inf, lse), 2, Tp, value=jnp.inf)[..., None]
     d_out_p = jnp.swapaxes(common.pad_axis(common.pad_axis(d_out.astype(q.dtype), 1, Tp), 3, vp.shape[3]), 1, 2)
     _, backward = STRUCTURES[cfg.target]
-    dq, dk, dv = backward(cfg, qp, kp, vp, kv_table, q_table, d_out_p, lse_rows, delta)
+    dq, dk, dv = backward(cfg, qp, kp, vp, kv_table, q_table, d_out_p, lse_rows, delta, consts)
     group = H // Hkv
     dq = jnp.swapaxes(dq[:, :, :T, :D], 1, 2)
     dk = jnp.swapaxes(dk[:, :, :S, :D], 1, 2).reshape(B, S, Hkv, group, D).sum(axis=3)
     dv = jnp.swapaxes(dv[:, :, :S, :D_v], 1, 2).reshape(B, S, Hkv, group, D_v).sum(axis=3)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, tuple(None for _ in consts)
 
 
-_core.defvjp(_core_fwd, _core_bwd)
+_core.defvjp(_core_fwd, _core_bwd, symbolic_zeros=True)
 
 
 # ---------------------------------------------------------------------------------------- entry point
@@ -499,8 +553,8 @@ def block_sparse_attention_pallas(
         kv_indices: Int[Array, "Bm Hm nQ W"], kv_counts: Int[Array, "Bm Hm nQ"], kv_full: Bool[Array, "Bm Hm nQ W"],
         q_indices: Int[Array, "Bm Hm nK Wq"], q_counts: Int[Array, "Bm Hm nK"], q_full: Bool[Array, "Bm Hm nK Wq"],
         *, block_q: int, block_k: int, scale: float, softcap: float | None = None, causal: bool = False,
-        mask_fn: Callable | None = None, out_dtype=None, interpret=None, poison_outputs: bool = False
-        ) -> tuple[Float[Array, "B T H Dv"], Float[Array, "B T H"]]:
+        mask_fn: Callable | None = None, score_mod=None, mod_consts: tuple = (), out_dtype=None, interpret=None,
+        poison_outputs: bool = False) -> tuple[Float[Array, "B T H Dv"], Float[Array, "B T H"]]:
     """Block-sparse attention over tables in ``BlockMask`` layout (see ``jattn.core.block_mask``).
 
     Inputs are validated by the caller (``jattn.block_sparse_attention``); this layer holds no policy.
@@ -521,6 +575,10 @@ def block_sparse_attention_pallas(
       softcap: ``s -> softcap * tanh(s / softcap)``.
       causal: additionally require ``kv <= q``.
       mask_fn: ``mask_fn(b, h, q_idx, kv_idx) -> bool`` on partial tiles (pure index arithmetic).
+      score_mod: a traced score mod (``jattn.core.score_mod.trace_score_mod``) on every listed tile's logits
+        after the softcap, inside the kernels (``pallas_kernels.score_mod``).
+      mod_consts: the arrays it closes over, kernel inputs. Their gradient is not computed here: taking it
+        raises (the xla path gives it).
       out_dtype: the output dtype (default q's).
       interpret: see ``pallas_kernels.common.dispatch`` (None: Triton / Mosaic / CPU interpreter; ``True`` or
         ``"triton"`` / ``"mosaic"`` run that structure in the interpreter).
@@ -538,11 +596,24 @@ def block_sparse_attention_pallas(
     kv_table = encode_table(kv_indices, kv_counts, kv_full)
     q_table = encode_table(q_indices, q_counts, q_full)
 
+    mod_shapes = tuple(tuple(c.shape) for c in mod_consts)
+    mod_scalar = () if score_mod is None else score_mod_lib.scalar_only_consts(score_mod.jaxpr)
+
     def build(target, interpret):
         cfg = KernelConfig(seq_q=q.shape[1], seq_k=k.shape[1], block_q=block_q, block_k=block_k,
                            scale=float(scale), softcap=None if softcap is None else float(softcap),
                            causal=bool(causal), mask_fn=mask_fn, out_dtype=jnp.dtype(out_dtype or q.dtype).name,
-                           target=target, interpret=interpret, poison_outputs=bool(poison_outputs))
-        return functools.partial(_core, cfg)
+                           target=target, interpret=interpret, poison_outputs=bool(poison_outputs),
+                           score_mod=score_mod, mod_shapes=mod_shapes, mod_scalar=mod_scalar)
+        if target == "mosaic" and score_mod is not None and score_mod_lib.tile_varying_lookups(score_mod.jaxpr):
+            out_shapes = [jax.ShapeDtypeStruct((*q.shape[:3], v.shape[3]), jnp.dtype(cfg.out_dtype)),
+                          jax.ShapeDtypeStruct(q.shape[:3], jnp.float32)]
+            return lambda q, k, v, *rest: tuple(common.unsupported_on_target(score_mod_lib.TPU_GATHER_PROBLEM,
+                                                                             out_shapes)(q, k, v))
 
-    return common.dispatch(build, q, k, v, kv_table, q_table, interpret=interpret)
+        def run(q, k, v, kv_table, q_table, consts):
+            return _core(cfg, q, k, v, kv_table, q_table,
+                         tuple(score_mod_lib.pad_const(target, c) for c in consts))
+        return run
+
+    return common.dispatch(build, q, k, v, kv_table, q_table, tuple(mod_consts), interpret=interpret)

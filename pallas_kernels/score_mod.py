@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.extend import core as jex_core
 
 __all__ = ["vmap_elementwise", "apply", "tile_varying_lookups", "scalar_only_consts", "eval_in_kernel", "apply_in_kernel", "pow2_shape",
-           "clamp_positions"]
+           "clamp_positions", "const_shape", "const_specs", "pad_const", "TPU_GATHER_PROBLEM"]
 
 
 def vmap_elementwise(fn, args, shape):
@@ -159,3 +159,37 @@ def clamp_positions(start, size: int, length: int, axis: int, shape):
     """Positions ``start + iota`` along ``axis`` of a ``shape`` tile, clamped to ``length - 1`` (padded rows and
     keys read the last real position: they are masked anyway, and a table is never read out of range)."""
     return jnp.minimum(start + lax.broadcasted_iota(jnp.int32, shape, axis), length - 1)
+
+
+# ------------------------------------------------------------------------------ the arrays as kernel inputs
+
+TPU_GATHER_PROBLEM = (
+    "score_mod reads an array it closes over at an index that varies with q_idx or kv_idx (a gather, e.g. "
+    "table[h, q_idx - kv_idx]), which Mosaic cannot lower inside the TPU kernel: use impl='xla' on TPU, or compute "
+    "the term from the indices arithmetically")
+
+
+def const_shape(target: str, shape) -> tuple[int, ...]:
+    """How a score mod's array travels into a kernel: power-of-two dims on GPU (Triton blocks), at least 1-D."""
+    return pow2_shape(shape) if target == "triton" else (tuple(shape) or (1,))
+
+
+def const_specs(target: str, shapes, scalar) -> list:
+    """Whole-array ``in_specs`` of the score mod's arrays (any grid): SMEM on TPU for arrays read one element
+    at a time, else one block holding the whole (padded) array."""
+    from pallas_kernels import common
+    specs = []
+    for shape, is_scalar in zip(shapes, scalar):
+        if target == "mosaic" and is_scalar:
+            specs.append(common.smem_spec())
+        else:
+            block = const_shape(target, shape)
+            specs.append(pl.BlockSpec(block, lambda *grid, n=len(block): (0,) * n))
+    return specs
+
+
+def pad_const(target: str, c):
+    """A score mod's array as the kernels take it (``const_shape``): zero-padded, never read past its shape."""
+    shape = const_shape(target, c.shape)
+    c = jnp.reshape(c, c.shape or (1,))
+    return jnp.pad(c, [(0, n - m) for n, m in zip(shape, c.shape)])

@@ -36,7 +36,7 @@ from jaxtyping import Array, Float
 
 from jattn.core import checks
 from jattn.core.block_mask import BlockMask
-from jattn.core.score_mod import trace_score_mod
+from jattn.core.score_mod import is_differentiable, trace_score_mod
 from jattn.core.softmax import merge_sinks
 from jattn.ops.block_sparse_reference import block_sparse_reference
 from jattn.ops.block_sparse_xla import SparseConfig, block_sparse_xla
@@ -102,8 +102,9 @@ def block_sparse_attention(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv 
       softcap: ``s -> softcap * tanh(s / softcap)``.
       sinks: ``[H]`` logits of one value-less extra term in each row's softmax denominator.
       score_mod: ``score_mod(score, b, h, q_idx, kv_idx) -> score`` on each logit after the softcap, run
-        only on the listed tiles (``jattn.attention`` documents the contract). Fused into the xla path; not
-        into the Pallas kernel yet, so with a ``score_mod`` ``impl="auto"`` runs the xla path everywhere.
+        only on the listed tiles (``jattn.attention`` documents the contract). Fused into the xla path and the
+        Pallas kernel; the kernel does not give the gradient of the mod's float arrays (taking it raises), so
+        for a mod that closes over float arrays ``impl="auto"`` runs the xla path on every platform.
       impl: "auto" | "xla" | "pallas" | "reference".
       return_lse: also return the float32 log-sum-exp ``[B, T, H]`` (sink included; -inf on empty rows).
 
@@ -119,11 +120,8 @@ def block_sparse_attention(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv 
     (B, T, S, H, Hkv, D), cfg = _validate(q, k, v, block_mask, mask_fn=mask_fn, causal=causal, scale=scale,
                                           softcap=softcap, sinks=sinks, impl=impl, return_lse=return_lse)
     traced_mod, mod_consts = (None, ()) if score_mod is None else trace_score_mod(score_mod)
-    if traced_mod is not None:
-        if impl == "pallas":
-            raise ValueError("score_mod is not supported by impl='pallas' yet (the Pallas block-sparse kernel "
-                             "does not fuse it); use impl='xla' or 'auto' (which then runs the xla path)")
-        impl = "xla" if impl == "auto" else impl
+    if impl == "auto" and any(is_differentiable(c) for c in mod_consts):
+        impl = "xla"  # the kernel cannot give the gradient of a mod's float arrays; the xla path can
 
     def with_sinks(run):
         """A kernel path (no sinks) with the sinks merged after it as one value-less LSE partial (exact)."""
@@ -137,10 +135,11 @@ def block_sparse_attention(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv 
     def xla(q, k, v, tables, mod_consts):
         return block_sparse_xla(cfg, q, k, v, tables[:3], score_mod=traced_mod, mod_consts=mod_consts)
 
-    def pallas(q, k, v, tables, _mod_consts):
+    def pallas(q, k, v, tables, mod_consts):
         return block_sparse_attention_pallas(
             q, k, v, *tables, block_q=cfg.block_q, block_k=cfg.block_k, scale=cfg.scale, softcap=cfg.softcap,
-            causal=cfg.causal, mask_fn=cfg.mask_fn, out_dtype=jnp.float32 if sinks is not None else q.dtype)
+            causal=cfg.causal, mask_fn=cfg.mask_fn, score_mod=traced_mod, mod_consts=mod_consts,
+            out_dtype=jnp.float32 if sinks is not None else q.dtype)
 
     def reference(q, k, v, tables, sinks, mod_consts):
         mod = None if traced_mod is None else traced_mod.scalar_fn(mod_consts)

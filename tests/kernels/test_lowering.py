@@ -217,3 +217,16 @@ def test_score_mod_gather_lowers_for_gpu_and_names_itself_on_tpu():
     assert kernel_calls(fn, q, k, v, table, platform="cuda") == 1
     with pytest.raises(ValueError, match="score_mod reads an array it closes over at an index that varies"):
         exported_text(fn, q, k, v, table, platform="tpu")
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_block_sparse_with_score_mod_lowers_forward_and_backward(platform):
+    """ALiBi on the block-sparse kernel: forward and the q/k/v backward (dq + dk/dv) hold the real kernels."""
+    q, k, v = qkv(2, T, S, 4, 2, 64)
+    bm = jattn.BlockMask.from_mask_fn(masks.sliding_window_mask(40, 24), 1, 1, T, S, 32, 32)
+
+    def fn(q, k, v):
+        return jattn.block_sparse_attention(q, k, v, bm, score_mod=score_mods.alibi(4), impl="pallas")
+
+    assert kernel_calls(fn, q, k, v, platform=platform) == 1
+    assert kernel_calls(grad_of(fn, (0, 1, 2)), q, k, v, platform=platform) == 3

@@ -168,13 +168,31 @@ def test_block_sparse_mod_equals_dense_equivalent():
     _assert_same(_grad_all(with_mod, table, q, k, v), _grad_all(with_bias, table, q, k, v), "block-sparse")
 
 
-def test_block_sparse_pallas_refuses_a_mod():
-    """Not fused into the block-sparse kernel yet: a clear error, never a silently ignored mod."""
+def test_block_sparse_pallas_kernel_fuses_a_mod():
+    """The block-sparse Pallas kernel (interpreted) with ALiBi and a mod that masks one diagonal with -inf
+    equals the reference, forward and q/k/v gradients (catches the mod's derivative dropped in dq or dk/dv)."""
+    H, Hkv, Ts = 4, 2, 43
+    q, k, v = random_qkv(12, 1, Ts, Ts, H, Hkv, D)
+    tiles = jax.random.bernoulli(jax.random.PRNGKey(13), 0.6, (1, H, 3, 3))
+    bm = BlockMask.from_dense_block_map(tiles, block_q=16, block_k=16, seq_q=Ts, seq_k=Ts)
+    mod = score_mods.compose(score_mods.alibi(H), lambda s, b, h, qi, kv: jnp.where(kv == qi - 2, -jnp.inf, s))
+    run = lambda impl: (lambda q, k, v: jattn.block_sparse_attention(q, k, v, bm, causal=True, score_mod=mod,  # noqa: E731
+                                                                     impl=impl))
+    _assert_same(_grad_all(run("pallas"), q, k, v), _grad_all(run("reference"), q, k, v), "block-sparse pallas")
+
+
+def test_block_sparse_pallas_refuses_the_gradient_of_mod_arrays():
+    """The kernel does not compute the gradient of a mod's float arrays: taking it raises (never a silent zero);
+    ``auto`` runs the xla path for such a mod, which gives it."""
     H = 2
     q, k, v = random_qkv(7, 1, 32, 32, H, H, D)
     bm = BlockMask.from_mask_fn(jattn.masks.causal_mask(), 1, 1, 32, 32, 16, 16)
-    with pytest.raises(ValueError, match="score_mod is not supported by impl='pallas'"):
-        jattn.block_sparse_attention(q, k, v, bm, score_mod=score_mods.alibi(H), impl="pallas")
+    temperature = jnp.asarray([0.7, 1.3])
+    loss = lambda t, impl: jnp.sum(jattn.block_sparse_attention(  # noqa: E731
+        q, k, v, bm, score_mod=score_mods.head_temperature(t), impl=impl))
+    with pytest.raises(ValueError, match="not available from the block-sparse Pallas kernel"):
+        jax.grad(loss)(temperature, "pallas")
+    assert_close(jax.grad(loss)(temperature, "auto"), jax.grad(loss)(temperature, "reference"), factor=2.0)
 
 
 @pytest.mark.parametrize("impl", PATHS)
