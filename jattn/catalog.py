@@ -109,6 +109,7 @@ _SPARSE = "jattn.methods.sparse."
 _KV = "jattn.methods.kv."
 _DYNAMIC = "jattn.methods.dynamic."
 _ANALYSIS = "jattn.methods.analysis."
+_VISION = "jattn.methods.vision."
 # id -> (entry points, tests, status, note) for every paper with code in the tree.
 _PROGRESS = {
     "P03": (("jattn.distributed.ring_attention", "jattn.distributed.kv_partitioned_attention",
@@ -181,6 +182,34 @@ _PROGRESS = {
             "minimal tile cover (jit-able) or the token-exact stripe mask (eager only); exact vs transcriptions "
             "and dense; recall 0.95 vs 0.82 for block top-k at equal tiles on striped synthetic data; the paper's "
             "2048-key blocks make it dense below ~8K tokens; no Pallas kernels, official code not read"),
+    "P00": (tuple(_VISION + n for n in ("gaussian_adaptive.daam", "gaussian_adaptive.MultiHeadDensityGate",
+                                        "gaussian_adaptive.DensityBlock", "gaussian_adaptive.density_gate",
+                                        "gaussian_adaptive.multi_head_density_gate")),
+            ("tests/methods/vision/test_gaussian_adaptive.py",), "partial",
+            "the released density gate (per-head mean / unbiased variance, product of normalised Gaussians with "
+            "learnable offsets and scales, w / max(sum w, eps)) on images or 1-D feature sequences, exact vs a "
+            "numpy transcription; no CNN-LSTM / Transformer heads, no padding mask, no training comparison"),
+    "P01": (tuple(_VISION + n for n in ("gaussian_adaptive.gaam", "gaussian_adaptive.MultiHeadDensityGate",
+                                        "gaussian_adaptive.importance_factor")),
+            ("tests/methods/vision/test_gaussian_adaptive.py",), "partial",
+            "both variants (MHGAAM's softmax-weighted mixture, GaussianBlock's product), exact vs transcriptions; "
+            "the Importance Factor has no published formula (a labelled stand-in); no synthetic gain run, not "
+            "inserted into a transformer"),
+    "P06": (tuple(_VISION + n for n in ("ulsam.ULSAM", "ulsam.ulsam_apply", "ulsam.subspace_softmax",
+                                        "ulsam.ulsam_combine")),
+            ("tests/methods/vision/test_ulsam.py",), "partial",
+            "the official layer order (depthwise 1x1, BN, ReLU, 3x3 max pool, grouped 1x1 to g maps, BN, ReLU, "
+            "spatial softmax, x (1 + A)), exact vs numpy in train and eval mode, parameter counts; no MobileNet run"),
+    "P12": (tuple(_VISION + n for n in ("ela.ELA", "ela.ela_apply", "ela.ela_variant", "ela.strip_pool",
+                                        "ela.group_norm_1d")),
+            ("tests/methods/vision/test_ela.py",), "partial",
+            "strip means, one shared 1-D conv, GroupNorm, sigmoid gates x y_h y_w, the T/B/S/L variants; exact vs "
+            "numpy, transpose equivariance, parameter counts; GroupNorm group count unverified; no training run"),
+    "P42": (tuple(_VISION + n for n in ("psa.PolarizedSelfAttention", "psa.psa_channel", "psa.psa_channel_bottleneck",
+                                        "psa.psa_spatial")),
+            ("tests/methods/vision/test_psa.py",), "partial",
+            "channel-only and spatial-only branches, parallel and sequential layouts, the paper's form and both "
+            "official modules (PSA_p, PSA_s); exact vs numpy for all six; no heatmap-regression toy or training"),
     "P55": (tuple(_ANALYSIS + n for n in ("fusemax.cascade_attention", "fusemax.cascade_cost_model")),
             ("tests/methods/analysis/test_fusemax.py",), "works",
             "the 3-, 2- and 1-pass Einsum cascades, each one scan over the key chunks per pass (counted in the "
@@ -325,6 +354,14 @@ _LAYER = {
     "P38": ("flexprefill",),
     "P08": ("kinetics",),
     "P32": ("sale",),
+    "P00": "a feature-gating module (Gaussian density gate along an axis of feature maps or sequences), not "
+           "attention over q, k, v: jattn.methods.vision.MultiHeadDensityGate",
+    "P01": "a feature-gating module (Gaussian mixture gate), not attention over q, k, v: "
+           "jattn.methods.vision.MultiHeadDensityGate(mode='mixture')",
+    "P06": "a CNN feature-map module ([B, H, W, C]), not attention over q, k, v: jattn.methods.vision.ULSAM",
+    "P12": "a CNN feature-map module ([B, H, W, C]), not attention over q, k, v: jattn.methods.vision.ELA",
+    "P42": "a CNN feature-map module ([B, H, W, C]), not attention over q, k, v: "
+           "jattn.methods.vision.PolarizedSelfAttention",
     "P55": "reference cascades and a cost model of exact softmax attention: the layer it describes is "
            "method='softmax' (the flash kernels are the 1-pass cascade)",
     "P33": ("anchor",),
