@@ -216,6 +216,18 @@ _PROGRESS = {
             "jaxpr), all equal softmax attention; the cost model's 1-pass buffer is independent of M while the "
             "unfused 3-pass needs M P; jattn's flash forward is one kernel with one loop over the kv tiles; op counts "
             "follow the cascade definitions (the artifact's table was not read); no accelerator model"),
+    "P41": (tuple(_DYNAMIC + n for n in ("focus_detr.topk_gather", "focus_detr.scatter_back",
+                                         "focus_detr.oesm_self_attention", "focus_detr.OESMAttention",
+                                         "focus_detr.FocusEncoderLayer", "focus_detr.MaskPredictor",
+                                         "focus_detr.FocusScorer", "focus_detr.top_down_scores", "focus_detr.mc_scores",
+                                         "focus_detr.cascade_topk", "focus_detr.focus_token_count",
+                                         "focus_detr.focus_layer_flops", "deformable.ms_deform_attn",
+                                         "deformable.MSDeformAttn")),
+            ("tests/methods/dynamic/test_focus_detr.py", "tests/methods/dynamic/test_deformable.py"), "partial",
+            "foreground scoring (MaskPredictor, top-down fusion), static top-k gather / scatter-back, OESM "
+            "self-attention among the top tokens, multi-scale deformable attention (exact vs a numpy bilinear "
+            "transcription and torch's grid_sample) and the FocusEncoderLayer; dense limit equals the dense layer; "
+            "no 6-layer encoder loop, no focal-loss supervision, no DINO decoder or COCO run"),
     "P38": (tuple(_DYNAMIC + n for n in ("flexprefill.flexprefill_attention", "flexprefill.flexprefill_block_mask",
                                          "flexprefill.flexprefill_select", "flexprefill.jsd")),
             ("tests/methods/dynamic/test_flexprefill.py",), "partial",
@@ -362,6 +374,8 @@ _LAYER = {
     "P12": "a CNN feature-map module ([B, H, W, C]), not attention over q, k, v: jattn.methods.vision.ELA",
     "P42": "a CNN feature-map module ([B, H, W, C]), not attention over q, k, v: "
            "jattn.methods.vision.PolarizedSelfAttention",
+    "P41": "a DETR encoder layer over multi-scale feature tokens (foreground top-k + deformable attention), not "
+           "attention over one sequence's q, k, v: jattn.methods.dynamic.FocusEncoderLayer",
     "P55": "reference cascades and a cost model of exact softmax attention: the layer it describes is "
            "method='softmax' (the flash kernels are the 1-pass cascade)",
     "P33": ("anchor",),

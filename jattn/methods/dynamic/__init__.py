@@ -4,15 +4,21 @@ Each method is a pure, jit-able selector ``<name>_block_mask(q, k, *, <block siz
 BlockMask`` (all sizes and budgets static, so every shape is static) and ``<name>_attention(q, k, v, ...)``
 = the selector plus ``jattn.block_sparse_attention``: causal for the LLM-prefill selectors (FlexPrefill,
 HiP, SALE, AnchorAttention, Kinetics, ZipVL), non-causal for the video-diffusion ones (VMoBA, AdaSpa).
+P41 Focus-DETR selects tokens, not tiles: top-k foreground tokens of a DETR encoder (``focus_detr``, with the
+multi-scale deformable attention op in ``deformable``).
 ``jattn.eval.sparse_quality`` measures any of them (density, recall of the dense attention mass, error,
 times); ``synthetic`` builds long inputs with sinks, stripes, a local band and slashes to measure them on
 (``benchmarks/cpu_dynamic.py``). The causal selectors also run as ``jattn.nn.Attention(method=...)``.
 One file per paper; the entry points are re-exported here.
 """
-from jattn.methods.dynamic import adaspa, anchor, flexprefill, hip, kinetics, sale, synthetic, vmoba, zipvl
+from jattn.methods.dynamic import (adaspa, anchor, deformable, flexprefill, focus_detr, hip, kinetics, sale, synthetic,
+                                  vmoba, zipvl)
 from jattn.methods.dynamic.adaspa import (AdaSpaSchedule, AdaSpaState, adaspa_attention, adaspa_block_mask,
                                           adaspa_init_state, adaspa_select, block_attention_mass,
                                           head_adaptive_sparsity, rowwise_topk_block_mask)
+from jattn.methods.dynamic.deformable import MSDeformAttn, ms_deform_attn
+from jattn.methods.dynamic.focus_detr import (FocusEncoderLayer, FocusScorer, MaskPredictor, OESMAttention,
+                                              oesm_self_attention, scatter_back, topk_gather)
 from jattn.methods.dynamic.flexprefill import (flexprefill_attention, flexprefill_block_mask, flexprefill_select,
                                                jsd)
 from jattn.methods.dynamic.hip import hip_attention, hip_block_mask, hip_select
