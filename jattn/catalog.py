@@ -110,6 +110,7 @@ _KV = "jattn.methods.kv."
 _DYNAMIC = "jattn.methods.dynamic."
 _ANALYSIS = "jattn.methods.analysis."
 _VISION = "jattn.methods.vision."
+_MODIFIERS = "jattn.methods.modifiers."
 # id -> (entry points, tests, status, note) for every paper with code in the tree.
 _PROGRESS = {
     "P03": (("jattn.distributed.ring_attention", "jattn.distributed.kv_partitioned_attention",
@@ -210,6 +211,41 @@ _PROGRESS = {
             ("tests/methods/vision/test_psa.py",), "partial",
             "channel-only and spatial-only branches, parallel and sequential layouts, the paper's form and both "
             "official modules (PSA_p, PSA_s); exact vs numpy for all six; no heatmap-regression toy or training"),
+    "P28": (tuple(_MODIFIERS + n for n in ("entropy_scaling.entropy_invariant_scale", "entropy_scaling.entropy_factor",
+                                           "entropy_scaling.entropy_scaled_attention", "entropy_scaling.entropy_score_mod",
+                                           "entropy_scaling.visible_key_counts", "entropy_scaling.attention_entropy",
+                                           "entropy_scaling.entropy_method")),
+            ("tests/methods/modifiers/test_entropy_scaling.py",), "works",
+            "logits x sqrt(ln N / ln T) with N counted per query from the mask and causal flag (a scale or a fused "
+            "score_mod), decoding equal to prefill; measured (docs/modifiers.md): MiniLM's entropy spread from 32 "
+            "to 512 tokens shrinks 26% but embeddings move < 1.1%; the small LM's loss past its training length "
+            "is unchanged (null)"),
+    "P27": (tuple(_MODIFIERS + n for n in ("act.act_calibrate", "act.sink_scores", "act.sink_set", "act.act_prob_mod",
+                                           "act.act_attention", "act.search_act_heads", "act.act_method",
+                                           "act.set_layer_methods")),
+            ("tests/methods/modifiers/test_act.py",), "works",
+            "exact ACT transform (a prob_mod on the dense path) and the per-head search, run on a small byte LM and "
+            "MiniLM (docs/modifiers.md): the search keeps 0-1 of 8 heads, held-out loss unchanged (null); ACT on "
+            "all heads +0.036 nats/byte; no GPT-2 check (no weights here), no decoding"),
+    "P16": (tuple(_MODIFIERS + n for n in ("attention_influence.uniform_head_ablation",
+                                           "attention_influence.head_ablation_prob_mod",
+                                           "attention_influence.retrieval_head_scores", "attention_influence.top_heads",
+                                           "attention_influence.attention_influence")),
+            ("tests/methods/modifiers/test_attention_influence.py", "tests/train/test_attention_influence.py"),
+            "partial",
+            "uniform head ablation (running mean of v, or a prob_mod), retrieval-head scores, the influence ratio; "
+            "train/attention_influence.py detects the needle LM's retrieval heads and compares ablating them with "
+            "random heads (docs/modifiers.md); no real pretraining corpus or data-selection run"),
+    "P02": (tuple("jattn.methods.routing.moh." + n for n in (
+                "moh_gates", "moh_route", "load_balance_loss", "moh_llama_router", "moh_attention",
+                "moh_capacity_attention", "moh_capacity", "capacity_flop_fraction", "MoHAttention", "use_moh",
+                "moh_aux_loss")),
+            ("tests/methods/routing/test_moh.py", "tests/train/test_moh_train.py"), "partial",
+            "shared + top-k routed heads with the official gating (x k, the 2 softmax mix), load-balance loss, the "
+            "parameter-free MoH-LLaMA3 router; a reference core and a static-capacity gathered core (FLOPs scale with "
+            "the active fraction); equals MHA with all heads and gates 1. Small byte LM, 3 seeds (docs/moh.md): "
+            "75% and 50% active within noise of MHA (null, resolves ~0.1 nats/byte); no Pallas varlen kernel, no "
+            "decoding, no GPU timing"),
     "P55": (tuple(_ANALYSIS + n for n in ("fusemax.cascade_attention", "fusemax.cascade_cost_model")),
             ("tests/methods/analysis/test_fusemax.py",), "works",
             "the 3-, 2- and 1-pass Einsum cascades, each one scan over the key chunks per pass (counted in the "
@@ -376,6 +412,11 @@ _LAYER = {
            "jattn.methods.vision.PolarizedSelfAttention",
     "P41": "a DETR encoder layer over multi-scale feature tokens (foreground top-k + deformable attention), not "
            "attention over one sequence's q, k, v: jattn.methods.dynamic.FocusEncoderLayer",
+    "P28": ("entropy_scaled",),
+    "P27": ("act",),
+    "P16": "a head ablation for scoring data (uniform_head_ablation over q, k, v), not a layer to train with",
+    "P02": "replaces the attention layer (routers and head gates): jattn.methods.routing.MoHAttention, or "
+           "use_moh(model) to swap it into DecoderLM / ViT / BertEncoder blocks keeping their projections",
     "P55": "reference cascades and a cost model of exact softmax attention: the layer it describes is "
            "method='softmax' (the flash kernels are the 1-pass cascade)",
     "P33": ("anchor",),

@@ -86,7 +86,7 @@ def _best_seconds(fn, args, repeats: int) -> tuple[float, object]:
 
 
 def sparse_quality(select: Callable[..., BlockMask], q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"],
-                   v: Float[Array, "B S Hkv D"], *, causal: bool = True, impl: str = "auto", repeats: int = 1,
+                   v: Float[Array, "B S Hkv D"], /, *, causal: bool = True, impl: str = "auto", repeats: int = 1,
                    **params) -> dict:
     """Density, recall of the attention mass, output error and times of one selector on ``q, k, v``.
 

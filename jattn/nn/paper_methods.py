@@ -331,6 +331,12 @@ def _selector_adapter(name, module, options, description):
                     supports_probs=False)
 
 
+def _modifier(module: str, factory: str):
+    """A training-free modifier's own ``AttentionMethod`` (``jattn.methods.modifiers.<module>.<factory>()``)."""
+    import importlib
+    return getattr(importlib.import_module(f"jattn.methods.modifiers.{module}"), factory)()
+
+
 def _fraction(key, value):
     value = _positive_float(key, value)
     if value > 1:
@@ -450,6 +456,8 @@ ADAPTERS: dict[str, Callable[[], AttentionMethod]] = {
         Option("block_q", 128, "query tile, a power of two >= 16", _power_of_two),
         Option("block_k", 128, "key tile, a power of two >= 16", _power_of_two),
     ), "P33 AnchorAttention: an anchor from the initial and local blocks, difference-aware stripes"),
+    "entropy_scaled": lambda: _modifier("entropy_scaling", "entropy_method"),
+    "act": lambda: _modifier("act", "act_method"),
     "agent": lambda: _adapter("agent", _agent_apply, (
         Option("grid", REQUIRED, "(height, width) of the image the T tokens form", _grid2),
         Option("num_agents", REQUIRED, "agent tokens (a square number), pooled from q", _int(1)),

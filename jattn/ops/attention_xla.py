@@ -467,6 +467,8 @@ def _flash_fwd_rule(cfg, q, k, v, bias, mask, q_segments, kv_segments, sinks, mo
 
 
 _flash.defvjp(_flash_fwd_rule, _flash_bwd)
+# Compiled once per (config, shapes): an eager call would otherwise re-trace and re-compile the lax.map each time.
+_flash_compiled = jax.jit(_flash, static_argnums=(0,))
 
 
 def flash_attention_xla(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv Dv"], *,
@@ -509,4 +511,4 @@ def flash_attention_xla(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"]
                      has_bias=bias is not None, has_segments=q_segment_ids is not None,
                      has_sinks=sinks is not None, scale_in_q=q.dtype == jnp.float32, score_mod=score_mod,
                      mod_float_consts=tuple(is_differentiable(c) for c in mod_consts))
-    return _flash(cfg, q, k, v, bias, mask, q_segment_ids, kv_segment_ids, sinks, tuple(mod_consts))
+    return _flash_compiled(cfg, q, k, v, bias, mask, q_segment_ids, kv_segment_ids, sinks, tuple(mod_consts))

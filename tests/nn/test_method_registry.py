@@ -39,6 +39,8 @@ TINY = {
     "kinetics": {"topk": 1, "block_q": 16, "block_size": 16, "sink": 4},
     "sale": {"block_q": 16, "block_k": 16, "local_window": 16, "dense_len": 0},
     "anchor": {"block_size": 16, "step": 2, "block_q": 16, "block_k": 16},
+    "entropy_scaled": {"train_keys": 16},
+    "act": {"head_mask": (True, False, True, False)},
 }
 CAUSAL_ONLY = {"flexprefill", "hip", "kinetics", "sale", "anchor"}
 NON_CAUSAL_ONLY = {"biformer", "linfusion", "agent"}
