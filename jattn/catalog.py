@@ -132,7 +132,7 @@ _PROGRESS = {
                                          "hip.hip_iterations")),
             ("tests/methods/dynamic/test_hip.py",), "partial",
             "block-level hierarchical top-k + window, exact vs a transcription of the search and vs dense with its "
-            "mask; no key-group min/max pooling, no joint head search, no decode reuse; the search dominates CPU time"),
+            "mask; no key-group min/max pooling, no joint head search, no decode reuse; the search dominates CPU time; real-input and equal-density tables: docs/dynamic_sparse.md"),
     "P08": (tuple(_DYNAMIC + n for n in ("kinetics.kinetics_cost", "kinetics.dense_cost", "kinetics.block_sparse_cost",
                                          "kinetics.zero_overhead_sparse_cost", "kinetics.expected_cost",
                                          "kinetics.kinetics_block_mask", "kinetics.kinetics_attention",
@@ -142,7 +142,7 @@ _PROGRESS = {
             "eFLOPs cost model reproduces the official CSVs exactly (Qwen3-4B AIME24, dense and block top-k); block "
             "top-k prefill selector and decode (LiteSys rule) exact vs transcriptions and dense; decode 4.8x dense "
             "at S=32K on CPU with a precomputed block summary (slower without); the summary is not kept up to date "
-            "as blocks fill, no Pallas page-gather kernel, no GPU measurement"),
+            "as blocks fill, no Pallas page-gather kernel, no GPU measurement; real-input and equal-density tables: docs/dynamic_sparse.md"),
     "P13": (tuple(_DYNAMIC + n for n in ("zipvl.zipvl_attention", "zipvl.zipvl_block_mask", "zipvl.zipvl_token_mask",
                                          "zipvl.normalized_attention_score", "zipvl.adaptive_keep_count",
                                          "zipvl.important_tokens", "zipvl.token_sparse_attention")),
@@ -150,7 +150,7 @@ _PROGRESS = {
             "probe-normalised token scores (ZipCache's), adaptive keep count, attention among the important tokens "
             "gathered to the front (exact vs dense with the token mask; 23x dense at 10% kept, T=8K CPU); the "
             "unimportant tokens' outputs are 0 (jattn's reading: no official code read); high error on the synthetic "
-            "inputs; decode half lives in P24"),
+            "inputs; decode half lives in P24; real-input and equal-density tables: docs/dynamic_sparse.md"),
     "P37": (tuple(_DYNAMIC + n for n in ("adaspa.adaspa_attention", "adaspa.adaspa_block_mask", "adaspa.adaspa_select",
                                          "adaspa.block_attention_mass", "adaspa.rowwise_topk_block_mask",
                                          "adaspa.head_adaptive_sparsity", "adaspa.AdaSpaState",
@@ -158,7 +158,7 @@ _PROGRESS = {
             ("tests/methods/dynamic/test_adaspa.py",), "partial",
             "block mass from the LSE, row-wise top-k with text sinks, head-adaptive sparsity, the warm-up / fused "
             "search / reuse / LSE-cached search schedule as explicit state (a test runs a denoising loop); no "
-            "official code (paper reading), no Pallas mass kernel, Fig. 5 comparison not reproduced"),
+            "official code (paper reading), no Pallas mass kernel, Fig. 5 comparison not reproduced; real-input and equal-density tables: docs/dynamic_sparse.md"),
     "P05": (tuple(_DYNAMIC + n for n in ("vmoba.vmoba_attention", "vmoba.vmoba_block_mask", "vmoba.vmoba_select",
                                          "vmoba.vmoba_gates", "vmoba.video_block_partition",
                                          "vmoba.video_block_unpartition", "vmoba.video_chunk_size",
@@ -166,7 +166,7 @@ _PROGRESS = {
             ("tests/methods/dynamic/test_vmoba.py",), "partial",
             "1-D/2-D/3-D layer-cycled partitions (official axis order), mean-key gates, threshold and top-k "
             "selection (query_head, head_global), exact vs dense and vs the official two-branch LSE merge; no "
-            "trained toy video denoiser (the spec's 'works'), no 'block'/'overall' modes, no Pallas gather kernel"),
+            "trained toy video denoiser (the spec's 'works'), no 'block'/'overall' modes, no Pallas gather kernel; real-input and equal-density tables: docs/dynamic_sparse.md"),
     "P32": (tuple(_DYNAMIC + n for n in ("sale.sale_attention", "sale.sale_block_mask", "sale.sale_select",
                                          "sale.quantize_int4_per_token", "sale.quantize_symmetric",
                                          "sale.sale_estimate_logits")),
@@ -174,7 +174,7 @@ _PROGRESS = {
             "mean-smoothed INT4 (per-token or per-block) q . k estimate plus the q_bar . k' term, exact sink/local "
             "statistics, relative-score tile choice with per-head tau; exact vs a transcription and vs dense; "
             "synthetic T=4K CPU: density 0.39 at recall 0.996; selection is plain jnp (slower than the sparse "
-            "attention on CPU), no Pallas selection kernel, no tau calibration, no GPU measurement"),
+            "attention on CPU), no Pallas selection kernel, no tau calibration, no GPU measurement; real-input and equal-density tables: docs/dynamic_sparse.md"),
     "P33": (tuple(_DYNAMIC + n for n in ("anchor.anchor_attention", "anchor.anchor_block_mask", "anchor.anchor_select",
                                          "anchor.anchor_stats", "anchor.anchor_tile_map",
                                          "anchor.anchor_stripe_mask_fn")),
@@ -182,7 +182,7 @@ _PROGRESS = {
             "exact anchor (m, l) over the initial and local blocks, difference-aware stripes over pooled keys, a "
             "minimal tile cover (jit-able) or the token-exact stripe mask (eager only); exact vs transcriptions "
             "and dense; recall 0.95 vs 0.82 for block top-k at equal tiles on striped synthetic data; the paper's "
-            "2048-key blocks make it dense below ~8K tokens; no Pallas kernels, official code not read"),
+            "2048-key blocks make it dense below ~8K tokens; no Pallas kernels, official code not read; real-input and equal-density tables: docs/dynamic_sparse.md"),
     "P00": (tuple(_VISION + n for n in ("gaussian_adaptive.daam", "gaussian_adaptive.MultiHeadDensityGate",
                                         "gaussian_adaptive.DensityBlock", "gaussian_adaptive.density_gate",
                                         "gaussian_adaptive.multi_head_density_gate")),
@@ -269,7 +269,7 @@ _PROGRESS = {
             ("tests/methods/dynamic/test_flexprefill.py",), "partial",
             "selector = transcription of the official rule (both head patterns, GQA), exact vs dense with its mask; "
             "synthetic 32K on CPU: 3.1x dense at recall 0.53, selection 45% of the time (targets: recall >= 0.9, "
-            "<= 20%); no MiniLM or GPU measurement"),
+            "<= 20%); no GPU measurement; real-input and equal-density tables: docs/dynamic_sparse.md"),
     "P19": (tuple(_KV + n for n in ("x_ecomla.mla_attention", "x_ecomla.mla_decode_absorbed",
                                     "x_ecomla.upcycle_gqa_to_mla", "x_ecomla.energy_rank", "x_ecomla.kd_kl_loss",
                                     "x_ecomla.kv_compression", "x_ecomla.MLAAttention")),
