@@ -202,6 +202,24 @@ def check_self_attention_qkv(q, k, v, who: str) -> tuple[int, int, int, int, int
     return B, T, H, Hkv, D
 
 
+def check_self_attention_qk(q, k, who: str) -> tuple[int, int, int, int, int]:
+    """q ``[B, T, H, D]`` and k ``[B, T, Hkv, D]`` of one sequence attending to itself, as a selector that reads
+    only q and k needs them (``check_self_attention_qkv`` when v is there too); returns ``(B, T, H, Hkv, D)``."""
+    check_float_array("q", q, 4)
+    check_float_array("k", k, 4)
+    B, T, H, D = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"k must have q's batch size B={B}, got {describe(k)}")
+    if k.shape[3] != D:
+        raise ValueError(f"k must have head dim D={D} like q, got {describe(k)}")
+    if k.shape[1] != T:
+        raise ValueError(f"{who} is self-attention: k must have q's length T={T}, got {describe(k)}")
+    Hkv = k.shape[2]
+    if T == 0 or Hkv == 0 or H % Hkv:
+        raise ValueError(f"q heads H={H} must be a positive multiple of k heads Hkv={Hkv} and T={T} positive")
+    return B, T, H, Hkv, D
+
+
 def is_traced(value) -> bool:
     """Whether ``value`` (or any item of a tuple/list) is a JAX tracer: its values are unknown until run,
     so value checks (lengths, page tables, token ids) can only be done when this is False."""

@@ -67,21 +67,6 @@ __all__ = ["adaspa_attention", "adaspa_block_mask", "adaspa_select", "adaspa_den
 
 # ---------------------------------------------------------------------------------------- validation
 
-def _check_qk(q, k):
-    checks.check_float_array("q", q, 4)
-    checks.check_float_array("k", k, 4)
-    B, T, H, D = q.shape
-    if k.shape[0] != B:
-        raise ValueError(f"k must have q's batch size B={B}, got {checks.describe(k)}")
-    if k.shape[3] != D:
-        raise ValueError(f"k must have head dim D={D} like q, got {checks.describe(k)}")
-    if k.shape[1] != T:
-        raise ValueError(f"AdaSpa is video self-attention: k must have q's length T={T}, got {checks.describe(k)}")
-    if k.shape[2] == 0 or H % k.shape[2]:
-        raise ValueError(f"q heads H={H} must be a multiple of k heads Hkv={k.shape[2]}")
-    return B, T, H, k.shape[2], D
-
-
 def _check_sparsity(name: str, sparsity) -> float:
     """Sparsity in ``[0, 1)``: the kept fraction ``1 - s`` (the budget) is in ``(0, 1]``."""
     s = checks.check_float_in(name, sparsity, 0.0, 1.0)
@@ -97,7 +82,7 @@ def _check_lse(lse, B, T, H):
 
 
 def _check_selector_args(q, k, block_size, sparsity, text_len, recall_threshold, head_adaptive):
-    B, T, H, Hkv, D = _check_qk(q, k)
+    B, T, H, Hkv, D = checks.check_self_attention_qk(q, k, "AdaSpa (video)")
     checks.check_block_size("block_size", block_size, minimum=16)
     if block_size is None:
         raise TypeError("block_size must be an int (a power of two >= 16), got None")
@@ -128,7 +113,7 @@ def block_attention_mass(q: Float[Array, "B T H D"], k: Float[Array, "B T Hkv D"
     Returns:
       ``[B, H, nb, nb]`` float32; with the exact LSE each row sums to its block's number of queries.
     """
-    B, T, H, Hkv, D = _check_qk(q, k)
+    B, T, H, Hkv, D = checks.check_self_attention_qk(q, k, "AdaSpa (video)")
     _check_lse(lse, B, T, H)
     block_size = checks.check_int("block_size", block_size, 1)
     scale = D ** -0.5 if scale is None else checks.check_positive_float("scale", scale)

@@ -79,19 +79,7 @@ __all__ = ["anchor_attention", "anchor_block_mask", "anchor_select", "anchor_sta
 # ---------------------------------------------------------------------------------------- validation
 
 def _check_qk(q, k, who: str = "AnchorAttention"):
-    checks.check_float_array("q", q, 4)
-    checks.check_float_array("k", k, 4)
-    B, T, H, D = q.shape
-    if k.shape[0] != B:
-        raise ValueError(f"k must have q's batch size B={B}, got {checks.describe(k)}")
-    if k.shape[3] != D:
-        raise ValueError(f"k must have head dim D={D} like q, got {checks.describe(k)}")
-    if k.shape[1] != T:
-        raise ValueError(f"{who} is causal self-attention prefill: k must have q's length T={T}, got "
-                         f"{checks.describe(k)}")
-    Hkv = k.shape[2]
-    if T == 0 or Hkv == 0 or H % Hkv:
-        raise ValueError(f"q heads H={H} must be a positive multiple of k heads Hkv={Hkv} and T={T} positive")
+    B, T, H, Hkv, D = checks.check_self_attention_qk(q, k, who)
     return B, T, H, Hkv, D
 
 

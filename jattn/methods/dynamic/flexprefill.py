@@ -73,19 +73,7 @@ __all__ = ["flexprefill_attention", "flexprefill_block_mask", "flexprefill_selec
 
 def _check_selector_args(q, k, gamma, tau, min_budget, max_budget, block_size) -> tuple[int, int, int, int, int]:
     """Validates the selector's inputs; returns ``(B, T, H, Hkv, D)``."""
-    checks.check_float_array("q", q, 4)
-    checks.check_float_array("k", k, 4)
-    B, T, H, D = q.shape
-    if k.shape[0] != B:
-        raise ValueError(f"k must have q's batch size B={B}, got {checks.describe(k)}")
-    if k.shape[3] != D:
-        raise ValueError(f"k must have head dim D={D} like q, got {checks.describe(k)}")
-    if k.shape[1] != T:
-        raise ValueError(f"FlexPrefill is causal self-attention prefill: k must have q's length T={T}, "
-                         f"got {checks.describe(k)}")
-    Hkv = k.shape[2]
-    if T == 0 or Hkv == 0 or H % Hkv:
-        raise ValueError(f"q heads H={H} must be a positive multiple of k heads Hkv={Hkv} and T={T} positive")
+    B, T, H, Hkv, D = checks.check_self_attention_qk(q, k, "FlexPrefill (causal prefill)")
     checks.check_float_in("gamma", gamma, 0.0, 1.0, low_open=True)
     checks.check_float_in("tau", tau, 0.0, 1.0)
     checks.check_int("min_budget", min_budget, 1)

@@ -56,17 +56,7 @@ __all__ = ["hip_attention", "hip_block_mask", "hip_select", "hip_iterations"]
 
 
 def _check_args(q, k, k_budget, block_q, block_k, window):
-    checks.check_float_array("q", q, 4)
-    checks.check_float_array("k", k, 4)
-    B, T, H, D = q.shape
-    if k.shape[0] != B:
-        raise ValueError(f"k must have q's batch size B={B}, got {checks.describe(k)}")
-    if k.shape[3] != D:
-        raise ValueError(f"k must have head dim D={D} like q, got {checks.describe(k)}")
-    if k.shape[1] != T:
-        raise ValueError(f"HiP here is causal self-attention: k must have q's length T={T}, got {checks.describe(k)}")
-    if k.shape[2] == 0 or H % k.shape[2]:
-        raise ValueError(f"q heads H={H} must be a multiple of k heads Hkv={k.shape[2]}")
+    B, T, H, Hkv, D = checks.check_self_attention_qk(q, k, "HiP (causal)")
     block_q = checks.check_int("block_q", block_q, 1)
     block_k = checks.check_int("block_k", block_k, 1)
     k_budget = checks.check_int("k_budget", k_budget, 1)
@@ -74,7 +64,7 @@ def _check_args(q, k, k_budget, block_q, block_k, window):
     if k_budget % block_k:
         raise ValueError(f"k_budget={k_budget} must be a multiple of block_k={block_k} (it is a number of key "
                          f"blocks times block_k)")
-    return B, T, H, k.shape[2], D
+    return B, T, H, Hkv, D
 
 
 def hip_iterations(num_key_blocks: int, blocks_kept: int) -> int:

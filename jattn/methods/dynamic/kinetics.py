@@ -250,18 +250,7 @@ def expected_cost(cost_fn, generation_lengths, *, num_trials: int = 1, **kwargs)
 # ------------------------------------------------------------------------------------------ prefill selector
 
 def _check_selector_args(q, k, topk, block_q, block_size, local, sink):
-    checks.check_float_array("q", q, 4)
-    checks.check_float_array("k", k, 4)
-    B, T, H, D = q.shape
-    if k.shape[0] != B:
-        raise ValueError(f"k must have q's batch size B={B}, got {checks.describe(k)}")
-    if k.shape[3] != D:
-        raise ValueError(f"k must have head dim D={D} like q, got {checks.describe(k)}")
-    if k.shape[1] != T:
-        raise ValueError(f"Kinetics prefill is causal self-attention: k must have q's length T={T}, got "
-                         f"{checks.describe(k)}")
-    if k.shape[2] == 0 or H % k.shape[2]:
-        raise ValueError(f"q heads H={H} must be a multiple of k heads Hkv={k.shape[2]}")
+    B, T, H, Hkv, D = checks.check_self_attention_qk(q, k, "Kinetics prefill (causal)")
     block_q = checks.check_int("block_q", block_q, 1)
     block_size = checks.check_int("block_size", block_size, 1)
     topk = checks.check_int("topk", topk, 0)
@@ -271,7 +260,7 @@ def _check_selector_args(q, k, topk, block_q, block_size, local, sink):
     if topk > nK:
         raise ValueError(f"topk={topk} is larger than the number of key blocks nK=ceil(T / block_size)={nK} "
                          f"(T={T}, block_size={block_size})")
-    return B, T, H, k.shape[2], D
+    return B, T, H, Hkv, D
 
 
 def _block_means(x, block: int, length: int):

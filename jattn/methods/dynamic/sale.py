@@ -87,19 +87,7 @@ def _head_taus(tau, H: int) -> np.ndarray:
 
 def _check_args(q, k, tau, block_q, block_k, local_window, bits, quant_block, dense_len, smooth):
     """Validates the selector's inputs; returns ``(B, T, H, Hkv, D, taus [H])``."""
-    checks.check_float_array("q", q, 4)
-    checks.check_float_array("k", k, 4)
-    B, T, H, D = q.shape
-    if k.shape[0] != B:
-        raise ValueError(f"k must have q's batch size B={B}, got {checks.describe(k)}")
-    if k.shape[3] != D:
-        raise ValueError(f"k must have head dim D={D} like q, got {checks.describe(k)}")
-    if k.shape[1] != T:
-        raise ValueError(f"SALE is causal self-attention prefill: k must have q's length T={T}, got "
-                         f"{checks.describe(k)}")
-    Hkv = k.shape[2]
-    if T == 0 or Hkv == 0 or H % Hkv:
-        raise ValueError(f"q heads H={H} must be a positive multiple of k heads Hkv={Hkv} and T={T} positive")
+    B, T, H, Hkv, D = checks.check_self_attention_qk(q, k, "SALE (causal prefill)")
     taus = _head_taus(tau, H)
     block_q = checks.check_int("block_q", block_q, 1)
     block_k = checks.check_int("block_k", block_k, 1)

@@ -185,17 +185,7 @@ def layer_chunk(layer: int, chunks: tuple) -> int | tuple[int, ...]:
 # ---------------------------------------------------------------------------------------- validation
 
 def _check_selector_args(q, k, chunk_size, tau, mode, select, topk, block_q):
-    checks.check_float_array("q", q, 4)
-    checks.check_float_array("k", k, 4)
-    B, S, H, D = q.shape
-    if k.shape[0] != B:
-        raise ValueError(f"k must have q's batch size B={B}, got {checks.describe(k)}")
-    if k.shape[3] != D:
-        raise ValueError(f"k must have head dim D={D} like q, got {checks.describe(k)}")
-    if k.shape[1] != S:
-        raise ValueError(f"VMoBA is video self-attention: k must have q's length S={S}, got {checks.describe(k)}")
-    if k.shape[2] == 0 or H % k.shape[2]:
-        raise ValueError(f"q heads H={H} must be a multiple of k heads Hkv={k.shape[2]}")
+    B, S, H, Hkv, D = checks.check_self_attention_qk(q, k, "VMoBA (video)")
     chunk_size = checks.check_int("chunk_size", chunk_size, 1)
     if chunk_size > S:
         raise ValueError(f"chunk_size={chunk_size} must be at most the sequence length S={S}")
@@ -210,7 +200,7 @@ def _check_selector_args(q, k, chunk_size, tau, mode, select, topk, block_q):
         if topk > C:
             raise ValueError(f"topk={topk} is larger than the number of chunks C={C} (S={S}, chunk_size={chunk_size})")
     checks.check_int("block_q", block_q, 1)
-    return B, S, H, k.shape[2], D, C
+    return B, S, H, Hkv, D, C
 
 
 # ---------------------------------------------------------------------------------------- pure pieces

@@ -58,22 +58,6 @@ __all__ = ["normalized_attention_score", "adaptive_keep_count", "important_token
            "zipvl_probe_positions"]
 
 
-def _check_qk(q, k):
-    checks.check_float_array("q", q, 4)
-    checks.check_float_array("k", k, 4)
-    B, T, H, D = q.shape
-    if k.shape[0] != B:
-        raise ValueError(f"k must have q's batch size B={B}, got {checks.describe(k)}")
-    if k.shape[3] != D:
-        raise ValueError(f"k must have head dim D={D} like q, got {checks.describe(k)}")
-    if k.shape[1] != T:
-        raise ValueError(f"ZipVL prefill is causal self-attention: k must have q's length T={T}, got "
-                         f"{checks.describe(k)}")
-    if k.shape[2] == 0 or H % k.shape[2]:
-        raise ValueError(f"q heads H={H} must be a multiple of k heads Hkv={k.shape[2]}")
-    return B, T, H, k.shape[2], D
-
-
 def _check_tau(tau) -> float:
     return checks.check_float_in("tau", tau, 0.0, 1.0, low_open=True)
 
@@ -103,7 +87,7 @@ def normalized_attention_score(q: Float[Array, "B T H D"], k: Float[Array, "B T 
     Raises:
       TypeError, ValueError: an argument is malformed (named).
     """
-    B, T, H, Hkv, D = _check_qk(q, k)
+    B, T, H, Hkv, D = checks.check_self_attention_qk(q, k, "ZipVL prefill (causal)")
     if not hasattr(probe_positions, "dtype") or not jnp.issubdtype(probe_positions.dtype, jnp.integer) \
             or probe_positions.ndim != 1:
         raise TypeError(f"probe_positions must be an integer array [P], got {checks.describe(probe_positions)}")
@@ -163,7 +147,7 @@ def zipvl_token_mask(q: Float[Array, "B T H D"], k: Float[Array, "B T Hkv D"], *
     Raises:
       TypeError, ValueError: an argument is malformed (named).
     """
-    _check_qk(q, k)
+    checks.check_self_attention_qk(q, k, "ZipVL prefill (causal)")
     tau = _check_tau(tau)
     positions = zipvl_probe_positions(q.shape[1], seed=seed, recent_fraction=recent_fraction,
                                       random_fraction=random_fraction)
@@ -196,7 +180,7 @@ def zipvl_block_mask(q: Float[Array, "B T H D"], k: Float[Array, "B T Hkv D"], *
     Raises:
       TypeError, ValueError: an argument is malformed (named).
     """
-    B, T, H, Hkv, D = _check_qk(q, k)
+    B, T, H, Hkv, D = checks.check_self_attention_qk(q, k, "ZipVL prefill (causal)")
     block_q = checks.check_int("block_q", block_q, 1)
     block_k = checks.check_int("block_k", block_k, 1)
     important, _ = zipvl_token_mask(q, k, tau=tau, seed=seed, recent_fraction=recent_fraction,
