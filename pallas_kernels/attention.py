@@ -653,19 +653,13 @@ def _flash_padded_fwd(spec, q, k, v, bias, mask, q_seg, kv_seg, consts):
     return (out, lse), (markers, (*values, const_values, out, lse))
 
 
-def _zeros_if_symbolic(ct, like):
-    if ct is None or isinstance(ct, jax.custom_derivatives.SymbolicZero):
-        return jnp.zeros(like.shape, like.dtype)
-    return ct
-
-
 def _flash_padded_bwd(spec, residuals, cotangents):
     markers, arrays = residuals
     needs = tuple(m is not None for m in markers)
     needs = (*needs[:3], needs[3:])
     out, lse = arrays[-2:]
-    d_out = _zeros_if_symbolic(cotangents[0], out)
-    d_lse = _zeros_if_symbolic(cotangents[1], lse)
+    d_out = common.zeros_if_symbolic(cotangents[0], out)
+    d_lse = common.zeros_if_symbolic(cotangents[1], lse)
     dq, dk, dv, dbias, dconsts = _backward(spec, needs, arrays, d_out, d_lse)
     return dq, dk, dv, dbias, None, None, None, dconsts
 

@@ -510,20 +510,14 @@ def _core_fwd(cfg, q, k, v, kv_table, q_table, consts):
                                                                              out, lse))
 
 
-def _zeros_if_symbolic(ct, like):
-    if ct is None or isinstance(ct, jax.custom_derivatives.SymbolicZero):
-        return jnp.zeros(like.shape, like.dtype)
-    return ct
-
-
 def _core_bwd(cfg, residuals, cotangents):
     differentiated, (q, k, v, kv_table, q_table, consts, out, lse) = residuals
     if differentiated is not None:
         raise ValueError("the gradient w.r.t. the arrays a score_mod closes over is not available from the "
                          "block-sparse Pallas kernel: use impl='xla' (jattn.block_sparse_attention's default on "
                          "every platform for a mod that closes over float arrays)")
-    d_out = _zeros_if_symbolic(cotangents[0], out)
-    d_lse = _zeros_if_symbolic(cotangents[1], jnp.swapaxes(lse, 1, 2))
+    d_out = common.zeros_if_symbolic(cotangents[0], out)
+    d_lse = common.zeros_if_symbolic(cotangents[1], jnp.swapaxes(lse, 1, 2))
     B, T, H, D = q.shape
     S, Hkv, D_v = k.shape[1], k.shape[2], v.shape[3]
     qp, kp, vp = _pad_inputs(cfg, q, k, v)

@@ -91,6 +91,14 @@ def compiler_params(target: str, *, interpret: bool, num_warps: int = 4, num_sta
     raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
 
 
+def zeros_if_symbolic(ct, like):
+    """A ``custom_vjp(symbolic_zeros=True)`` cotangent as an array: a symbolic zero (or None) becomes zeros
+    shaped like ``like``."""
+    if ct is None or isinstance(ct, jax.custom_derivatives.SymbolicZero):
+        return jnp.zeros(like.shape, like.dtype)
+    return ct
+
+
 def smem_spec():
     """A whole-array input placed in TPU scalar memory (scalars read with dynamic indices)."""
     return pl.BlockSpec(memory_space=_tpu_memory_space("SMEM"))

@@ -32,7 +32,7 @@ from jax.extend import core as jex_core
 
 from pallas_kernels import score_mod as score_mod_kernels
 
-__all__ = ["TracedScoreMod", "trace_score_mod", "apply_score_mod", "is_differentiable"]
+__all__ = ["TracedScoreMod", "ScoreModPlan", "trace_score_mod", "apply_score_mod", "is_differentiable"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -97,3 +97,23 @@ def apply_score_mod(traced: TracedScoreMod, consts, score, b, h, q_idx, kv_idx):
 def is_differentiable(x) -> bool:
     """Whether a const can carry a gradient (float dtype)."""
     return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreModPlan:
+    """The static half of a score mod inside a custom VJP: the traced function and which of its arrays are
+    differentiable (float). ``split`` picks those arrays, ``merge`` puts replacements (their tracers or their
+    gradients) back in place."""
+    traced: TracedScoreMod
+    float_consts: tuple[bool, ...]
+
+    @classmethod
+    def of(cls, traced: TracedScoreMod | None, consts) -> "ScoreModPlan | None":
+        return None if traced is None else cls(traced, tuple(is_differentiable(c) for c in consts))
+
+    def split(self, consts) -> tuple:
+        return tuple(c for c, f in zip(consts, self.float_consts) if f)
+
+    def merge(self, consts, floats) -> tuple:
+        floats = iter(floats)
+        return tuple(next(floats) if f else c for c, f in zip(consts, self.float_consts))

@@ -19,6 +19,7 @@ Methods whose pattern depends on the sequence length have no decoding cache (``c
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from typing import Any, Callable
 
@@ -320,7 +321,6 @@ def _selector_apply(name, module: str, function: str):
         if mask is not None or return_probs:
             raise ValueError(f"method {name!r} takes no padding mask and returns no attention probabilities; its "
                              f"chosen tiles are jattn.methods.dynamic.{module}.{name}_block_mask")
-        import importlib
         attention = getattr(importlib.import_module(f"jattn.methods.dynamic.{module}"), function)
         return attention(q, k, v, scale=scale, **config)
     return apply
@@ -333,7 +333,6 @@ def _selector_adapter(name, module, options, description):
 
 def _modifier(module: str, factory: str):
     """A training-free modifier's own ``AttentionMethod`` (``jattn.methods.modifiers.<module>.<factory>()``)."""
-    import importlib
     return getattr(importlib.import_module(f"jattn.methods.modifiers.{module}"), factory)()
 
 

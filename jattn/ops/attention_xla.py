@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
-from jattn.core.score_mod import TracedScoreMod, apply_score_mod, is_differentiable
+from jattn.core.score_mod import ScoreModPlan, TracedScoreMod, apply_score_mod
 from jattn.core.softmax import MASK_VALUE, OnlineSoftmax
 from pallas_kernels.common import as_4d, online_softmax_step, pad_axis, tile_ranges, visible_tiles
 
@@ -47,8 +47,7 @@ class TileConfig:
     has_segments: bool
     has_sinks: bool
     scale_in_q: bool = False  # q arrives multiplied by `scale` (see `_prepare`): tiles skip the multiply
-    score_mod: Optional[TracedScoreMod] = None  # jattn.core.score_mod; its arrays travel as ops["mod_consts"]
-    mod_float_consts: tuple[bool, ...] = ()  # which of those arrays can carry a gradient
+    score_mod: Optional[ScoreModPlan] = None  # jattn.core.score_mod; its arrays travel as ops["mod_consts"]
 
     @property
     def num_q_blocks(self) -> int:
@@ -128,14 +127,8 @@ def _tile_visible(cfg: TileConfig, ops, qi, kj):
     return visible
 
 
-def _merge_consts(cfg: TileConfig, ops, float_consts):
-    """The mod's arrays, with the differentiable ones replaced by ``float_consts`` (same order)."""
-    floats = iter(float_consts)
-    return tuple(next(floats) if is_float else c for c, is_float in zip(ops["mod_consts"], cfg.mod_float_consts))
-
-
 def _float_consts(cfg: TileConfig, ops):
-    return tuple(c for c, is_float in zip(ops["mod_consts"], cfg.mod_float_consts) if is_float)
+    return cfg.score_mod.split(ops["mod_consts"])
 
 
 def _tile_score_mod(cfg: TileConfig, ops, s, qi, kj, float_consts):
@@ -144,7 +137,7 @@ def _tile_score_mod(cfg: TileConfig, ops, s, qi, kj, float_consts):
     B, Hkv, G, bq, bk = s.shape
     q_idx = jnp.minimum(qi * bq + jnp.arange(bq, dtype=jnp.int32), cfg.T - 1)
     kv_idx = jnp.minimum(kj * bk + jnp.arange(bk, dtype=jnp.int32), cfg.S - 1)
-    return apply_score_mod(cfg.score_mod, _merge_consts(cfg, ops, float_consts), s,
+    return apply_score_mod(cfg.score_mod.traced, cfg.score_mod.merge(ops["mod_consts"], float_consts), s,
                            jnp.arange(B, dtype=jnp.int32).reshape(B, 1, 1, 1, 1),
                            jnp.arange(Hkv * G, dtype=jnp.int32).reshape(1, Hkv, G, 1, 1),
                            q_idx.reshape(1, 1, 1, bq, 1), kv_idx.reshape(1, 1, 1, 1, bk))
@@ -303,7 +296,8 @@ def _dq_q_block(cfg: TileConfig, ops, res, qi):
         b_shape = ops["bias"].shape
         dbias = jnp.zeros((*b_shape[:3], cfg.block_q if b_shape[3] != 1 else 1, b_shape[4]), jnp.float32)
 
-    d_consts = jax.tree.map(lambda c: jnp.zeros(c.shape, jnp.float32), _float_consts(cfg, ops))
+    float_consts = () if cfg.score_mod is None else _float_consts(cfg, ops)
+    d_consts = jax.tree.map(lambda c: jnp.zeros(c.shape, jnp.float32), float_consts)
 
     def step(kj, carry, masked: bool):
         dq, dbias, d_consts = carry
@@ -456,9 +450,11 @@ def _flash_bwd(cfg, residuals, cotangents):
         dbias = dbias.reshape(b4[0], b4[1], dbias.shape[3], dbias.shape[4]).reshape(bias.shape).astype(bias.dtype)
     if sinks is not None:
         dsinks = dsinks.reshape(H).astype(sinks.dtype)
-    floats = iter(d_float_consts)
-    d_consts = tuple(next(floats).astype(c.dtype) if is_float else None
-                     for c, is_float in zip(mod_consts, cfg.mod_float_consts))
+    d_consts = ()
+    if cfg.score_mod is not None:
+        floats = cfg.score_mod.split(mod_consts)
+        d_consts = cfg.score_mod.merge((None,) * len(mod_consts),
+                                       (d.astype(c.dtype) for d, c in zip(d_float_consts, floats)))
     return dq, dk, dv, dbias, None, None, None, dsinks, d_consts
 
 
@@ -509,6 +505,6 @@ def flash_attention_xla(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"]
                      causal=bool(causal), window=None if window is None else tuple(window),
                      softcap=None if softcap is None else float(softcap), has_mask=mask is not None,
                      has_bias=bias is not None, has_segments=q_segment_ids is not None,
-                     has_sinks=sinks is not None, scale_in_q=q.dtype == jnp.float32, score_mod=score_mod,
-                     mod_float_consts=tuple(is_differentiable(c) for c in mod_consts))
+                     has_sinks=sinks is not None, scale_in_q=q.dtype == jnp.float32,
+                     score_mod=ScoreModPlan.of(score_mod, mod_consts))
     return _flash_compiled(cfg, q, k, v, bias, mask, q_segment_ids, kv_segment_ids, sinks, tuple(mod_consts))

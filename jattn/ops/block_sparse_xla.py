@@ -30,7 +30,6 @@ row; tiles that are not listed are never read.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -38,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from jattn.core.score_mod import TracedScoreMod, apply_score_mod, is_differentiable
+from jattn.core.score_mod import ScoreModPlan, TracedScoreMod, apply_score_mod
 from jattn.core.softmax import MASK_VALUE
 from pallas_kernels.block_sparse import SparseConfig
 from pallas_kernels.common import finalize_rows, pad_axis
@@ -75,22 +74,8 @@ def block_sparse_xla(cfg: SparseConfig, q: Float[Array, "B T H D"], k: Float[Arr
     Returns:
       ``out [B, T, H, E]`` float32 and ``lse [B, T, H]`` float32 (``-inf`` on rows with nothing visible).
     """
-    mod = None if score_mod is None else ScoreModPlan(score_mod, tuple(is_differentiable(c) for c in mod_consts))
+    mod = ScoreModPlan.of(score_mod, mod_consts)
     return _core(cfg, mod, q, k, v, tuple(kv_tables), tuple(mod_consts))
-
-
-@dataclasses.dataclass(frozen=True)
-class ScoreModPlan:
-    """The static half of a score mod: the traced function and which of its arrays are differentiable."""
-    traced: TracedScoreMod
-    float_consts: tuple[bool, ...]
-
-    def split(self, consts):
-        return tuple(c for c, f in zip(consts, self.float_consts) if f)
-
-    def merge(self, consts, floats):
-        floats = iter(floats)
-        return tuple(next(floats) if f else c for c, f in zip(consts, self.float_consts))
 
 
 def _apply_mod(cfg, mod: ScoreModPlan, consts, float_consts, s, ch):
