@@ -6,11 +6,13 @@
   mass of non-initial attention sinks to the other keys on chosen heads, and the per-head search.
 
 * ``attention_influence`` (P16): uniform ablation of chosen heads, retrieval-head scores, the influence ratio.
+* ``rcmha`` (P31): relative convolutional MHA, a trained layer: depthwise causal convolution of Q, K, V and
+  Transformer-XL relative scores (``RCMHA``, ``rcmha_lm``).
 
 The first two also run inside ``jattn.nn`` models as ``Attention(method="entropy_scaled" | "act")`` (registered
 from the catalogue like every paper method).
 """
-from jattn.methods.modifiers import act, attention_influence, entropy_scaling
+from jattn.methods.modifiers import act, attention_influence, entropy_scaling, rcmha
 from jattn.methods.modifiers.act import (act_attention, act_calibrate, act_method, act_prob_mod, register_act_method,
                                          search_act_heads, set_layer_methods, sink_scores, sink_set)
 from jattn.methods.modifiers.entropy_scaling import (attention_entropy, entropy_factor, entropy_invariant_scale,
@@ -20,3 +22,4 @@ from jattn.methods.modifiers.entropy_scaling import (attention_entropy, entropy_
 from jattn.methods.modifiers.attention_influence import (attention_influence as influence, causal_mean,
                                                          head_ablation_prob_mod, retrieval_head_scores, top_heads,
                                                          uniform_head_ablation)
+from jattn.methods.modifiers.rcmha import RCMHA, rcmha_lm
