@@ -1,0 +1,16 @@
+"""P59 AEM on digit bags: ABMIL + lam * sum_i p_i log p_i (lam = 0.1, the official README's example)."""
+
+TASK = {"target": 9, "min_size": 8, "max_size": 16, "max_positives": 2, "train_bags": 100, "test_bags": 500,
+        "seed": 0}
+
+
+def get_config():
+    return {
+        "name": "mil_aem",
+        "method": "aem",
+        "lam": 0.1,
+        "task": dict(TASK),
+        "model": {"inner_dim": 128, "hidden": 128},
+        "optim": {"lr": 1e-3, "weight_decay": 1e-5},
+        "train": {"steps": 600, "batch_size": 8},
+    }
