@@ -1,0 +1,20 @@
+"""The tiny captioning VLM of issue 16 (``jattn.nn.vlm.TinyVLM``) on shapes + digits captions, CPU-sized.
+
+``python -m train.captioning --config configs/vlm_shapes.py`` trains it into ``train.out_dir`` (the cached
+default ``runs/vlm_shapes`` that ``train.captioning.load_vlm()`` reads). ``model`` holds TinyVLM's keyword
+arguments; ``task`` the data mix (``digit_fraction`` of each batch are sklearn digits, the rest shapes).
+"""
+
+
+def get_config():
+    return {
+        "name": "vlm_shapes",
+        "seed": 0,
+        "task": {"kind": "captioning", "max_objects": 3, "digit_fraction": 0.2, "data_seed": 0, "max_len": 16},
+        "model": {"dim": 64, "mlp_dim": 128, "encoder_layers": 2, "decoder_layers": 2, "num_heads": 4,
+                  "patch_size": 4, "method": "softmax", "method_config": {}},
+        "optim": {"lr": 3e-3, "warmup_steps": 50, "schedule": "cosine", "weight_decay": 0.05},
+        "train": {"steps": 1500, "batch_size": 32, "log_every": 50, "eval_every": 500, "eval_batches": 2,
+                  "checkpoint_every": 250, "out_dir": "runs/vlm_shapes", "progress": False},
+        "eval": {"num_shapes": 512, "num_digits": 359, "batch_size": 128},
+    }
