@@ -246,6 +246,15 @@ _PROGRESS = {
             "lowers eval loss by 0.0062 +- 0.0018 nats/byte (3 of 3 seeds), the paper form is inert at lam = 1e-5; "
             "the softmax-only model where entropic overload appears is not built, so the headline claim is "
             "untested"),
+    "P25": (tuple(_OBJECTIVES + "deft." + n for n in (
+                "density_surrogate", "density_loss", "activation_density", "positive_fraction", "deft_loss",
+                "LoRALinear", "DeftMLP", "apply_deft", "lora_params")) + ("train.deft.finetune",),
+            ("tests/methods/objectives/test_deft.py", "tests/train/test_deft.py"), "partial",
+            "the official density surrogate a^2/(a^2+eps) on the FFN activations + LoRA (r 8, alpha 16, query and "
+            "value; bit-identical at init, only A/B train) on real MiniLM, keeping its embeddings (docs/deft.md, 3 "
+            "seeds, 100 steps): fraction a > 0 0.2276 -> 0.2198 +- 0.0008 (lambda 0: 0.2276), cosine drift 0.002; "
+            "small, and the paper's exact non-zero count does not move (GELU gives no exact zeros); adapters, "
+            "prefix tuning and the toy classifier check not built"),
     "P59": (tuple(_OBJECTIVES + n for n in ("aem.attention_entropy", "aem.aem_loss", "aem.aem_total_loss",
                                             "abmil.GatedAttentionMILPool", "abmil.masked_softmax")) + ("train.mil.run",),
             ("tests/methods/objectives/test_aem.py", "tests/methods/objectives/test_abmil.py",
@@ -458,6 +467,8 @@ _LAYER = {
            "drops into a TransformerBlock (rcmha_lm builds a DecoderLM of them)",
     "P21": "a learnable temperature layer (jattn.methods.objectives.entropy_guided.EntropyGuidedAttention, "
            "use_entropy_guided swaps it into a DecoderLM) trained with a regulariser on the maps",
+    "P25": "a finetuning objective (activation-density loss) with LoRA on a model's MLPs "
+           "(jattn.methods.objectives.deft.apply_deft), not attention over q, k, v",
     "P59": "a training objective on MIL attention pooling over a bag of instance features (ABMIL's gated "
            "attention, jattn.methods.objectives.abmil), not attention over q, k, v",
     "P40": "a MIL pooling model (multi-branch gated attention + instance masking, "
