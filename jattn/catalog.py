@@ -255,6 +255,24 @@ _PROGRESS = {
             "seeds, 100 steps): fraction a > 0 0.2276 -> 0.2198 +- 0.0008 (lambda 0: 0.2276), cosine drift 0.002; "
             "small, and the paper's exact non-zero count does not move (GELU gives no exact zeros); adapters, "
             "prefix tuning and the toy classifier check not built"),
+    "P54": (tuple(_OBJECTIVES + "fod." + n for n in (
+                "gaussian_prior_attention_target", "sigma_from_logits", "sym_kl", "row_entropy", "rec_loss",
+                "attention2d", "i2correlation_layer", "init_fod", "fod_forward", "fod_losses", "fod_anomaly_score"))
+            + ("train.anomaly.main",),
+            ("tests/methods/objectives/test_fod.py", "tests/train/test_anomaly.py"), "partial",
+            "Attention2D with learned widths + the row-normalised Gaussian prior, I2Correlation (intra - inter), the "
+            "two-phase minimax losses (weights 0 = rec exactly) and the rec x inter score; one-class digits, 3 seeds "
+            "x 10 classes (docs/fod.md): FOD 0.624 +- 0.060 AUROC vs the official rec-only model 0.955 +- 0.002 "
+            "(null: FOD loses); the spec's pasted-texture check also fails (0.740 vs rec-only 0.757); raw-pixel "
+            "patches, not frozen CNN features"),
+    "P46": (tuple(_OBJECTIVES + "adainf." + n for n in (
+                "InflatedSampler", "weighted_real_generated_sampler", "real_fraction", "augment", "augment_batch",
+                "nt_xent_loss")) + ("train.contrastive.main",),
+            ("tests/methods/objectives/test_adainf.py", "tests/train/test_contrastive.py"), "partial",
+            "real data replicated (dup 10, exact per-epoch proportions) + the weaker augmentation + SimCLR NT-Xent; "
+            "digits, 500 steps, 3 seeds, ridge probe (docs/adainf.md): AdaInf 0.933 +- 0.000 vs real-only 0.922 +- "
+            "0.006, but real-only with the weak augmentation also 0.933: the gain is the augmentation, the "
+            "inflation half is a null; 'generated' data are deformed copies, not generative samples"),
     "P59": (tuple(_OBJECTIVES + n for n in ("aem.attention_entropy", "aem.aem_loss", "aem.aem_total_loss",
                                             "abmil.GatedAttentionMILPool", "abmil.masked_softmax")) + ("train.mil.run",),
             ("tests/methods/objectives/test_aem.py", "tests/methods/objectives/test_abmil.py",
@@ -469,6 +487,9 @@ _LAYER = {
            "use_entropy_guided swaps it into a DecoderLM) trained with a regulariser on the maps",
     "P25": "a finetuning objective (activation-density loss) with LoRA on a model's MLPs "
            "(jattn.methods.objectives.deft.apply_deft), not attention over q, k, v",
+    "P54": "an anomaly-detection objective on a patch transformer (I2Correlation layers, "
+           "jattn.methods.objectives.fod), not a drop-in attention over q, k, v",
+    "P46": "a data-inflation rule for contrastive learning, no attention",
     "P59": "a training objective on MIL attention pooling over a bag of instance features (ABMIL's gated "
            "attention, jattn.methods.objectives.abmil), not attention over q, k, v",
     "P40": "a MIL pooling model (multi-branch gated attention + instance masking, "

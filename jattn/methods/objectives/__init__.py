@@ -5,5 +5,7 @@ trained toward (issue 17). Each module is one paper; import from the module itse
 * ``aem`` (P59): attention entropy maximisation for MIL.
 * ``acmil`` (P40): multi-branch attention + stochastic top-k instance masking for MIL.
 * ``deft`` (P25): the activation-density loss with LoRA finetuning.
+* ``fod`` (P54): I2Correlation attention and its minimax losses for anomaly detection.
+* ``adainf`` (P46): data inflation with weaker augmentation for contrastive learning.
 * ``entropy_guided`` (P21): learnable softmax temperature + the thresholded entropy regulariser.
 """
