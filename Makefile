@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.jattn-installed
 
-.PHONY: install demo test vlm bench bench-gpu papers docs docs-figures clean
+.PHONY: install demo test dit vlm bench bench-gpu papers docs docs-figures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -p no:cacheprovider -n auto --dist loadfile
+
+dit: $(STAMP)
+	$(PY) -m train.diffusion --sampler ddpm --guidance 6 --per-class 10 --grid docs/img/dit_samples.png
 
 vlm: $(STAMP)
 	$(PY) -m train.captioning --out runs/vlm_shapes
