@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.jattn-installed
 
-.PHONY: install demo test dit vlm bench bench-gpu papers docs docs-figures clean
+.PHONY: install demo test dit vlm vision-table bench bench-gpu papers docs docs-figures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ dit: $(STAMP)
 
 vlm: $(STAMP)
 	$(PY) -m train.captioning --out runs/vlm_shapes
+
+vision-table: $(STAMP)
+	$(PY) -m train.vision_modules --all --out runs/vision_modules --img docs/img
+	$(PY) -m train.segmentation --out runs/segmentation.json
 
 bench: $(STAMP)
 	$(PY) benchmarks/cpu.py

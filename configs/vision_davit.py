@@ -1,0 +1,14 @@
+"""Issue 18 vision table row: P52 DaViT: 1 dual block (window 4x4 + channel groups).
+
+``python -m train.vision_modules --config configs/vision_davit.py`` -- digits(16) top-1, 3 seeds; the knob
+(``hidden``) is set by ``train.vision_modules.match_params`` to reach ``target_params`` within 5%.
+"""
+
+
+def get_config():
+    return {
+        "name": "vision_davit",
+        "backbone": "tokens", "module": "davit", "width": 32, "depth": 1, "heads": 2, "patch": 2,
+        "target_params": 28000,
+        "steps": 150, "batch_size": 32, "lr": 3e-3, "seeds": (0, 1, 2), "size": 16,
+    }
