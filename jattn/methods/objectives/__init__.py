@@ -7,5 +7,7 @@ trained toward (issue 17). Each module is one paper; import from the module itse
 * ``deft`` (P25): the activation-density loss with LoRA finetuning.
 * ``fod`` (P54): I2Correlation attention and its minimax losses for anomaly detection.
 * ``adainf`` (P46): data inflation with weaker augmentation for contrastive learning.
+* ``hungarian``: DETR's matching cost, Hungarian assignment and set loss (the baseline of P35).
+* ``deim`` (P35): the matchability-aware loss and dense one-to-one matching (mosaics).
 * ``entropy_guided`` (P21): learnable softmax temperature + the thresholded entropy regulariser.
 """
