@@ -3,6 +3,10 @@ keep the frozen model's sentence embeddings (1 - cosine) plus ``weight`` x the s
 (eps=1e-7). ``weight=0`` is the baseline (the same PEFT without DEFT). Run: ``python -m train.deft``."""
 
 
+# Run by `python -m train.deft`, which reads the keys below (not the generic `python -m train --config`).
+RUNNER = "train.deft"
+
+
 def get_config():
     return {
         "name": "deft_minilm",

@@ -7,6 +7,10 @@ first 75% of steps (DEIM switches augmentation off before the end). mAP@0.5 on 2
 """
 
 
+# Run by `python -m train.detection`, which reads the keys below (not the generic `python -m train --config`).
+RUNNER = "train.detection"
+
+
 def get_config():
     return {
         "name": "deim_shapes",

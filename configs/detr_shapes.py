@@ -5,6 +5,10 @@ Dense O2O mosaics, mAP@0.5 on 200 held-out images (a different shapes stream) at
 """
 
 
+# Run by `python -m train.detection`, which reads the keys below (not the generic `python -m train --config`).
+RUNNER = "train.detection"
+
+
 def get_config():
     return {
         "name": "detr_shapes",

@@ -6,6 +6,10 @@ Patch 4 (16 tokens) keeps a training run within the CPU budget; patch 2 (64 toke
 """
 
 
+# Run by `python -m train.diffusion`, which reads the keys below (not the generic `python -m train --config`).
+RUNNER = "train.diffusion"
+
+
 def get_config():
     return {
         "name": "dit_digits",

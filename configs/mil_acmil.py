@@ -9,6 +9,10 @@ TASK = {"target": 9, "min_size": 8, "max_size": 16, "max_positives": 2, "train_b
         "seed": 0}
 
 
+# Run by `python -m train.mil`, which reads the keys below (not the generic `python -m train --config`).
+RUNNER = "train.mil"
+
+
 def get_config():
     return {
         "name": "mil_acmil",

@@ -5,6 +5,10 @@
 """
 
 
+# Run by `python -m train.vision_modules`, which reads the keys below (not the generic `python -m train --config`).
+RUNNER = "train.vision_modules"
+
+
 def get_config():
     return {
         "name": "vision_gaam",

@@ -6,6 +6,10 @@ arguments; ``task`` the data mix (``digit_fraction`` of each batch are sklearn d
 """
 
 
+# Run by `python -m train.captioning`, which reads the keys below (not the generic `python -m train --config`).
+RUNNER = "train.captioning"
+
+
 def get_config():
     return {
         "name": "vlm_shapes",
