@@ -112,6 +112,7 @@ _ANALYSIS = "jattn.methods.analysis."
 _VISION = "jattn.methods.vision."
 _MODIFIERS = "jattn.methods.modifiers."
 _OBJECTIVES = "jattn.methods.objectives."
+_GENERATIVE = "jattn.methods.generative."
 # id -> (entry points, tests, status, note) for every paper with code in the tree.
 _PROGRESS = {
     "P03": (("jattn.distributed.ring_attention", "jattn.distributed.kv_partitioned_attention",
@@ -307,6 +308,15 @@ _PROGRESS = {
             "(docs/detection.md, 3 seeds): no faster convergence (mAP 0.001 vs 0.021 at 100 steps, 0.190 vs 0.177 "
             "at 300, within spread); 20 learned queries never learned in this budget (token queries used); MAL and "
             "O2O alone not run"),
+    "P07": (tuple(_GENERATIVE + "softpag." + n for n in (
+                "soft_pag", "perturbed_attention", "perturbation_guidance", "cfg_pag_guidance", "headhunter_greedy",
+                "head_mask_from_heads")) + ("train.softpag.run_experiment",),
+            ("tests/methods/generative/test_softpag.py", "tests/train/test_softpag.py"), "partial",
+            "SoftPAG (1-u) A + u I as a prob_mod and as (1-u) softmax(qk^T) v + u v without A (equal, GQA too), "
+            "CFG + PAG guidance and the greedy head search, on the trained tiny DiT (docs/softpag.md, DDIM-50, 3 "
+            "seeds): HeadHunter raises its own objective on the search set, but held-out accuracy does not improve "
+            "(46.3 +- 4.9 % vs CFG 46.8 +- 3.7), PAG on all heads hurts (43.2), and CFG w 3 at fewer evaluations "
+            "gives 58.3"),
     "P59": (tuple(_OBJECTIVES + n for n in ("aem.attention_entropy", "aem.aem_loss", "aem.aem_total_loss",
                                             "abmil.GatedAttentionMILPool", "abmil.masked_softmax")) + ("train.mil.run",),
             ("tests/methods/objectives/test_aem.py", "tests/methods/objectives/test_abmil.py",
@@ -536,6 +546,8 @@ _LAYER = {
     "P69": "a pooling-pyramid context module with no attention: jattn.methods.vision.DAPPM",
     "P35": "a detection loss and matching rule (jattn.methods.objectives.deim) on a DETR, not attention over "
            "q, k, v",
+    "P07": "a guidance rule over a diffusion model's attention maps (soft_pag as a prob_mod, perturbed_attention "
+           "over q, k, v), applied per call, not a layer to train",
     "P59": "a training objective on MIL attention pooling over a bag of instance features (ABMIL's gated "
            "attention, jattn.methods.objectives.abmil), not attention over q, k, v",
     "P40": "a MIL pooling model (multi-branch gated attention + instance masking, "
