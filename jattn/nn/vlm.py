@@ -2,9 +2,16 @@
 
 ``TinyVLM(images [B, S, S, C], tokens [B, T]) -> logits [B, T, V]``:
 
-1. **Encoder** (a ViT without class token): non-overlapping ``patch_size`` patches (32x32 images with
+1. **Encoder** (a ViT without class token): an optional convolutional stem (``stem_layers`` 3x3
+   stride-1 SAME convolutions with ``stem_channels`` channels, each followed by GELU; ``stem_channels=0``
+   is no stem), then non-overlapping ``patch_size`` patches of the (stem) feature map (32x32 images with
    patches of 4: 64 image tokens), a linear patch embedding, learned positions, ``encoder_layers``
    bidirectional :class:`~jattn.nn.models.TransformerBlock` s (pre-LayerNorm, GELU MLP), a final norm.
+   The stem is local (receptive field ``2 * stem_layers + 1`` pixels) and keeps the token grid aligned
+   with the image: :meth:`TinyVLM.embed_patches` token ``(i, j)`` depends only on pixels within
+   ``stem_layers`` of patch ``(i, j)``. It is there because objects of radius 3-5 px span 2-3 patches of
+   4: a linear patch embedding named colours and counts but could not tell circles, squares and
+   triangles apart (23% exact match on held-out shapes without it; see docs/vlm.md).
 2. **Projector**: ``Linear -> GELU -> Linear`` into the decoder width (LLaVA-1.5's two-layer MLP).
 3. **Decoder**: one sequence ``[image tokens (N), text tokens (T)]`` through ``decoder_layers``
    pre-norm blocks whose :class:`~jattn.nn.Attention` runs any registered ``method`` under the
@@ -77,6 +84,7 @@ class TinyVLM(nnx.Module):
     Args:
       vocab_size: the word vocabulary (``train.captioning.Vocab``).
       image_size, patch_size, channels: the image frame; ``(image_size // patch_size) ** 2`` image tokens.
+      stem_channels, stem_layers: the convolutional stem before patchifying (``stem_channels=0``: none).
       dim: the decoder width; ``encoder_dim`` the encoder's (default ``dim``).
       encoder_layers, decoder_layers, num_heads: depths and heads (both stacks).
       max_text_len: the longest token sequence the decoder takes (learned text positions).
@@ -85,7 +93,8 @@ class TinyVLM(nnx.Module):
     """
 
     def __init__(self, vocab_size: int, *, rngs: nnx.Rngs, image_size: int = 32, patch_size: int = 4,
-                 channels: int = 3, dim: int = 64, encoder_dim: int | None = None, encoder_layers: int = 2,
+                 channels: int = 3, stem_channels: int = 0, stem_layers: int = 2, dim: int = 64,
+                 encoder_dim: int | None = None, encoder_layers: int = 2,
                  decoder_layers: int = 2, num_heads: int = 4, mlp_dim: int | None = None, max_text_len: int = 16,
                  method: str = "softmax", method_config: dict | None = None,
                  layer_methods: Sequence[tuple[str, dict]] | None = None):
@@ -95,6 +104,10 @@ class TinyVLM(nnx.Module):
         if image_size % patch_size:
             raise ValueError(f"image_size={image_size} must be a multiple of patch_size={patch_size}")
         self.channels = _positive_int("channels", channels)
+        if isinstance(stem_channels, bool) or not isinstance(stem_channels, int) or stem_channels < 0:
+            raise ValueError(f"stem_channels must be an int >= 0 (0: no stem), got {stem_channels!r}")
+        self.stem_channels = stem_channels
+        self.stem_layers = _positive_int("stem_layers", stem_layers) if stem_channels else 0
         self.dim = _positive_int("dim", dim)
         enc_dim = _positive_int("encoder_dim", dim if encoder_dim is None else encoder_dim)
         self.encoder_layers = _positive_int("encoder_layers", encoder_layers)
@@ -103,7 +116,11 @@ class TinyVLM(nnx.Module):
         self.num_image_tokens = (image_size // patch_size) ** 2
         init = lambda shape: jax.random.normal(rngs.params(), shape, jnp.float32) * 0.02  # noqa: E731
 
-        self.patch_embed = nnx.Linear(patch_size * patch_size * channels, enc_dim, rngs=rngs)
+        self.stem = nnx.List([
+            nnx.Conv(channels if i == 0 else stem_channels, stem_channels, (3, 3), padding="SAME", rngs=rngs)
+            for i in range(self.stem_layers)])
+        feature_channels = stem_channels if stem_channels else channels
+        self.patch_embed = nnx.Linear(patch_size * patch_size * feature_channels, enc_dim, rngs=rngs)
         self.pos_embed = nnx.Param(init((1, self.num_image_tokens, enc_dim)))
         self.encoder = nnx.List([
             TransformerBlock(enc_dim, num_heads, rngs=rngs, mlp_dim=mlp_dim, mlp="gelu", norm="layer",
@@ -131,14 +148,22 @@ class TinyVLM(nnx.Module):
         x = images.reshape(B, S // p, p, S // p, p, C).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(B, (S // p) ** 2, p * p * C)
 
-    def encode_image(self, images, *, return_probs: bool = False):
-        """``images [B, S, S, C]`` in [0, 1] -> projected image tokens ``[B, N, dim]`` (row-major patches)
-        (and the encoder's per-layer maps ``[B, H, N, N]`` with ``return_probs``)."""
+    def embed_patches(self, images):
+        """``images [B, S, S, C]`` -> the encoder's input tokens ``[B, N, encoder_dim]`` (stem, patchify,
+        linear embedding, learned positions; row-major patches)."""
         checks.check_float_array("images", images, 4)
         want = (self.image_size, self.image_size, self.channels)
         if tuple(images.shape[1:]) != want:
             raise ValueError(f"images must be [B, {want[0]}, {want[1]}, {want[2]}], got shape {tuple(images.shape)}")
-        x = self.patch_embed(self.patchify(images.astype(jnp.float32))) + self.pos_embed[...]
+        x = images.astype(jnp.float32)
+        for conv in self.stem:
+            x = jax.nn.gelu(conv(x))
+        return self.patch_embed(self.patchify(x)) + self.pos_embed[...]
+
+    def encode_image(self, images, *, return_probs: bool = False):
+        """``images [B, S, S, C]`` in [0, 1] -> projected image tokens ``[B, N, dim]`` (row-major patches)
+        (and the encoder's per-layer maps ``[B, H, N, N]`` with ``return_probs``)."""
+        x = self.embed_patches(images)
         maps = []
         for block in self.encoder:
             result = block(x, return_probs=return_probs)

@@ -20,7 +20,7 @@ def shared():
 
 def tiny(seed=0, **kwargs):
     config = dict(image_size=16, patch_size=4, dim=16, encoder_layers=1, decoder_layers=2, num_heads=2,
-                  mlp_dim=32, max_text_len=8)
+                  mlp_dim=32, max_text_len=8, stem_channels=4, stem_layers=1)
     config.update(kwargs)
     return TinyVLM(V, rngs=nnx.Rngs(seed), **config)
 
@@ -102,6 +102,37 @@ def test_image_mask_equals_removing_tokens():
     assert np.abs(np.asarray(full - masked)).max() > 1e-5
 
 
+@functools.lru_cache(maxsize=3)
+def stem_model(stem_layers):
+    return tiny(stem_channels=4 if stem_layers else 0, stem_layers=max(stem_layers, 1), decoder_layers=1)
+
+
+def changed_tokens(model, images, y, x):
+    """Which of ``embed_patches``' tokens move when pixel ``(y, x)`` of every image is perturbed."""
+    a = np.asarray(model.embed_patches(images))
+    b = np.asarray(model.embed_patches(images.at[:, y, x].add(0.7)))
+    return set(np.flatnonzero(np.abs(a - b).max(axis=(0, 2)) > 1e-6).tolist())
+
+
+@pytest.mark.parametrize("stem_layers, pixel, expected", [
+    (0, (3, 3), {0}),                  # no stem: a pixel reaches only its own patch
+    (1, (3, 3), {0, 1, 4, 5}),         # 3x3 conv: pixels 2..4 in each axis -> patches 0 and 1
+    (1, (5, 5), {5}),                  # pixels 4..6: all inside patch 1
+    (2, (5, 5), {0, 1, 4, 5}),         # two convs: pixels 3..7 -> patches 0 and 1
+    (2, (6, 6), {5, 6, 9, 10}),        # pixels 4..8 -> patches 1 and 2
+    (2, (0, 15), {3}),                 # the top-right corner stays in the top-right token
+])
+def test_stem_is_local_and_keeps_the_token_grid(stem_layers, pixel, expected):
+    """A perturbed pixel changes exactly the tokens whose patches lie within ``stem_layers`` pixels of it
+    (4x4 grid of patches of 4 on 16x16 images, row-major): catches a stem that is skipped (neighbours
+    unchanged), shifted or strided (grid misaligned), a transposed patchify (rows for columns), or a
+    stem with the wrong number of layers (wrong reach)."""
+    model = stem_model(stem_layers)
+    images, _ = inputs(5)
+    assert changed_tokens(model, images, *pixel) == expected
+    assert len(model.stem) == stem_layers
+
+
 def test_greedy_decode_stops_at_eos():
     """A hand-built causal logits function: row 0 says 5 then eos (then would say 7), row 1 never says eos.
     Catches writing tokens after eos and an off-by-one in where step t writes."""
@@ -151,5 +182,9 @@ def test_bad_arguments_raise_naming_them():
         TinyVLM(V, rngs=nnx.Rngs(0), image_size=30, patch_size=4)
     with pytest.raises(ValueError, match="vocab_size"):
         TinyVLM(0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="stem_channels"):
+        TinyVLM(V, rngs=nnx.Rngs(0), stem_channels=-1)
+    with pytest.raises(ValueError, match="stem_layers"):
+        TinyVLM(V, rngs=nnx.Rngs(0), stem_channels=4, stem_layers=0)
     with pytest.raises(ValueError, match="max_len"):
         model.generate(images, bos=1, eos=2, pad=0, max_len=9)

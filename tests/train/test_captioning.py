@@ -6,7 +6,8 @@ from train.captioning import (HELDOUT_START, CaptionTask, Vocab, build_vlm, cano
                               caption_metrics, digit_frame, evaluate_vlm, load_vlm, parse_groups, save_vlm)
 from train.images import caption
 
-TINY = {"dim": 16, "mlp_dim": 32, "encoder_layers": 1, "decoder_layers": 1, "num_heads": 2, "patch_size": 8}
+TINY = {"dim": 16, "mlp_dim": 32, "encoder_layers": 1, "decoder_layers": 1, "num_heads": 2, "patch_size": 8,
+        "stem_channels": 4, "stem_layers": 1}      # the stem's weights go through save/load too
 
 
 def test_vocab_round_trip():
