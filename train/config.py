@@ -154,3 +154,19 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
                                  f"({node[part]!r}), not a section with keys")
             node = node[part]
     return config
+
+
+def argparse_defaults(path: str, keys: dict) -> dict:
+    """The argparse defaults a ``configs/*.py`` file sets for an experiment script with its own flags.
+
+    ``keys`` maps each config section to the keys it reads: a name (the flag has the same name) or a
+    ``(config key, flag name)`` pair. The config must pass :func:`check_config`; absent keys keep the script's
+    own defaults."""
+    config = check_config(load_config(path))
+    out = {}
+    for section, names in keys.items():
+        for key in names:
+            src, dst = key if isinstance(key, tuple) else (key, key)
+            if src in config.get(section, {}):
+                out[dst] = config[section][src]
+    return out

@@ -210,16 +210,9 @@ CONFIG_KEYS = {"task": ("gen_factor", "dup", "seeds", "variants"), "model": ("wi
 
 def config_defaults(path: str) -> dict:
     """The argparse defaults a ``configs/*.py`` file sets (its ``get_config()`` sections, see CONFIG_KEYS)."""
-    from train.config import check_config, load_config
+    from train.config import argparse_defaults
 
-    config = check_config(load_config(path))
-    out = {}
-    for section, keys in CONFIG_KEYS.items():
-        for key in keys:
-            src, dst = key if isinstance(key, tuple) else (key, key)
-            if src in config.get(section, {}):
-                out[dst] = config[section][src]
-    return out
+    return argparse_defaults(path, CONFIG_KEYS)
 
 
 def main(argv=None) -> dict:

@@ -156,21 +156,31 @@ def core_flop_ratios(T: int, heads: int, head_dim: int, variants=("moh75", "moh5
     return out
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Per variant: mean and sample std of eval CE over seeds, and of the per-seed gap to ``mha``."""
+def paired_summary(rows: list[dict], baseline: str = "mha") -> dict:
+    """Per variant: mean and sample std of eval CE over seeds, and of the per-seed gap to ``baseline``.
+
+    Shared by the small-LM comparisons (``train.moh``, ``train.rcmha``): rows carry ``variant``, ``seed`` and
+    ``eval_ce``."""
     out = {}
-    base = {r["seed"]: r["eval_ce"] for r in rows if r["variant"] == "mha"}
+    base = {r["seed"]: r["eval_ce"] for r in rows if r["variant"] == baseline}
     for variant in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == variant]
         ce = np.array([r["eval_ce"] for r in mine])
         entry = {"n": len(ce), "eval_ce_mean": float(ce.mean()),
-                 "eval_ce_std": float(ce.std(ddof=1)) if len(ce) > 1 else 0.0,
-                 "active_fraction": float(np.mean([r["active_fraction"] for r in mine]))}
+                 "eval_ce_std": float(ce.std(ddof=1)) if len(ce) > 1 else 0.0}
         gaps = np.array([r["eval_ce"] - base[r["seed"]] for r in mine if r["seed"] in base])
-        if variant != "mha" and len(gaps):
+        if variant != baseline and len(gaps):
             entry["gap_mean"] = float(gaps.mean())
             entry["gap_std"] = float(gaps.std(ddof=1)) if len(gaps) > 1 else 0.0
         out[variant] = entry
+    return out
+
+
+def summarize(rows: list[dict]) -> dict:
+    """:func:`paired_summary` plus each variant's mean fraction of active heads."""
+    out = paired_summary(rows)
+    for variant, entry in out.items():
+        entry["active_fraction"] = float(np.mean([r["active_fraction"] for r in rows if r["variant"] == variant]))
     return out
 
 

@@ -26,6 +26,7 @@ from flax import nnx
 from jattn.methods.modifiers.rcmha import rcmha_lm
 from jattn.nn.models import DecoderLM
 from train.data import ByteCorpus
+from train.moh import paired_summary
 
 DEFAULTS = dict(seq_len=64, dim=64, layers=2, heads=4, batch=16, steps=300, lr=3e-3, warmup=30, eval_batches=4,
                 eval_batch=32, seeds="0,1,2", variants="mha,rmha,rcmha", max_bytes=400_000)
@@ -77,22 +78,6 @@ def train_run(variant: str, *, seed: int, corpus: ByteCorpus, steps: int, batch:
             "params": count, "seconds": round(seconds, 1)}
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Per variant: mean and sample std of eval CE over seeds, and of the paired gap to ``mha``."""
-    out, base = {}, {r["seed"]: r["eval_ce"] for r in rows if r["variant"] == "mha"}
-    for variant in dict.fromkeys(r["variant"] for r in rows):
-        ce = np.array([r["eval_ce"] for r in rows if r["variant"] == variant])
-        entry = {"n": len(ce), "eval_ce_mean": float(ce.mean()),
-                 "eval_ce_std": float(ce.std(ddof=1)) if len(ce) > 1 else 0.0}
-        gaps = np.array([r["eval_ce"] - base[r["seed"]] for r in rows
-                         if r["variant"] == variant and r["seed"] in base])
-        if variant != "mha" and len(gaps):
-            entry["gap_mean"] = float(gaps.mean())
-            entry["gap_std"] = float(gaps.std(ddof=1)) if len(gaps) > 1 else 0.0
-        out[variant] = entry
-    return out
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for key, value in DEFAULTS.items():
@@ -112,7 +97,7 @@ def main(argv=None) -> int:
             row = train_run(variant, seed=seed, corpus=corpus, **args)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    summary = summarize(rows)
+    summary = paired_summary(rows)
     print(f"{'variant':8s} {'eval CE (nats/byte)':>22s} {'gap to MHA (paired)':>22s}")
     for variant, s in summary.items():
         gap = f"{s['gap_mean']:+.4f} ± {s['gap_std']:.4f}" if "gap_mean" in s else "-"
