@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m train.demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests -p no:cacheprovider -n auto --dist loadfile
+	$(PY) -m pytest tests -p no:cacheprovider -n auto --dist loadfile --durations=25
 
 dit: $(STAMP)
 	$(PY) -m train.diffusion --sampler ddpm --guidance 6 --per-class 10 --grid docs/img/dit_samples.png

@@ -18,6 +18,30 @@ settings.register_profile("ci", max_examples=8, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# The suite compiles a few thousand tiny programs and runs each once or twice, so XLA's backend optimisation
+# passes cost more than they save (about 40% of the CPU time). They are off unless JATTN_TEST_OPTIMIZE=1;
+# a test whose assertion is about the optimised program (compiled memory or FLOPs) is marked
+# ``@pytest.mark.optimized`` and compiles with them on.
+OPTIMIZE_ALL = os.environ.get("JATTN_TEST_OPTIMIZE", "0") == "1"
+jax.config.update("jax_disable_most_optimizations", not OPTIMIZE_ALL)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "optimized: compile with XLA's optimisation passes on (memory/FLOP checks)")
+
+
+@pytest.fixture(autouse=True)
+def _optimisation_passes(request):
+    """Turns XLA's optimisation passes back on for tests marked ``optimized``."""
+    if OPTIMIZE_ALL or request.node.get_closest_marker("optimized") is None:
+        yield
+        return
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", True)
+
 # Tolerances relative to the reference's scale (DESIGN.md); gradients get twice as much.
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 if jax.default_backend() == "gpu":  # f32 dots run as TF32 on GPU

@@ -94,6 +94,7 @@ def _per_device_memory(fn, *shapes):
     return jax.jit(fn).lower(*shapes).compile().memory_analysis()
 
 
+@pytest.mark.optimized
 @pytest.mark.parametrize("form", ["ring", "kv_partitioned", "sharded_decode"])
 def test_kv_memory_model_matches_the_compiled_programs(mesh, form):
     """The model's resident bytes are the compiled per-device argument bytes less q's (and lengths');

@@ -237,6 +237,7 @@ def test_constructors_validate():
         score_mods.compose(score_mods.alibi(2), "alibi")
 
 
+@pytest.mark.optimized
 def test_xla_mod_adds_no_quadratic_temporary():
     """Compiled temp memory of the xla path at T=S=2048: ALiBi via score_mod stays within a few tiles of
     plain causal attention, far below one [H, T, S] float32 array (what a dense bias would cost)."""

@@ -18,6 +18,7 @@ def test_op_per_byte_is_the_group_size_for_fp16_and_one_token(heads, kv_heads):
     assert cost.op_per_byte == heads // kv_heads
 
 
+@pytest.mark.optimized
 @pytest.mark.parametrize("heads, kv_heads, new_tokens", [(8, 2, 1), (4, 4, 3)])
 def test_flops_match_what_xla_counts_for_the_decode_path(heads, kv_heads, new_tokens):
     B, L, d = 2, 512, 64

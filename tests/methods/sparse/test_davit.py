@@ -129,6 +129,7 @@ def test_channel_attention_is_attention_over_channels_with_tokens_as_features():
                 forward_and_grads(ref, q, k, v), "channel_group_attention")
 
 
+@pytest.mark.optimized
 def test_channel_attention_is_token_permutation_equivariant_and_linear_in_tokens():
     q, k, v = random_array(13, 1, 40, 16), random_array(14, 1, 40, 16), random_array(15, 1, 40, 16)
     perm = np.random.default_rng(16).permutation(40)
