@@ -18,8 +18,8 @@ import numpy as np
 SHAPE_NAMES = ("circle", "square", "triangle")
 COLOUR_NAMES = ("red", "green", "blue", "yellow")
 COLOUR_RGB = np.array([[0.9, 0.15, 0.15], [0.15, 0.8, 0.2], [0.2, 0.3, 0.95], [0.95, 0.85, 0.1]], np.float32)
-NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NUMBER_WORDS = DIGIT_WORDS  # a caption may count up to max_objects (<= 9) objects of one colour and kind
 
 
 def _check_int(name: str, value, minimum: int) -> int:

@@ -52,6 +52,8 @@ def test_caption_groups_by_colour_and_kind():
     assert images.caption([0, 0, 1], [0, 0, 2]) == "two red circles and a blue square"
     assert images.caption([2, -1], [1, -1]) == "a green triangle"
     assert images.caption([0, 1, 2], [3, 3, 3]) == "a yellow circle, a yellow square and a yellow triangle"
+    # up to nine of one colour and kind (counting sets use max_objects up to 6); an IndexError past "four" before
+    assert images.caption([1] * 6, [2] * 6) == "six blue squares"
 
 
 @pytest.mark.parametrize("kwargs, name", [({"num": 0}, "num"), ({"num": 2, "size": 8}, "size"),
