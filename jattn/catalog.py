@@ -514,6 +514,106 @@ _PROGRESS = {
             ("tests/methods/kv/test_task_kv.py",), "partial",
             "hypothesis-level (only the abstract was readable): separator, middle activations and decode policy "
             "are the spec's reading, exact against transcriptions; the buffer does not free memory; no benchmark"),
+    "P56": (tuple(_VISION + "hmode." + n for n in (
+                "pixelwise_expert_gate", "hierarchical_mixture", "HMoDEHead", "DensityHead",
+                "relative_local_count_loss", "relative_order_loss", "cv_squared", "expert_importance_loss",
+                "local_counts")) + ("train.counting.main",),
+            ("tests/methods/vision/test_hmode.py", "tests/train/test_counting.py"), "partial",
+            "three density experts, the two-level pixel-wise gate (pair softmaxes, then a 3-way gate under a spatial "
+            "attention), cv^2 importance loss and the relative local count loss, against numpy transcriptions; "
+            "shapes counting (1-6 objects), 3 seeds, equal parameters (docs/counting.md): MAE 0.331 +- 0.035 vs "
+            "plain mean-of-heads 0.319 +- 0.026 and SE 0.359 +- 0.026 (null: the gates collapse onto one expert)"),
+    "P23": (tuple(_VISION + "dcal." + n for n in (
+                "attention_rollout", "glca_select", "glca", "pwca", "uncertainty_weighted_loss", "DCAL", "DCALBlock",
+                "dcal_loss")) + ("train.dcal.run",),
+            ("tests/methods/vision/test_dcal.py", "tests/train/test_dcal.py"), "partial",
+            "attention rollout, top-R GLCA (its own block beside the last SA block), PWCA over the concatenated "
+            "keys of an image pair with shared weights, training only, uncertainty-weighted losses; digits ViT, 3 "
+            "seeds (docs/dcal.md): +GLCA +1.0 +- 1.4 points, PWCA -3.1 +- 1.6 at 300 steps and -0.2 +- 1.5 at 600 "
+            "(its train-test gap 2.6 vs 3.7, spreads overlap): null on digits, no fine-grained data"),
+    "P36": (tuple("jattn.methods.routing.bam." + n for n in (
+                "soft_mixture_of_attention", "upcycle", "SoftMoA", "ParallelMoEBlock", "MoEFFN", "moe_ffn",
+                "ParallelMoELM")) + ("train.bam.main",),
+            ("tests/methods/routing/test_bam.py", "tests/train/test_bam.py"), "partial",
+            "soft mixture of attention experts as one jattn.attention call (N*H heads; KV-shared as the GQA form), "
+            "top-2 FFN experts, the parallel block and upcycle (averaged non-expert weights); byte LM branched into "
+            "code / comment experts, 3 seeds (docs/routing.md): vs the parameter-averaged dense model +0.002 at "
+            "step 0, tied at 15, -0.022 +- 0.007 nats/byte at 60 (at 1.8x the parameters)"),
+    "P53": (tuple("jattn.methods.routing.graph_moe." + n for n in (
+                "attention_aware_gate", "attention_aware_gate_flash", "similarity_aware_gate", "similarity_matrix",
+                "gate_entropy", "route_top_k", "expert_ffn", "AttentionAwareMoE")) + ("train.graph_moe.main",),
+            ("tests/methods/routing/test_graph_moe.py", "tests/train/test_graph_moe.py"), "partial",
+            "attention-aware and similarity-aware gates p = A softmax(r), computed as attention with v = P (no dense "
+            "A), causal; top-1 4-expert byte LM, 3 seeds (docs/routing.md): routing fluctuation -0.012 +- 0.041 "
+            "(attention-aware, noise) and +0.096 +- 0.047 (similarity-aware, worse), loss not better: null. The "
+            "spec's entropy claim is false (entropy is concave: mixing raises it; tested)"),
+    "P66": (tuple(_GENERATIVE + "vl_sam." + n for n in (
+                "head_importance_meanmax", "aggregate_heads", "attention_rollout", "null_flow", "localization_map",
+                "threshold_map", "attention_to_points", "mask_iou", "centre_prior")) + ("train.vlm_methods.run_vl_sam",),
+            ("tests/methods/generative/test_vl_sam.py", "tests/train/test_vlm_methods.py"), "partial",
+            "mean-max head weighting, regularised attention flow (divided by the mask-only flow), maps to points "
+            "and masks; trained tiny VLM, 3 x 256 held-out shapes (docs/vlm_methods.md): flow with a 0.5 residual "
+            "points at the named object 0.705 +- 0.006 (IoU 0.321) vs last layer 0.620 (0.268), but the first "
+            "layer alone gives 0.825 (0.367); as specified (no residual) 0.500; no SAM stage"),
+    "P14": (tuple(_GENERATIVE + "var." + n for n in (
+                "detect_sink_tokens", "massive_dims", "scaled_tau", "rms_normalize", "image_centric_rows",
+                "var_redistribute", "var_prob_mod")) + ("train.vlm_methods.run_var",),
+            ("tests/methods/generative/test_var.py", "tests/train/test_vlm_methods.py"), "partial",
+            "sink detection on massive dimensions, image-centric rows, redistribution of the sinks' mass to visual "
+            "non-sink tokens as a prob_mod (row sums kept); trained tiny VLM, 3 x 256 held-out shapes: null "
+            "(hallucination -0.002 +- 0.006; this width-64 model has no massive activations to find)"),
+    "P30": (tuple(_GENERATIVE + "afa." + n for n in (
+                "spatial_softmax_aggregate", "SABWAggregator", "AFAEnsemble", "make_afa_train_step", "afa_loss"))
+            + ("train.afa.main",),
+            ("tests/methods/generative/test_afa.py", "tests/train/test_afa.py"), "partial",
+            "per-token softmax over M frozen experts' features after every DiT block, zero-initialised (exactly the "
+            "experts' mean), trained on the eps-MSE; half-size DiTs on digit classes 0-4 / 5-9, 3 seeds "
+            "(docs/afa.md): experts fine-tuned from a shared base: AFA below both experts and their output average "
+            "(-0.0008 +- 0.0001 eps-MSE, 1.1%), a union model at equal steps as good; experts from scratch: "
+            "feature averaging breaks (0.64) and AFA is worse than the output average (null); no sample quality"),
+    "P68": (tuple(_SPARSE + "gri." + n for n in ("global_regional_attention", "gri_mask", "avg_pool_tokens",
+                                                  "gri_attention_flops")),
+            ("tests/methods/sparse/test_gri.py",), "works",
+            "a labelled reconstruction (the paper is withdrawn, no code): window attention whose keys add "
+            "average-pooled global tokens in one softmax, region by region or as one masked call, equal to a "
+            "float64 loop over [K; pooled K] (GQA, gradients); full window and no pool = dense; attention FLOPs "
+            "2x below dense at 16 tokens, 32x at 4096; nothing else of the paper (pruning, CondConv) is built"),
+    "P10": (tuple(_VISION + "sdanet." + n for n in (
+                "SelectiveDenseAttentionNeck", "DenseAttentionModule", "channel_select_attention",
+                "spatial_attention", "nonlocal_block", "sda_refine", "sda_neck", "gather_levels", "resize_to")),
+            ("tests/methods/vision/test_sdanet.py",), "partial",
+            "a reconstruction (the official neck ships only as .pyc): gather levels to one size, SK-style channel "
+            "selection across levels, a 7x7 spatial gate, a zero-initialised non-local block through "
+            "jattn.attention, the refined map added back to every level; digits cnn row, 3 seeds (docs/vision.md): "
+            "54.9 +- 7.3 vs plain 54.6 +- 6.4 at 13.5k parameters (null); no multi-scale detection task"),
+    "P47": (tuple(_VISION + "fdconv." + n for n in (
+                "FDConv", "frequency_groups", "weight_to_dft", "dft_to_weight", "group_weights", "assemble_kernel",
+                "fbm_masks", "frequency_bands", "band_modulation", "per_sample_conv", "fdconv_apply")),
+            ("tests/methods/vision/test_fdconv.py",), "works",
+            "weights stored as FFT coefficients split by radius into disjoint groups, kernel spatial modulation "
+            "(channel / filter / spatial / kernel gates) and frequency band modulation; uniform gates = the static "
+            "conv, bands sum to the input; digits cnn sanity row, 3 seeds (docs/vision.md): 60.0 +- 6.6 vs plain "
+            "54.6 +- 6.4 at 13.5k parameters (inside the spread), lowest training loss"),
+    "P17": (tuple(_OBJECTIVES + "acam_kd." + n for n in (
+                "init_params", "align", "stca_fusion", "ascm_masks", "masked_distill_loss", "mask_diversity_loss",
+                "acam_kd_loss", "feature_kd_loss")) + ("train.acam_kd.main", "train.acam_kd.run_student"),
+            ("tests/methods/objectives/test_acam_kd.py", "tests/train/test_acam_kd.py"), "partial",
+            "student-teacher cross-attention fusion through jattn.attention (teacher queries, student keys and "
+            "values), 4 spatial + 4 channel sigmoid masks from the fused feature, mask-weighted distillation and a "
+            "Dice diversity term; tiny DETR on shapes, 3 seeds (docs/acam_kd.md): mAP@0.5 at 300 steps 0.224 +- "
+            "0.008 vs no KD 0.178 +- 0.071 and feature KD 0.184 +- 0.081, inside the spread (null); the teacher "
+            "(0.110) is weaker than its students"),
+    "P26": (tuple(_KV + "vattention." + n for n in (
+                "VirtualKVAllocator", "PagedBlockAllocator", "contiguous_decode_attention",
+                "contiguous_prefill_attention", "paged_decode_attention"))
+            + ("jattn.cache.ContiguousKVCache", "jattn.cache.PagedKVCache"),
+            ("tests/methods/kv/test_vattention.py",), "works",
+            "no new attention math: contiguous and paged (shuffled pool) decode/prefill entry points over the one "
+            "length-aware split-K decode kernel, equal to a dense oracle (GQA, odd lengths, xla and interpreted "
+            "Pallas); VirtualKVAllocator, an accounting simulator of vAttention's demand-mapped pages (deferred "
+            "reclamation, eager mapping); on a seeded serving trace (docs/vattention.md) 64 KB pages map as tightly "
+            "as 16-token paging, 14x less than a static reservation, 2 MB pages 1.30x the bytes in use, deferral "
+            "4-5x fewer map calls; CPU decode contiguous 3x faster than paged; no GPU timing"),
 }
 
 
@@ -604,6 +704,25 @@ _LAYER = {
     "P64": "needs a BlockMask calibrated on attention maps and per-head orders (paro.calibrate_block_mask, "
            "paro.paro_attention), which a literal config cannot give",
     "P70": ("sinklora_s2", "sinklora_sf"),
+    "P10": "a multi-level CNN feature neck ([B, H, W, C] per level), not attention over one sequence's q, k, v: "
+           "jattn.methods.vision.SelectiveDenseAttentionNeck",
+    "P47": "a convolution layer (jattn.methods.vision.FDConv), not attention",
+    "P17": "a distillation objective on a detector's encoder features (jattn.methods.objectives.acam_kd), not "
+           "attention over q, k, v",
+    "P26": "a KV-cache memory manager under exact softmax decode: the layer it gives is method='softmax'",
+    "P56": "a density-map counting head (jattn.methods.vision.hmode.HMoDEHead), not attention over q, k, v",
+    "P23": "a training scheme around a ViT's self-attention (GLCA and PWCA share its weights; "
+           "jattn.methods.vision.dcal.DCAL), not a new attention over q, k, v",
+    "P36": "replaces the attention layer by a soft mixture of attention experts "
+           "(jattn.methods.routing.bam.SoftMoA, ParallelMoEBlock)",
+    "P53": "an MoE router that mixes gate probabilities along an attention map "
+           "(jattn.methods.routing.graph_moe.AttentionAwareMoE), not attention over q, k, v",
+    "P66": "reads a VLM's stored attention maps into a localisation map, applied per call",
+    "P30": "an ensemble of frozen diffusion models mixed per token between blocks "
+           "(jattn.methods.generative.afa.AFAEnsemble), not attention over q, k, v",
+    "P68": "window attention with pooled global keys over a 2-D token grid: call "
+           "jattn.methods.sparse.global_regional_attention (needs the grid shape, not a literal config)",
+    "P14": "a prob_mod applied at inference to a VLM's decoder layers (var_prob_mod), not a layer to train",
 }
 
 

@@ -31,7 +31,7 @@ def test_planned_rows_claim_nothing():
 def test_papers_command_prints_the_table(capsys):
     assert main(["papers", "--status", "partial"]) == 0
     printed = capsys.readouterr().out
-    assert "P74" in printed and "P10" not in printed   # P10 is still planned
+    assert "P74" in printed and "P31" not in printed   # P31 is "works", not "partial"
     assert format_table().splitlines()[-1].startswith("75 papers")
 
 

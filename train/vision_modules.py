@@ -5,12 +5,17 @@ Data: ``train.images.digits(16)`` (sklearn's 1,797 real 8x8 digits upsampled to 
 
 Two shared backbones (channels-last ``[B, H, W, C]``):
 
-* ``cnn`` (gating modules P00 DAAM, P01 GAAM, P06 ULSAM, P12 ELA, P42 PSA, and the SE baseline)::
+* ``cnn`` (gating modules P00 DAAM, P01 GAAM, P06 ULSAM, P10 SDANet, P12 ELA, P42 PSA, the SE baseline, and the
+  P47 FDConv conv layer)::
 
       conv3x3(1 -> w) relu | conv3x3(w -> w) relu, MODULE | avgpool2 | conv3x3(w -> 2w) relu, MODULE | avgpool2
       | global mean | linear(2w -> hidden) relu | linear(hidden -> 10)
 
-  ``MODULE`` is the module under test (identity for ``plain``), inserted after each of the two stages.
+  ``MODULE`` is the module under test (identity for ``plain``), inserted after each of the two stages. P10
+  ``sdanet`` is ``DenseAttentionModule`` (a self-built 3-level pyramid through the selective dense attention
+  neck, ``x + R``). P47 ``fdconv`` is a conv layer, not a MODULE: it replaces the two stage convs
+  (``conv3x3(w -> w)`` and ``conv3x3(w -> 2w)``; the 1-channel stem stays plain) and MODULE is the identity;
+  ``min_channels=0`` switches off the official code's "plain conv when min(Cin, Cout) <= 16" rule.
 * ``tokens`` (complete models P18 VAN, P52 DaViT, P61 BiFormer, P73 NiNformer, P29 Agent Attention, and a plain
   ViT)::
 
@@ -37,9 +42,10 @@ ms/step: median wall time of a jitted training step after warm-up (on a shared C
 
 Maps (``gate_map``): the module's own map on one test image at stage 1 -- SE: gated-feature mean (channel gate
 applied); DAAM/GAAM: the gate averaged over channels; ULSAM: the subspace maps averaged over groups; ELA:
-``mean_C(y_h y_w^T)``; PSA: the spatial gate ``A_sp``; VAN: the LKA gate averaged over channels; Agent: the
-agent-broadcast attention averaged over heads and agents (query-token mass); other token models: input-gradient
-saliency ``|d logit_y / d x|`` (labelled as such; not a module map).
+``mean_C(y_h y_w^T)``; PSA: the spatial gate ``A_sp``; SDANet: the spatial gate ``g`` of the fused map;
+FDConv: conv1's FBM band gates ``2 sigmoid(conv3x3)`` averaged over bands; VAN: the LKA gate averaged over
+channels; Agent: the agent-broadcast attention averaged over heads and agents (query-token mass); other token
+models: input-gradient saliency ``|d logit_y / d x|`` (labelled as such; not a module map).
 
 Run: ``python -m train.vision_modules --config configs/vision_ela.py`` (one row, its seeds) or ``--all`` (every
 ``configs/vision_*.py``), ``--out DIR`` for JSON results and PNGs.
@@ -67,13 +73,15 @@ from jattn.methods.linear.ninformer import NiNBlock
 from jattn.methods.sparse.biformer import BiFormerBlock
 from jattn.methods.sparse.davit import DualAttentionBlock
 from jattn.methods.vision.ela import ELA
+from jattn.methods.vision.fdconv import FDConv
 from jattn.methods.vision.gaussian_adaptive import DensityBlock, MultiHeadDensityGate
 from jattn.methods.vision.psa import PolarizedSelfAttention
+from jattn.methods.vision.sdanet import DenseAttentionModule
 from jattn.methods.vision.ulsam import ULSAM
 from train.data import batch_rng
 from train.images import digits
 
-CNN_MODULES = ("plain", "se", "daam", "gaam", "ulsam", "ela", "psa_parallel", "psa_sequential")
+CNN_MODULES = ("plain", "se", "daam", "gaam", "ulsam", "ela", "psa_parallel", "psa_sequential", "sdanet", "fdconv")
 TOKEN_BLOCKS = ("vit", "agent", "van", "davit", "biformer", "ninformer")
 BACKBONES = ("cnn", "tokens")
 CONFIG_KEYS = ("name", "backbone", "module", "width", "hidden", "target_params", "depth", "heads", "patch",
@@ -82,7 +90,7 @@ DEFAULTS = {"width": 16, "hidden": 32, "target_params": None, "depth": 2, "heads
             "batch_size": 64, "lr": 3e-3, "seeds": (0, 1, 2), "size": 16}
 PAPERS = {"plain": "-", "se": "SE (baseline)", "daam": "P00", "gaam": "P01", "ulsam": "P06", "ela": "P12",
           "psa_parallel": "P42", "psa_sequential": "P42", "vit": "-", "agent": "P29", "van": "P18", "davit": "P52",
-          "biformer": "P61", "ninformer": "P73"}
+          "biformer": "P61", "ninformer": "P73", "sdanet": "P10", "fdconv": "P47"}
 
 
 def _check_int(name, value, minimum=1):
@@ -135,7 +143,7 @@ def make_module(name: str, channels: int, *, rngs: nnx.Rngs):
     """The gating module ``name`` (one of ``CNN_MODULES``) for ``channels`` channels."""
     if name not in CNN_MODULES:
         raise ValueError(f"module must be one of {CNN_MODULES} for backbone 'cnn', got {name!r}")
-    if name == "plain":
+    if name in ("plain", "fdconv"):       # fdconv replaces the stage convs instead (GatedCNN)
         return _Identity()
     if name == "se":
         return SqueezeExcite(channels, rngs=rngs)
@@ -147,6 +155,8 @@ def make_module(name: str, channels: int, *, rngs: nnx.Rngs):
         return ULSAM(channels, 4, rngs=rngs)
     if name == "ela":
         return ELA(channels, kernel=7, conv_groups=None, gn_groups=min(16, channels), rngs=rngs)
+    if name == "sdanet":    # P10: levels avgpool_s(x), s = 1, 2, 4; x + nonlocal(spatial(channel-select))
+        return DenseAttentionModule(channels, scales=(1, 2, 4), kernel=7, rngs=rngs)
     layout = name.split("_")[1]
     return PolarizedSelfAttention(channels, layout=layout, variant="paper", rngs=rngs)
 
@@ -162,9 +172,11 @@ class GatedCNN(nnx.Module):
             raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
         self.image_size, self.module_name = image_size, module
         self.stem = nnx.Conv(1, width, (3, 3), rngs=rngs)
-        self.conv1 = nnx.Conv(width, width, (3, 3), rngs=rngs)
+        conv = ((lambda cin, cout: FDConv(cin, cout, 3, min_channels=0, rngs=rngs)) if module == "fdconv"
+                else (lambda cin, cout: nnx.Conv(cin, cout, (3, 3), rngs=rngs)))
+        self.conv1 = conv(width, width)
         self.mod1 = make_module(module, width, rngs=rngs)
-        self.conv2 = nnx.Conv(width, 2 * width, (3, 3), rngs=rngs)
+        self.conv2 = conv(width, 2 * width)
         self.mod2 = make_module(module, 2 * width, rngs=rngs)
         self.fc = nnx.Linear(2 * width, hidden, rngs=rngs)
         self.head = nnx.Linear(hidden, num_classes, rngs=rngs)
@@ -418,6 +430,12 @@ def gate_map(model, image) -> tuple[np.ndarray, str]:
         mod, name = model.mod1, model.module_name
         if name == "plain":
             return np.asarray(f.mean(-1)[0]), "stage-1 features (no module)"
+        if name == "sdanet":
+            return np.asarray(mod.gates(f)[1][0, ..., 0]), "SDANet: spatial gate of the fused map"
+        if name == "fdconv":
+            h = jax.nn.relu(model.stem(x))
+            return (np.asarray(model.conv1.fbm_gates(h).mean(0)[0, ..., 0]),
+                    "FDConv (conv1): FBM band gates 2sig(conv), mean over bands")
         if name == "se":
             return np.asarray((f * mod.gate(f)).mean(-1)[0]), "SE: channel-gated features, mean over C"
         if name in ("daam", "gaam"):

@@ -20,3 +20,6 @@ from jattn.methods.kv.duo_attention import (DuoKVCache, duo_distillation_loss, d
 from jattn.methods.kv.h2o import H2OCache, h2o_keep_mask
 from jattn.methods.kv.task_kv import (TaskKVCache, head_semantic_vectors, kv_head_flags, middle_activation_indices,
                                       per_head_kv_compress, semantic_separator)
+from jattn.methods.kv import vattention
+from jattn.methods.kv.vattention import (PagedBlockAllocator, VirtualKVAllocator, contiguous_decode_attention,
+                                        contiguous_prefill_attention, paged_decode_attention)

@@ -9,5 +9,7 @@ trained toward (issue 17). Each module is one paper; import from the module itse
 * ``adainf`` (P46): data inflation with weaker augmentation for contrastive learning.
 * ``hungarian``: DETR's matching cost, Hungarian assignment and set loss (the baseline of P35).
 * ``deim`` (P35): the matchability-aware loss and dense one-to-one matching (mosaics).
+* ``acam_kd`` (P17): student-teacher cross-attention fusion, adaptive spatial and channel masks and the masked
+  feature-distillation loss (and plain feature KD, its baseline).
 * ``entropy_guided`` (P21): learnable softmax temperature + the thresholded entropy regulariser.
 """

@@ -6,7 +6,7 @@ one block-sparse kernel (``jattn.block_sparse_attention``), or, for neighborhood
 As layers: ``jattn.nn.Attention(method=NAME)`` with NAME one of radial, s2, moa, naavit, sinklora_s2,
 sinklora_sf, davit_window, clear, biformer, neighborhood (``jattn.nn.describe_method(NAME)``).
 """
-from jattn.methods.sparse import biformer, clear, davit, fna, gna, moa, paro, radial, s2, saisa, sinklora
+from jattn.methods.sparse import biformer, clear, davit, fna, gna, gri, moa, paro, radial, s2, saisa, sinklora
 from jattn.methods.sparse.biformer import (BiFormerBlock, BiLevelRoutingAttention, bi_level_routing_attention,
                                            bra_attention, bra_attention_block_sparse, bra_block_mask, bra_route,
                                            local_context_enhancement)
@@ -16,6 +16,7 @@ from jattn.methods.sparse.davit import (ChannelGroupAttention, DaViT, DualAttent
                                         channel_group_attention, window_attention_2d, window_attention_2d_direct,
                                         window_block_mask)
 from jattn.methods.sparse.fna import na_attention
+from jattn.methods.sparse.gri import avg_pool_tokens, global_regional_attention, gri_attention_flops, gri_mask
 from jattn.methods.sparse.gna import gna_attention, gna_cost_model, gna_mask, gna_tile_map, token_permute
 from jattn.methods.sparse.moa import (attention_influence, moa_attention, moa_block_mask, moa_candidates,
                                       moa_density, moa_mask_fn, moa_plan, moa_profile)
