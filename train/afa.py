@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train.config import DEFAULTS, merge
+from train.config import DEFAULTS, merge, read_config
 from train.data import batch_rng
 from train.diffusion import DigitDiffusionTask, build_model, build_schedule, drop_labels, q_sample
 from train.images import digits
@@ -337,8 +337,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--base-steps", type=int, default=None,
                         help="train a shared base on the union first; both experts fine-tune from it")
     parser.add_argument("--out", default=None, help="write the JSON report here")
+    parser.add_argument("--config", default=None, help="config file (default configs/afa_digits.py)")
     args = parser.parse_args(argv)
-    config = copy.deepcopy(default_config())
+    config = copy.deepcopy(read_config(args.config) if args.config else default_config())
     for value, path in ((args.seeds, ("seeds",)), (args.split, ("split",)), (args.expert_steps, ("expert", "steps")),
                         (args.aggregator_steps, ("aggregator", "steps")), (args.union_steps, ("union_steps",)),
                         (args.base_steps, ("expert", "base_steps"))):

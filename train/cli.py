@@ -1,4 +1,8 @@
-"""Command line: load a config, apply overrides, train, run the config's analysis, print a summary."""
+"""Command line: load a config, apply overrides, train, run the config's analysis, print a summary.
+
+A config that names its own experiment script (``RUNNER = "train.<module>"``: the vision table, MIL, detection,
+...) is handed to that script: ``python -m train --config configs/vision_ela.py`` runs
+``python -m train.vision_modules --config configs/vision_ela.py``, with any further arguments passed on."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +12,7 @@ import sys
 
 from train.checkpoint import CheckpointMismatchError
 from train.build import build_model, build_task, count_params
-from train.config import apply_overrides, check_config, load_config
+from train.config import apply_overrides, check_config, config_runner, load_config
 from train.loop import train
 
 # A config that ships in configs/ (tests/train/test_loop.py checks the --help example exists).
@@ -41,7 +45,24 @@ def run_config(config: dict, *, quiet: bool = False) -> dict:
     return summary
 
 
+def run_runner(runner: str, config_path: str, argv) -> int:
+    """``python -m train --config X ...`` for a config that names its experiment script (``RUNNER``): the same
+    as ``python -m <RUNNER> --config X ...``."""
+    import importlib
+
+    result = importlib.import_module(runner).main(["--config", config_path, *argv])
+    return result if isinstance(result, int) else 0
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config")
+    known, rest = first.parse_known_args(argv)
+    if known.config and os.path.isfile(known.config) and known.config.endswith(".py"):
+        runner = config_runner(known.config)
+        if runner is not None:
+            return run_runner(runner, known.config, rest)
     parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     parser.add_argument("--config", required=True, help=f"path to a config file, e.g. {EXAMPLE_CONFIG}")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50 (unknown keys are errors)")

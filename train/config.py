@@ -51,8 +51,8 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-def load_config(path: str) -> dict:
-    """Loads ``get_config()`` from a Python file and fills in :data:`DEFAULTS`."""
+def config_module(path: str):
+    """The config file at ``path`` executed as a module (it must define ``get_config() -> dict``)."""
     if not isinstance(path, str) or not path.endswith(".py"):
         raise ValueError(f"config must be a path to a .py file, got {path!r}")
     if not os.path.isfile(path):
@@ -62,10 +62,29 @@ def load_config(path: str) -> dict:
     spec.loader.exec_module(module)
     if not callable(getattr(module, "get_config", None)):
         raise ValueError(f"config file {path!r} must define get_config() -> dict")
-    config = module.get_config()
+    return module
+
+
+def config_runner(path: str) -> str | None:
+    """The experiment module a config names with ``RUNNER = "train.<module>"`` (it reads its own keys, not the
+    generic ``task/model/optim/train`` ones), or None for a generic ``python -m train`` config."""
+    runner = getattr(config_module(path), "RUNNER", None)
+    if runner is not None and (not isinstance(runner, str) or not runner.startswith("train.")):
+        raise ValueError(f"RUNNER in {path!r} must name a train.<module>, got {runner!r}")
+    return runner
+
+
+def read_config(path: str) -> dict:
+    """``get_config()`` of the file at ``path``, as written (no defaults merged): for experiment scripts."""
+    config = config_module(path).get_config()
     if not isinstance(config, dict):
         raise TypeError(f"get_config() in {path!r} must return a dict, got {type(config).__name__}")
-    return merge(DEFAULTS, config)
+    return config
+
+
+def load_config(path: str) -> dict:
+    """Loads ``get_config()`` from a Python file and fills in :data:`DEFAULTS`."""
+    return merge(DEFAULTS, read_config(path))
 
 
 def parse_value(text: str) -> Any:

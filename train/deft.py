@@ -198,8 +198,8 @@ def finetune(model, data: dict, config: dict, *, seed: int, quiet: bool = True):
 
 
 # ------------------------------------------------------------------------------------------ experiment
-def load_config(overrides=()) -> dict:
-    spec = importlib.util.spec_from_file_location("jattn_config_deft_minilm", CONFIG)
+def load_config(overrides=(), path: str = CONFIG) -> dict:
+    spec = importlib.util.spec_from_file_location("jattn_config_deft_minilm", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
@@ -299,9 +299,10 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 1.0])
     parser.add_argument("--out", default=None, help="write the rows and summary as JSON here")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--config", default=CONFIG, help="config file (default configs/deft_minilm.py)")
     parser.add_argument("overrides", nargs="*", help="key=value (dotted keys of configs/deft_minilm.py)")
     args = parser.parse_args(argv)
-    config = load_config(args.overrides)
+    config = load_config(args.overrides, args.config)
     experiment = Experiment(config)
     print(json.dumps({"config": config, **experiment.sizes}), flush=True)
     rows = []

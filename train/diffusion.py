@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from train.checkpoint import Checkpointer
-from train.config import DEFAULTS, merge
+from train.config import DEFAULTS, merge, read_config
 from train.data import batch_rng
 from train.images import digits
 
@@ -431,6 +431,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=DEFAULT_DIR, help="subject directory (trained once, then loaded)")
     parser.add_argument("--retrain", action="store_true", help="train even if --out holds a model")
+    parser.add_argument("--config", default=None, help="config file to train from (default configs/dit_digits.py)")
     parser.add_argument("--steps", type=int, default=None, help="override train.steps")
     parser.add_argument("--seed", type=int, default=None, help="override the training seed")
     parser.add_argument("--guidance", type=float, nargs="+", default=[2.0])
@@ -445,7 +446,7 @@ def main(argv=None) -> dict:
 
     began = time.perf_counter()
     if args.retrain or not os.path.isdir(os.path.join(args.out, "model")):
-        config = default_config()
+        config = default_config() if args.config is None else read_config(args.config)
         if args.steps is not None:
             warmup = min(config["optim"].get("warmup_steps", 0), args.steps // 10)
             config = merge(config, {"train": {"steps": args.steps}, "optim": {"warmup_steps": warmup}})

@@ -4,7 +4,7 @@ import glob
 import numpy as np
 import pytest
 
-from train.config import DEFAULTS, apply_overrides, check_config, load_config, merge, parse_value
+from train.config import DEFAULTS, apply_overrides, check_config, config_runner, load_config, merge, parse_value
 from train.data import ByteCorpus
 from train.optim import make_schedule
 from train.tasks import MQAR, Copying, ICLRegression, NeedleInHaystack
@@ -122,3 +122,32 @@ def test_needle_copy_and_icl_regression_tasks():
     np.testing.assert_allclose(tokens[:, :-1, -1], np.einsum("bld,bd->bl", tokens[:, :-1, :3], icl["beta"]), atol=1e-5)
     np.testing.assert_allclose(icl["target"], np.einsum("bd,bd->b", tokens[:, -1, :3], icl["beta"]), atol=1e-5)
     assert np.all(tokens[:, -1, -1] == 0)
+
+
+def test_python_m_train_hands_a_runner_config_to_its_script(monkeypatch):
+    """``python -m train --config X`` for a config with ``RUNNER`` runs that script with ``--config X`` and the
+    remaining arguments. Catches: the generic trainer run on an experiment config (a key error for the user), the
+    config path or the extra flags dropped, a script's returned report read as a failing exit status."""
+    import importlib
+
+    from train import cli
+    seen = []
+    module = importlib.import_module("train.vision_modules")
+    monkeypatch.setattr(module, "main", lambda argv: seen.append(argv) or {"report": 1})
+    assert cli.main(["--config", "configs/vision_ela.py", "--out", "x"]) == 0
+    assert seen == [["--config", "configs/vision_ela.py", "--out", "x"]]
+    with pytest.raises(SystemExit):   # a generic config still goes through python -m train's own parser
+        cli.main(["--config", "configs/lm_softmax.py", "not_a_key=1"])
+
+
+def test_every_runner_script_accepts_config(capsys):
+    """Each RUNNER script's own command line takes ``--config`` (what ``python -m train`` passes it). Catches a
+    script that would reject the handed-on flag."""
+    import importlib
+
+    runners = {config_runner(path) for path in glob.glob("configs/*.py")} - {None}
+    assert runners
+    for runner in sorted(runners):
+        with pytest.raises(SystemExit):
+            importlib.import_module(runner).main(["--help"])
+        assert "--config" in capsys.readouterr().out, runner
