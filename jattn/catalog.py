@@ -614,6 +614,25 @@ _PROGRESS = {
             "reclamation, eager mapping); on a seeded serving trace (docs/vattention.md) 64 KB pages map as tightly "
             "as 16-token paging, 14x less than a static reservation, 2 MB pages 1.30x the bytes in use, deferral "
             "4-5x fewer map calls; CPU decode contiguous 3x faster than paged; no GPU timing"),
+    "P39": (tuple(_GENERATIVE + "paint." + n for n in (
+                "select_informed_visual_tokens", "boost_logits", "paint_score_mod", "iqr_outliers", "patch_scores"))
+            + ("train.vlm_paint_dymu.run_paint",),
+            ("tests/methods/generative/test_paint.py", "tests/train/test_vlm_paint_dymu.py"), "partial",
+            "local / summary visual tokens (attention received in the first / last encoder layer: the tiny ViT has "
+            "no CLS; IQR outliers), logit += alpha|logit| as a fused score_mod on the text rows; trained tiny VLM, "
+            "3 x 256 held-out shapes (docs/vlm_paint_dymu.md): the selection finds objects (82% vs 18% base rate) "
+            "and raises their attention, but hallucination rises +0.023 +- 0.008 and exact match falls -0.034 "
+            "(negative; an oracle object boost hurts as much)"),
+    "P67": (tuple(_GENERATIVE + "dymu." + n for n in (
+                "bipartite_merge", "bipartite_similarity", "batch_level_threshold", "proportional_attention",
+                "vtu_expand", "vtu_merge", "vtu_attention", "compact", "tokens_kept"))
+            + ("train.vlm_paint_dymu.run_dymu", "train.vlm_paint_dymu.merged_encode"),
+            ("tests/methods/generative/test_dymu.py", "tests/train/test_vlm_paint_dymu.py"), "works",
+            "DToMe in the ViT at inference (threshold merging, size-weighted, proportional attention as a log-size "
+            "key bias), batch-level thresholds, VTU (expand = compact + log-size bias here: no positions on image "
+            "tokens; tested); trained tiny VLM, 3 x 256 held-out shapes: 31.6 of 64 tokens kept (25.9 for one "
+            "object, 37.3 for three) at exact match 0.491 vs 0.499; fixed-r ToMe at that budget as good; without "
+            "VTU -3 to -28 points; no RoPE-decomposed exact-VTU kernel"),
 }
 
 
@@ -722,6 +741,8 @@ _LAYER = {
            "(jattn.methods.generative.afa.AFAEnsemble), not attention over q, k, v",
     "P68": "window attention with pooled global keys over a 2-D token grid: call "
            "jattn.methods.sparse.global_regional_attention (needs the grid shape, not a literal config)",
+    "P39": "a score_mod applied at inference to a VLM decoder's text rows (paint_score_mod), not a layer to train",
+    "P67": "token merging in a vision encoder and unmerging in the decoder (dymu), applied at inference",
     "P14": "a prob_mod applied at inference to a VLM's decoder layers (var_prob_mod), not a layer to train",
 }
 

@@ -8,10 +8,13 @@
   block, learned by zero-initialised aggregators.
 * ``vl_sam`` (P66): VL-SAM's head aggregation and regularised attention flow, turning a VLM's attention into
   a localisation map and point prompts.
+* ``paint`` (P39): informed visual token selection and the logit boost on the generated rows.
+* ``dymu`` (P67): dynamic token merging in the vision encoder (DToMe, batch-level thresholds), proportional
+  attention and virtual token unmerging in the decoder.
 * ``var`` (P14): visual attention sink detection and redistribution of the sinks' attention to the other
   visual tokens, as a prob_mod.
 """
-from jattn.methods.generative import afa, softpag, var, vl_sam
+from jattn.methods.generative import afa, dymu, paint, softpag, var, vl_sam
 from jattn.methods.generative.afa import AFAEnsemble, SABWAggregator, afa_loss, make_afa_train_step, spatial_softmax_aggregate
 from jattn.methods.generative.softpag import (cfg_pag_guidance, head_mask_from_heads, headhunter_greedy,
                                               perturbation_guidance, perturbed_attention, soft_pag)
