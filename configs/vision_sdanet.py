@@ -5,6 +5,7 @@ channel select + 7x7 spatial gate + non-local, ``x + R``).
 (``hidden``) is set by ``train.vision_modules.match_params`` to reach ``target_params`` within 5%.
 The target is 13,500, not the table's 11,500: this row's own parameters (about 4,600-4,900) leave no head width
 that reaches 11,500, so its parameter-matched control is the plain CNN at 13,500 (docs/vision.md gives the command).
+The cnn backbone has BatchNorm after each conv (``norm``; see train/vision_modules.py).
 """
 
 
@@ -16,5 +17,5 @@ def get_config():
     return {
         "name": "vision_sdanet",
         "backbone": "cnn", "module": "sdanet", "width": 16, "target_params": 13500,
-        "steps": 150, "batch_size": 32, "lr": 3e-3, "seeds": (0, 1, 2), "size": 16,
+        "steps": 150, "batch_size": 32, "lr": 3e-3, "seeds": (0, 1, 2), "size": 16, "norm": "batch",
     }

@@ -12,7 +12,20 @@ at the bottleneck or the skips:
 * ``dappm``: P69 DDRNet's DAPPM after it (a pooling pyramid, no attention);
 * ``convs2`` / ``convs4``: the parameter-matched controls for ``dappm`` / ``dual``: 2 or 4 residual
   conv3-BN-ReLU layers after the bottleneck (within a few percent of those modules' parameter counts; ``se`` and
-  ``gates`` are within 2 % of ``plain``).
+  ``gates`` are within 2 % of ``plain``);
+* ``sdanet``: P10 SDANet's selective dense attention neck (``jattn.methods.vision.SelectiveDenseAttentionNeck``)
+  over the three encoder levels, as a neck over an FPN: the skips ``s1`` (full size), ``s2`` (1/2) and the
+  bottleneck output (1/4) get 1x1 lateral convs to a common ``C = 2 * width`` channels, the neck gathers them at
+  the middle level (1/2: max-pool / nearest, as in Libra R-CNN's balanced pyramid), fuses them (cross-level channel
+  selection, spatial gate, non-local refinement) and adds the fused map back to every level; a 1x1 conv per level
+  (zero-initialised, so the variant starts as ``plain``) maps each level's output back to its own width and adds it
+  to the skip / bottleneck the decoder reads;
+* ``bfp``: its parameter-matched control, the same laterals and back-projections with the neck replaced by the
+  balanced pyramid without refinement (gather, average the levels, redistribute: ``out_l = f_l +
+  resize(mean_l gather(f))``), i.e. everything but SDANet's three attentions (3.7 % fewer parameters);
+* ``psa`` / ``psa_seq``: P42 polarized self-attention (``jattn.methods.vision.PolarizedSelfAttention``, paper
+  form) after the bottleneck, parallel / sequential layout;
+* ``pw2``: their parameter-matched control, 2 residual 1x1 conv-BN-ReLU layers after the bottleneck (within 0.5 %).
 
 Loss: pixel cross entropy (the same for every variant; DAUNet's paper uses a soft Dice). AdamW at a constant
 rate. Metric: mean IoU over the 4 classes on held-out images (indices disjoint from training), mean and sample
@@ -32,9 +45,12 @@ from flax import nnx
 
 from jattn.methods.vision.dappm import DAPPM
 from jattn.methods.vision.dual_attention import AttentionGate, DualAttentionBottleneck
+from jattn.methods.vision.psa import PolarizedSelfAttention
+from jattn.methods.vision.sdanet import SelectiveDenseAttentionNeck, gather_levels, resize_to
 from train.images import shapes
 
-VARIANTS = ("plain", "se", "gates", "convs2", "dappm", "convs4", "dual")
+VARIANTS = ("plain", "se", "gates", "convs2", "dappm", "convs4", "dual", "bfp", "sdanet", "pw2", "psa", "psa_seq")
+LEVEL_VARIANTS = ("bfp", "sdanet")        # variants that fuse the encoder levels (a neck), not only the bottleneck
 NUM_CLASSES = 4
 DEFAULTS = dict(width=8, steps=300, batch=16, lr=3e-3, train_images=1024, eval_images=256, size=32,
                 seeds="0,1,2", variants=",".join(VARIANTS))
@@ -85,17 +101,43 @@ class SqueezeExcitation(nnx.Module):
 
 
 class ConvStack(nnx.Module):
-    """``x + f(x)`` with ``f`` = ``depth`` conv3-BN-ReLU layers at constant width (a parameter-matched control)."""
+    """``x + f(x)`` with ``f`` = ``depth`` convK-BN-ReLU layers at constant width (a parameter-matched control;
+    ``kernel`` 3 for ``convsN``, 1 for ``pw2``)."""
 
-    def __init__(self, channels: int, depth: int, *, rngs: nnx.Rngs):
+    def __init__(self, channels: int, depth: int, kernel: int = 3, *, rngs: nnx.Rngs):
         layers = []
         for _ in range(depth):
-            layers += [nnx.Conv(channels, channels, (3, 3), padding="SAME", rngs=rngs),
+            layers += [nnx.Conv(channels, channels, (kernel, kernel), padding="SAME", rngs=rngs),
                        nnx.BatchNorm(channels, rngs=rngs), jax.nn.relu]
         self.layers = nnx.Sequential(*layers)
 
     def __call__(self, x):
         return x + self.layers(x)
+
+
+class LevelFusion(nnx.Module):
+    """The ``sdanet`` / ``bfp`` neck over U-Net levels ``[s1, s2, bottleneck]`` (widths ``widths``, sizes 1, 1/2,
+    1/4): ``f_l = lateral_l(x_l)`` (1x1 conv to ``channels``), ``o = neck([f_l])`` (``attention=True``: SDANet's
+    selective dense attention neck refined at level ``refine_level``; ``False``: the balanced pyramid without
+    refinement, ``o_l = f_l + resize(mean_l gather(f))``), ``x_l + back_l(o_l)`` with ``back_l`` a zero-initialised
+    1x1 conv (so the fusion starts as the identity)."""
+
+    def __init__(self, widths, channels: int, *, attention: bool, refine_level: int = 1, rngs: nnx.Rngs):
+        self.refine_level = refine_level
+        self.lateral = nnx.List([nnx.Conv(w, channels, (1, 1), rngs=rngs) for w in widths])
+        self.neck = (SelectiveDenseAttentionNeck(channels, len(widths), refine_level, rngs=rngs) if attention
+                     else None)
+        self.back = nnx.List([nnx.Conv(channels, w, (1, 1), kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+                              for w in widths])
+
+    def __call__(self, levels):
+        feats = [lat(x) for lat, x in zip(self.lateral, levels)]
+        if self.neck is not None:
+            outs = self.neck(feats)
+        else:
+            mean = jnp.mean(gather_levels(feats, feats[self.refine_level].shape[1:3]), axis=0)
+            outs = [f + resize_to(mean, f.shape[1:3]) for f in feats]
+        return [x + back(o) for x, back, o in zip(levels, self.back, outs)]
 
 
 class SegUNet(nnx.Module):
@@ -115,9 +157,15 @@ class SegUNet(nnx.Module):
                         "gates": lambda: None,
                         "dappm": lambda: DAPPM(w3, (9 * w3) // 16, w3, rngs=rngs),  # branch width: parameters match convs2
                         "convs2": lambda: ConvStack(w3, 2, rngs=rngs),
-                        "convs4": lambda: ConvStack(w3, 4, rngs=rngs)}[variant]()
+                        "convs4": lambda: ConvStack(w3, 4, rngs=rngs),
+                        "pw2": lambda: ConvStack(w3, 2, kernel=1, rngs=rngs),
+                        "psa": lambda: PolarizedSelfAttention(w3, layout="parallel", rngs=rngs),
+                        "psa_seq": lambda: PolarizedSelfAttention(w3, layout="sequential", rngs=rngs),
+                        "bfp": lambda: None, "sdanet": lambda: None}[variant]()
         if variant == "gates":
             self.gate2, self.gate1 = AttentionGate(w2, w3, rngs=rngs), AttentionGate(w1, w2, rngs=rngs)
+        if variant in LEVEL_VARIANTS:
+            self.fusion = LevelFusion((w1, w2, w3), w2, attention=variant == "sdanet", rngs=rngs)
         self.up2 = nnx.ConvTranspose(w3, w2, (2, 2), strides=(2, 2), rngs=rngs)
         self.dec2 = ConvBlock(2 * w2, w2, rngs=rngs)
         self.up1 = nnx.ConvTranspose(w2, w1, (2, 2), strides=(2, 2), rngs=rngs)
@@ -134,6 +182,8 @@ class SegUNet(nnx.Module):
         x = self.bottleneck(self._pool(s2))
         if self.context is not None:
             x = self.context(x)
+        if self.variant in LEVEL_VARIANTS:
+            s1, s2, x = self.fusion([s1, s2, x])
         skip2 = self.gate2(s2, x)[0] if self.variant == "gates" else s2
         x = self.dec2(jnp.concatenate([skip2, self.up2(x)], axis=-1))
         skip1 = self.gate1(s1, x)[0] if self.variant == "gates" else s1

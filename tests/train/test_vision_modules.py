@@ -91,11 +91,16 @@ def test_few_step_run_lowers_the_loss():
 
 
 def test_batchnorm_module_trains_and_updates_running_stats():
-    """ULSAM has BatchNorm: catches a step that drops the updated running statistics."""
+    """ULSAM and the cnn backbone have BatchNorm: catches a step that drops the updated running statistics, and a
+    model left in training mode (batch statistics) at test time: after training, eval logits of one image must not
+    depend on the other images in the batch."""
     cfg = vm.check_config({"backbone": "cnn", "module": "ulsam", "width": 8, "hidden": 8, "steps": 2,
                            "batch_size": 8, "seeds": (0,)})
     model, _ = vm.train_one(cfg, 0)
     assert not np.allclose(np.asarray(model.mod1.bn_dw.mean[...]), 0.0)
+    assert not np.allclose(np.asarray(model.norm0.mean[...]), 0.0)
+    x = _images(3, seed=4)
+    np.testing.assert_allclose(np.asarray(model(x[:1])), np.asarray(model(x))[:1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bad, key", [({"backbone": "cnn", "module": "plain", "widht": 8}, "widht"),
@@ -117,3 +122,27 @@ def test_gate_map_of_cnn_module_is_spatial():
     assert amap.shape == (16, 16) and "ELA" in label
     with pytest.raises(ValueError, match="images"):
         model(jnp.ones((1, 8, 8, 1)))
+
+
+def test_cnn_batchnorm_follows_each_conv_and_normalises_over_batch_and_space():
+    """Catches BatchNorm missing from one of the three convs (param count off by 2C), normalising over the wrong
+    axis (per-channel statistics over B, H, W are mean 0, variance 1 at init in training mode), or placed after
+    the relu (its output would be >= 0)."""
+    def params(norm):
+        return vm.count_params(vm.GatedCNN("plain", width=16, hidden=8, norm=norm, rngs=nnx.Rngs(0)))
+    assert params("batch") - params("none") == 2 * (16 + 16 + 32)
+    model = vm.GatedCNN("plain", width=8, hidden=8, rngs=nnx.Rngs(1))
+    model.train()
+    x = _images(4, seed=3)
+    z = np.asarray(model.norm1(model.conv1(model.stem_out(x))))
+    np.testing.assert_allclose(z.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(z.var(axis=(0, 1, 2)), 1.0, atol=1e-2)
+    assert (z < 0).any()
+
+
+def test_bad_norm_raises_naming_it():
+    """Catches a typo'd norm silently falling back to no normalisation."""
+    with pytest.raises(ValueError, match="norm"):
+        vm.check_config({"backbone": "cnn", "module": "plain", "norm": "layer"})
+    with pytest.raises(ValueError, match="norm"):
+        vm.GatedCNN("plain", width=8, hidden=8, norm="batchnorm", rngs=nnx.Rngs(0))
