@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import time
 
@@ -38,6 +37,7 @@ from flax import nnx
 
 from jattn.methods.routing.bam import ParallelMoELM, upcycle
 from jattn.methods.routing.moh import LOAD_BALANCE_WEIGHT
+from train.config import read_config
 from train.data import ByteCorpus, stdlib_corpus
 from train.moh import paired_summary
 
@@ -222,10 +222,7 @@ def summarize(rows: list[dict], baseline: str = "avg") -> dict:
 
 
 def load_config(path: str) -> dict:
-    spec = importlib.util.spec_from_file_location("bam_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return read_config(path)
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,6 @@ Run: ``python -m train.graph_moe --config configs/graph_moe.py [--seeds 0,1,2] [
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 
@@ -34,6 +33,7 @@ from jattn.methods.routing.graph_moe import GATES, AttentionAwareMoE, gate_entro
 from jattn.methods.routing.moh import LOAD_BALANCE_WEIGHT
 from jattn.nn.attention import Attention
 from jattn.ops.attention import attention
+from train.config import read_config
 from train.data import ByteCorpus
 from train.moh import paired_summary
 
@@ -193,10 +193,7 @@ def summarize(rows: list[dict], baseline: str = "standard") -> dict:
 
 
 def load_config(path: str) -> dict:
-    spec = importlib.util.spec_from_file_location("graph_moe_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return read_config(path)
 
 
 def main(argv=None) -> int:
