@@ -28,7 +28,7 @@ geometry (32 layers, 8 KV heads, d=128, fp16: 2 KiB per token per layer per K/V,
 
 ``--decode`` adds a CPU microbenchmark of the xla decode path (``jattn.decode_attention`` through the P26
 entry points) at equal lengths: contiguous head-major cache vs a shuffled page pool (16- and 128-token
-pages), best of ``--reps`` interleaved rounds, and the cost of the stale-V zeroing (``mask_stale``).
+pages), best of ``--reps`` interleaved rounds.
 """
 from __future__ import annotations
 
@@ -158,9 +158,8 @@ def decode_table(args):
     B, H, HKV, D = 4, 32, 8, 128
     print(f"\nCPU decode (xla path), B={B} H={H} Hkv={HKV} D={D} f32, one new token, every length = S; "
           f"best of {args.reps} interleaved rounds (ms)")
-    print("| S | contiguous | contiguous + mask_stale | paged 16 | paged 128 | paged 16 + mask_stale | "
-          "paged16 / contiguous |")
-    print("|---|---|---|---|---|---|---|")
+    print("| S | contiguous | paged 16 | paged 128 | paged16 / contiguous |")
+    print("|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     for S in args.contexts:
         q = jnp.asarray(rng.standard_normal((B, H, D), np.float32))
@@ -173,21 +172,18 @@ def decode_table(args):
             f = jax.jit(functools.partial(fn, impl="xla", layout="bhsd", **static)).lower(*arrays).compile()
             return lambda: f(*arrays).block_until_ready()
 
-        cases["contiguous"] = compiled(contiguous_decode_attention, q, k, v, lengths, mask_stale=False)
-        cases["contiguous+mask"] = compiled(contiguous_decode_attention, q, k, v, lengths, mask_stale=True)
+        cases["contiguous"] = compiled(contiguous_decode_attention, q, k, v, lengths)
         for P in (16, 128):
             W = S // P
             perm = rng.permutation(B * W)
             pool = lambda c: jnp.zeros((HKV, B * W, P, D), jnp.float32).at[:, perm].set(
                 jnp.moveaxis(c.reshape(B, HKV, W, P, D), 1, 0).reshape(HKV, B * W, P, D))
             kp, vp, table = pool(k), pool(v), jnp.asarray(perm.reshape(B, W), jnp.int32)
-            cases[f"paged{P}"] = compiled(paged_decode_attention, q, kp, vp, table, lengths, mask_stale=False)
-            if P == 16:
-                cases["paged16+mask"] = compiled(paged_decode_attention, q, kp, vp, table, lengths, mask_stale=True)
+            cases[f"paged{P}"] = compiled(paged_decode_attention, q, kp, vp, table, lengths)
         best = best_times(cases, args.reps)
         ms = {name: 1e3 * t for name, t in best.items()}
-        print(f"| {S} | {ms['contiguous']:.2f} | {ms['contiguous+mask']:.2f} | {ms['paged16']:.2f} | "
-              f"{ms['paged128']:.2f} | {ms['paged16+mask']:.2f} | {ms['paged16'] / ms['contiguous']:.2f}x |")
+        print(f"| {S} | {ms['contiguous']:.2f} | {ms['paged16']:.2f} | {ms['paged128']:.2f} | "
+              f"{ms['paged16'] / ms['contiguous']:.2f}x |")
 
 
 def main(argv=None):

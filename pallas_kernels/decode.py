@@ -90,6 +90,9 @@ def _attend_tile(cfg: DecodeConfig, state, q, k_tile, v_tile, length, kv_start):
     visible = (kv_pos <= q_pos) & (kv_pos < length) & (row < cfg.group * cfg.new_tokens)
     if cfg.window is not None:
         visible = visible & (kv_pos >= q_pos - cfg.window)
+    # rows past the length are stale (a recycled page may hold NaN): p = 0 there, but 0 * NaN is NaN
+    in_sequence = kv_start + lax.broadcasted_iota(jnp.int32, (page, 1), 0) < length
+    v_tile = jnp.where(in_sequence, v_tile, jnp.zeros_like(v_tile))
     return common.online_softmax_step(*state, jnp.where(visible, s, MASK_VALUE), v_tile)
 
 

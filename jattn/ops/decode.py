@@ -121,7 +121,9 @@ def decode_attention(q: Float[Array, "B *Tq H D"], k_cache: Float[Array, "..."],
         Same dtype as q. (Head-major, as PyTorch's SDPA and JAX's TPU paged attention: each kv head's keys
         are contiguous, so every path reads them in place.)
       v_cache: like ``k_cache``, value dim ``Dv``.
-      lengths: ``[B]`` int valid keys per sequence, the new tokens included, in ``[0, S_max]``.
+      lengths: ``[B]`` int valid keys per sequence, the new tokens included, in ``[0, S_max]``. Cache rows
+        past a sequence's length are never read, whatever they hold (NaN or Inf from a recycled page
+        included), forward and backward.
       page_table: ``[B, max_pages]`` int: the pool page holding logical page ``i`` of sequence ``b``
         (S_max = max_pages * page_size). None for a contiguous cache.
       window: keys before each new token it may see: an int ``n`` or ``(left, right)`` in jattn's one window

@@ -2,7 +2,8 @@
 
 Caches are head-major: ``[B, Hkv, S, D]``, or a page pool ``[Hkv, num_pages, page_size, D]`` gathered into
 ``[B, Hkv, W * page_size, D]`` through its page table. The decode rule
-(see ``jattn.ops.decode``) becomes an explicit mask, and ``jattn.core.reference.reference_attention``
+(see ``jattn.ops.decode``) becomes an explicit mask, rows past each length are zeroed (never read, whatever
+they hold), and ``jattn.core.reference.reference_attention``
 (the library's semantics) does the rest.
 """
 from __future__ import annotations
@@ -21,6 +22,14 @@ def contiguous_cache(cache, page_table):
     Hkv, num_pages, page_size, D = cache.shape
     pages = cache[:, jnp.clip(page_table, 0, num_pages - 1)]        # [Hkv, B, W, P, D]
     return jnp.moveaxis(pages, 1, 0).reshape(B, Hkv, W * page_size, D)
+
+
+def zero_past_lengths(cache, lengths, kv_offset=0):
+    """A contiguous ``[B, Hkv, S, D]`` cache (its first row at position ``kv_offset``) with every row at a
+    position ``>= lengths[b]`` set to 0, so stale, even non-finite, rows past a sequence's length cannot
+    reach its result through ``0 * NaN``."""
+    live = kv_offset + jnp.arange(cache.shape[2])[None, :] < lengths[:, None]   # [B, S]
+    return jnp.where(live[:, None, :, None], cache, 0)
 
 
 def decode_visibility(lengths, new_tokens: int, capacity: int, window_left: int | None, kv_offset=0):
@@ -55,8 +64,8 @@ def decode_attention_reference(q: Float[Array, "B Tq H D"], k_cache: Float[Array
     Returns:
       ``(out [B, Tq, H, Dv] float32, lse [B, Tq, H] float32)``.
     """
-    k = jnp.swapaxes(contiguous_cache(k_cache, page_table), 1, 2)
-    v = jnp.swapaxes(contiguous_cache(v_cache, page_table), 1, 2)
+    k, v = (jnp.swapaxes(zero_past_lengths(contiguous_cache(cache, page_table), lengths), 1, 2)
+            for cache in (k_cache, v_cache))
     visible = decode_visibility(lengths, q.shape[1], k.shape[1], window_left)
     out, lse = reference_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                                    mask=visible[:, None], scale=scale, softcap=softcap, sinks=sinks,

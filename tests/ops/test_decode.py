@@ -168,6 +168,32 @@ def test_nan_in_gives_nan_out_in_that_row_only():
         assert np.isnan(out[1, 0, 3]).all() and np.isfinite(out[0]).all() and np.isfinite(out[1, 0, :3]).all(), impl
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_stale_non_finite_rows_past_the_lengths_are_never_read(paged):
+    """NaN / inf in K and V past each length (a recycled page) leave out, lse and the gradients as with a clean
+    cache, on every impl. Catches: the kernel's p @ V over an unzeroed tile (0 * NaN), the xla path's
+    recompute dropped, its backward on the raw cache (NaN dq through ds @ K), the reference not zeroing."""
+    case = Case("stale", B=2, Tq=2, H=4, Hkv=2, lengths=(21, 40), paged=paged)
+    q, k, v, args = make_inputs(case)
+    if paged:   # poison the rows no sequence reads: past each length in its own pages, and the spare pages
+        live = np.zeros(k.shape[1:3], bool)
+        for b, length in enumerate(case.lengths):
+            for t, page in enumerate(np.asarray(args["page_table"][b])):
+                live[page, :max(0, min(16, length - 16 * t))] = True
+        stale = jnp.asarray(~live)[None, :, :, None]
+    else:
+        stale = (jnp.arange(case.S)[None, :] >= jnp.asarray(case.lengths)[:, None])[:, None, :, None]
+    k_bad, v_bad = jnp.where(stale, jnp.nan, k), jnp.where(stale, jnp.inf, v)
+    weights = jnp.asarray(np.random.default_rng(5).standard_normal((case.B, case.Tq, case.H, case.D), np.float32))
+    for impl in ("xla", "pallas", "reference"):
+        clean = run(q, k, v, args, weights, **IMPLS.get(impl, dict(impl=impl)))
+        dirty = run(q, k_bad, v_bad, args, weights, **IMPLS.get(impl, dict(impl=impl)))
+        for name, a, b in (("out", clean[0], dirty[0]), ("lse", clean[1], dirty[1]), ("dq", clean[2][0], dirty[2][0]),
+                           ("dk", clean[2][1], dirty[2][1]), ("dv", clean[2][2], dirty[2][2])):
+            assert np.isfinite(np.asarray(b)).all(), (impl, name)
+            assert_close(b, a, what=f"{impl} {name}")
+
+
 @pytest.mark.parametrize("transform", [jax.jit, lambda f: f], ids=["jit", "eager"])
 def test_traced_and_eager_agree(transform):
     q, k, v, args = make_inputs(CASES[1])

@@ -35,13 +35,9 @@ JAX cannot demand-page device memory, so this module is two things:
 
 Stale data beyond ``seq_len``. Deferred reclamation hands a slot's pages, with the previous request's K/V
 still in them, to the next request, so whatever lies past ``seq_lens[r]`` must not reach the output. The
-shared decode op masks the *scores* (so NaN/Inf keys there are harmless) but multiplies the zero
-probabilities by the values, and ``0 * NaN = NaN``: a NaN or Inf value beyond the length poisons the row on
-every impl (xla, reference, Pallas; measured). These entry points therefore zero ``v`` past each length
-before calling the op (``mask_stale=True``, the default; one extra pass over V, or over the pool for the
-paged form). The cheaper fix belongs in the op itself (a ``where`` on the V tile in
-``pallas_kernels/decode.py`` and on V in ``decode_xla.py``/``decode_reference.py``); with it this
-pre-pass can go.
+shared decode op guarantees it on every impl (keys and values past each length are never read, even NaN or
+Inf: the Pallas kernel zeroes the V rows past the length in its tile, the xla path recomputes on a zeroed
+cache only when its output is not finite), so these entry points pass the caches through untouched.
 
 Layouts. ``layout="bshd"`` (default) is the spec's and vAttention's/FlashAttention's: contiguous caches
 ``[B, L_max, Hkv, d]``, page pools ``[num_pages, page_size, Hkv, d]``; they are transposed to jattn's
@@ -372,13 +368,6 @@ def _check_seq_lens(name: str, lengths, B: int):
         raise ValueError(f"{name} must have shape [B] = ({B},), got {checks.describe(lengths)}")
 
 
-def _zero_beyond(v, lengths, axis: int):
-    """``v`` (head-major ``[B, Hkv, S, d]``) with rows at positions >= ``lengths[b]`` zeroed."""
-    pos = jnp.arange(v.shape[axis])
-    keep = pos[None, :] < lengths[:, None]                       # [B, S]
-    return jnp.where(keep[:, None, :, None], v, jnp.zeros((), v.dtype))
-
-
 def _head_major(name: str, cache, layout: str):
     checks.check_float_array(name, cache, 4)
     return jnp.swapaxes(cache, 1, 2) if layout == "bshd" else cache
@@ -386,7 +375,7 @@ def _head_major(name: str, cache, layout: str):
 
 def contiguous_decode_attention(q: Float[Array, "B *Tq H D"], k_cache: Float[Array, "B S Hkv D"],
                                 v_cache: Float[Array, "B S Hkv Dv"], seq_lens: Int[Array, "B"], *,
-                                layout: str = "bshd", mask_stale: bool = True, **kwargs):
+                                layout: str = "bshd", **kwargs):
     """vAttention's decode: new tokens against a contiguous per-slot cache and its lengths.
 
     Args:
@@ -396,23 +385,19 @@ def contiguous_decode_attention(q: Float[Array, "B *Tq H D"], k_cache: Float[Arr
       seq_lens: ``[B]`` int valid tokens per slot, the new ones included (vAttention's ``cache_seqlens``
         after the append).
       layout: see the module docstring.
-      mask_stale: zero V past each length first, so stale or non-finite data there cannot reach the output.
       **kwargs: passed to ``jattn.decode_attention`` (``impl``, ``window``, ``sinks``, ``softcap``, ``scale``,
         ``return_lse``, ``page_size``, ``num_splits``, ``interpret``).
     """
     _check_layout(layout)
-    checks.check_bool("mask_stale", mask_stale)
     k, v = _head_major("k_cache", k_cache, layout), _head_major("v_cache", v_cache, layout)
     checks.check_float_array("q", q)
     _check_seq_lens("seq_lens", seq_lens, q.shape[0])
-    if mask_stale and v.shape[0] == q.shape[0]:
-        v = _zero_beyond(v, seq_lens, 2)
     return decode_attention(q, k, v, seq_lens, **kwargs)
 
 
 def contiguous_prefill_attention(q: Float[Array, "B T H D"], k_cache: Float[Array, "B S Hkv D"],
                                  v_cache: Float[Array, "B S Hkv Dv"], cache_offsets: Int[Array, "B"], *,
-                                 layout: str = "bshd", mask_stale: bool = True, **kwargs):
+                                 layout: str = "bshd", **kwargs):
     """Chunked prefill on a contiguous cache: ``q``'s ``T`` tokens were written at
     ``cache_offsets[b] .. cache_offsets[b] + T - 1`` and attend causally to everything before them.
     Equals ``contiguous_decode_attention`` with ``seq_lens = cache_offsets + T``."""
@@ -421,13 +406,12 @@ def contiguous_prefill_attention(q: Float[Array, "B T H D"], k_cache: Float[Arra
     if not checks.is_traced(cache_offsets) and np.asarray(cache_offsets).min(initial=0) < 0:
         raise ValueError(f"cache_offsets must be >= 0, got {np.asarray(cache_offsets).tolist()}")
     lengths = cache_offsets.astype(jnp.int32) + q.shape[1]
-    return contiguous_decode_attention(q, k_cache, v_cache, lengths, layout=layout, mask_stale=mask_stale,
-                                       **kwargs)
+    return contiguous_decode_attention(q, k_cache, v_cache, lengths, layout=layout, **kwargs)
 
 
 def paged_decode_attention(q: Float[Array, "B *Tq H D"], k_pages: Float[Array, "..."],
                            v_pages: Float[Array, "..."], block_table: Int[Array, "B W"],
-                           seq_lens: Int[Array, "B"], *, layout: str = "bshd", mask_stale: bool = True, **kwargs):
+                           seq_lens: Int[Array, "B"], *, layout: str = "bshd", **kwargs):
     """The PagedAttention baseline: new tokens against a page pool through a block table.
 
     Args:
@@ -437,12 +421,9 @@ def paged_decode_attention(q: Float[Array, "B *Tq H D"], k_pages: Float[Array, "
       v_pages: like ``k_pages``, value dim ``Dv``.
       block_table: ``[B, max_pages]`` int: the pool page holding logical page ``i`` of sequence ``b``.
       seq_lens: ``[B]`` int valid tokens, the new ones included.
-      mask_stale: zero V past each length first (over the pool: each page keeps the rows any sequence
-        that lists it still needs).
       **kwargs: passed to ``jattn.decode_attention``.
     """
     _check_layout(layout)
-    checks.check_bool("mask_stale", mask_stale)
     for name, pool in (("k_pages", k_pages), ("v_pages", v_pages)):
         checks.check_float_array(name, pool, 4)
     if layout == "bshd":
@@ -451,12 +432,4 @@ def paged_decode_attention(q: Float[Array, "B *Tq H D"], k_pages: Float[Array, "
     _check_seq_lens("seq_lens", seq_lens, q.shape[0])
     if not hasattr(block_table, "dtype") or not jnp.issubdtype(block_table.dtype, jnp.integer):
         raise TypeError(f"block_table must be an integer array [B, max_pages], got {checks.describe(block_table)}")
-    if mask_stale and block_table.ndim == 2 and block_table.shape[0] == q.shape[0]:
-        num_pages, page_size = v_pages.shape[1], v_pages.shape[2]
-        W = block_table.shape[1]
-        valid = jnp.clip(seq_lens[:, None] - jnp.arange(W)[None, :] * page_size, 0, page_size)   # [B, W]
-        table = jnp.clip(block_table, 0, num_pages - 1)
-        keep_rows = jnp.zeros((num_pages,), jnp.int32).at[table.reshape(-1)].max(valid.reshape(-1).astype(jnp.int32))
-        keep = jnp.arange(page_size)[None, :] < keep_rows[:, None]                                  # [pages, P]
-        v_pages = jnp.where(keep[None, :, :, None], v_pages, jnp.zeros((), v_pages.dtype))
     return decode_attention(q, k_pages, v_pages, seq_lens, page_table=block_table, **kwargs)

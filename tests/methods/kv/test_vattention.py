@@ -98,8 +98,8 @@ def test_head_major_layout_equals_default_and_one_token_q():
 @pytest.mark.parametrize("impl", ["xla"])
 def test_nan_and_inf_beyond_seq_len_leave_outputs_unchanged(impl):
     """Stale pages (deferred reclamation hands a slot's old K/V to the next request) hold NaN/Inf past each
-    length: outputs must not change, contiguous or paged. Catches: dropping the stale-V zeroing (the shared
-    op computes 0 * NaN = NaN), zeroing by the wrong length, or by page rather than row."""
+    length: outputs must not change, contiguous or paged. Catches: the decode op dropping its stale-row
+    guard (0 * NaN = NaN in p @ V), or zeroing by the wrong length, or by page rather than row."""
     q, k, v, lengths = make_case(2, Tq=2, lengths=(37, 2, 50))
     pos = jnp.arange(k.shape[1])[None, :, None, None]
     beyond = pos >= lengths[:, None, None, None]
@@ -157,8 +157,6 @@ def test_entry_points_name_bad_arguments():
         paged_decode_attention(q, kp, kp, table.astype(jnp.float32), lengths)
     with pytest.raises(ValueError, match="page_table"):
         paged_decode_attention(q, kp, kp, table.at[0, 0].set(999), lengths)
-    with pytest.raises(TypeError, match="mask_stale"):
-        contiguous_decode_attention(q, k, v, lengths, mask_stale=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
