@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import sys
@@ -43,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train.config import DEFAULTS, merge, read_config
+from train.config import CONFIG_DIR, DEFAULTS, merge, read_config
 from train.data import batch_rng
 from train.diffusion import DigitDiffusionTask, build_model, build_schedule, drop_labels, q_sample
 from train.images import digits
@@ -99,11 +98,7 @@ def check_config(config: dict) -> dict:
 
 def default_config() -> dict:
     """``configs/afa_digits.py``'s config."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "afa_digits.py")
-    spec = importlib.util.spec_from_file_location("jattn_config_afa_digits", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return read_config(os.path.join(CONFIG_DIR, "afa_digits.py"))
 
 
 # --- data ----------------------------------------------------------------------------------------------

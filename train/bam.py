@@ -24,9 +24,7 @@ Run: ``python -m train.bam --config configs/bam.py [--seeds 0,1,2] [--out f.json
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import time
 
 import jax
@@ -37,7 +35,8 @@ from flax import nnx
 
 from jattn.methods.routing.bam import ParallelMoELM, upcycle
 from jattn.methods.routing.moh import LOAD_BALANCE_WEIGHT
-from train.config import read_config
+from train.config import fill_defaults, seeds_variants_main
+from train.config import read_config as load_config  # noqa: F401  (the scripts' public name)
 from train.data import ByteCorpus, stdlib_corpus
 from train.moh import paired_summary
 
@@ -51,12 +50,7 @@ VARIANTS = ("avg", "bam", "bam_kv")
 
 def check_config(config: dict) -> dict:
     """``config`` with defaults filled; an unknown key or a bad value raises ``ValueError`` naming the key."""
-    if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    unknown = sorted(set(config) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; expected keys among {sorted(DEFAULTS)}")
-    cfg = {**DEFAULTS, **config}
+    cfg = fill_defaults(config, DEFAULTS, sorted(DEFAULTS))
     for key in INT_KEYS:
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < (0 if key == "early" else 1):
             raise ValueError(f"config key {key!r} must be an int >= 1, got {cfg[key]!r}")
@@ -221,43 +215,25 @@ def summarize(rows: list[dict], baseline: str = "avg") -> dict:
     return out
 
 
-def load_config(path: str) -> dict:
-    return read_config(path)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="a configs/*.py with get_config() (keys as DEFAULTS)")
-    for key, value in DEFAULTS.items():
-        parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=None)
-    parser.add_argument("--out", default=None, help="write the rows and summary as JSON here")
-    args = vars(parser.parse_args(argv))
-    out_path, path = args.pop("out"), args.pop("config")
-    config = load_config(path) if path else {}
-    config.update({k: v for k, v in args.items() if v is not None})
-    cfg = check_config(config)
-    seeds = [int(s) for s in str(cfg["seeds"]).split(",") if s]
-    variants = [v for v in cfg["variants"].split(",") if v]
-    rows = []
-    for seed in seeds:
-        for row in run_seed(seed, cfg, variants):
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    s = summarize(rows)
-    print(f"{'variant':8s} {'CE at 0':>16s} {'gap at 0':>16s} {'CE early':>16s} {'gap early':>16s} "
-          f"{'CE final':>16s} {'gap final':>16s}")
-    for variant, e in s.items():
+def format_table(summary: dict) -> list[str]:
+    """The printed table: mean ± std of the CE and the paired gap to ``avg`` at step 0, ``early`` and the end."""
+    lines = [f"{'variant':8s} {'CE at 0':>16s} {'gap at 0':>16s} {'CE early':>16s} {'gap early':>16s} "
+             f"{'CE final':>16s} {'gap final':>16s}"]
+    for variant, e in summary.items():
         cells = []
         for key in ("ce_at_0", "ce_early", None):
             m, sd = (e["eval_ce_mean"], e["eval_ce_std"]) if key is None else (e[key + "_mean"], e[key + "_std"])
             g = ("gap" if key is None else key + "_gap")
             gap = f"{e[g + '_mean']:+.4f}±{e[g + '_std']:.4f}" if g + "_mean" in e else "-"
             cells += [f"{m:.4f}±{sd:.4f}", gap]
-        print(f"{variant:8s} " + " ".join(f"{c:>16s}" for c in cells))
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump({"config": cfg, "rows": rows, "summary": s}, f, indent=2)
-    return 0
+        lines.append(f"{variant:8s} " + " ".join(f"{c:>16s}" for c in cells))
+    return lines
+
+
+def main(argv=None) -> int:
+    return seeds_variants_main(argv, description=__doc__.split("\n\n")[0], defaults=DEFAULTS,
+                               check_config=check_config, summarize=summarize, table=format_table,
+                               setup=lambda cfg: lambda seed, variants: run_seed(seed, cfg, variants))
 
 
 if __name__ == "__main__":

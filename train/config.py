@@ -12,12 +12,17 @@ keyword config, checked by the method when the model is built.
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import copy
 import difflib
 import importlib.util
+import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
+
+# The repository's ``configs/`` folder (the shipped configs), wherever the process runs from.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 DEFAULTS: dict[str, Any] = {
     "name": "run",
@@ -80,6 +85,70 @@ def read_config(path: str) -> dict:
     if not isinstance(config, dict):
         raise TypeError(f"get_config() in {path!r} must return a dict, got {type(config).__name__}")
     return config
+
+
+def fill_defaults(config: dict, defaults: dict, keys=None) -> dict:
+    """``{**defaults, **config}`` for an experiment script's own flat config (the first step of its
+    ``check_config``): ``config`` must be a dict (else ``TypeError``) whose keys all lie in ``keys`` (default:
+    ``defaults``' keys; else ``ValueError`` naming the unknown keys and ``keys`` as given)."""
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    keys = tuple(defaults) if keys is None else keys
+    unknown = sorted(set(config) - set(keys))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; expected keys among {keys}")
+    return {**defaults, **config}
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(s) for s in text.split(",")]
+
+
+def add_seeds_steps_flags(parser):
+    """Adds the ``--seeds 0,1,2`` (a list of ints; None when absent) and ``--steps N`` (None when absent) flags
+    that override a config's ``seeds`` / ``steps`` in the experiment scripts with their own config files
+    (``train.counting``, ``train.dcal``). Returns ``parser``."""
+    parser.add_argument("--seeds", type=_int_list, default=None, help="override, e.g. 0,1,2")
+    parser.add_argument("--steps", type=int, default=None, help="override the config's steps")
+    return parser
+
+
+def seeds_variants_main(argv, *, description: str, defaults: dict, check_config: Callable[[dict], dict],
+                        setup: Callable, summarize: Callable[[list], dict], table: Callable[[dict], Iterable[str]]
+                        ) -> int:
+    """The ``main`` of an experiment script whose config is one flat dict holding ``seeds`` and ``variants`` as
+    comma strings (``train.bam``, ``train.graph_moe``).
+
+    Flags: ``--config FILE.py`` (its ``get_config()``, optional), a ``--<key>`` per key of ``defaults`` (``_``
+    written ``-``, typed as the default; it overrides the file) and ``--out FILE.json``. ``check_config(config)``
+    fills and checks the config; ``setup(cfg)`` returns ``run(seed, variants) -> rows`` (an iterable of dicts:
+    each is printed as one JSON line as it arrives); then the lines of ``table(summarize(rows))`` are printed
+    and ``--out`` gets ``{"config", "rows", "summary"}``. Returns 0."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="a configs/*.py with get_config() (keys as DEFAULTS)")
+    for key, value in defaults.items():
+        parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=None)
+    parser.add_argument("--out", default=None, help="write the rows and summary as JSON here")
+    args = vars(parser.parse_args(argv))
+    out_path, path = args.pop("out"), args.pop("config")
+    config = read_config(path) if path else {}
+    config.update({k: v for k, v in args.items() if v is not None})
+    cfg = check_config(config)
+    seeds = [int(s) for s in str(cfg["seeds"]).split(",") if s]
+    variants = [v for v in cfg["variants"].split(",") if v]
+    run = setup(cfg)
+    rows = []
+    for seed in seeds:
+        for row in run(seed, variants):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    summary = summarize(rows)
+    for line in table(summary):
+        print(line)
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump({"config": cfg, "rows": rows, "summary": summary}, f, indent=2)
+    return 0
 
 
 def load_config(path: str) -> dict:

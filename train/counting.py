@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import os
 import time
@@ -59,6 +58,8 @@ import optax
 from flax import nnx
 
 from jattn.methods.vision.hmode import DensityHead, HMoDEHead, relative_local_count_loss, upsample_nearest
+from train.config import add_seeds_steps_flags, fill_defaults
+from train.config import read_config as load_config
 from train.data import batch_rng
 from train.images import shape_image
 from train.vision_modules import SqueezeExcite, count_params
@@ -90,14 +91,9 @@ def _check_float(name, value, minimum=0.0, strict=False):
 
 def check_config(config: dict) -> dict:
     """Validated config with defaults filled; unknown keys or bad values raise ``ValueError`` naming the key."""
-    if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; expected keys among {CONFIG_KEYS}")
+    cfg = fill_defaults(config, DEFAULTS, CONFIG_KEYS)
     if "module" not in config:
         raise ValueError("config key 'module' is required")
-    cfg = {**DEFAULTS, **config}
     if cfg["module"] not in MODULES:
         raise ValueError(f"config key 'module' must be one of {MODULES}, got {cfg['module']!r}")
     for key in ("width", "head_hidden", "gate_width", "gate2_depth", "steps", "batch_size", "max_objects",
@@ -367,24 +363,15 @@ def markdown_table(summaries) -> str:
     return "\n".join([TABLE_HEADER] + [format_row(s) for s in summaries])
 
 
-def load_config(path: str) -> dict:
-    spec = importlib.util.spec_from_file_location("counting_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", default=[], help="configs/counting_<name>.py (repeatable)")
     parser.add_argument("--out", default="runs/counting")
-    parser.add_argument("--seeds", default=None, help="override, e.g. 0,1,2")
-    parser.add_argument("--steps", type=int, default=None, help="override the config's steps")
-    args = parser.parse_args(argv)
+    args = add_seeds_steps_flags(parser).parse_args(argv)
     if not args.config:
         parser.error("give --config PATH (repeatable)")
-    seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",")]
-    summaries = [run_config(load_config(p), out_dir=args.out, seeds=seeds, steps=args.steps) for p in args.config]
+    summaries = [run_config(load_config(p), out_dir=args.out, seeds=args.seeds, steps=args.steps)
+                 for p in args.config]
     print(f"mean-predictor MAE: {summaries[0]['mean_predictor_mae']:.3f}")
     print(markdown_table(summaries))
 

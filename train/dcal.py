@@ -31,7 +31,6 @@ Run: ``python -m train.dcal --config configs/dcal_digits.py [--seeds 0,1,2] [--s
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import time
@@ -43,6 +42,8 @@ import optax
 from flax import nnx
 
 from jattn.methods.vision.dcal import DCAL, dcal_loss
+from train.config import add_seeds_steps_flags, fill_defaults
+from train.config import read_config as load_config
 from train.data import batch_rng
 from train.images import digits
 from train.vision_modules import TokenBlock, TokenNet, count_params
@@ -71,12 +72,7 @@ def _tuple(name, value):
 
 def check_config(config: dict) -> dict:
     """Validated config with defaults filled; unknown keys or bad values raise ``ValueError`` naming the key."""
-    if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; expected keys among {CONFIG_KEYS}")
-    cfg = {**DEFAULTS, **config}
+    cfg = fill_defaults(config, DEFAULTS, CONFIG_KEYS)
     cfg["variants"] = _tuple("variants", cfg["variants"])
     bad = [v for v in cfg["variants"] if v not in VARIANTS]
     if bad:
@@ -237,24 +233,15 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str) -> dict:
-    spec = importlib.util.spec_from_file_location("dcal_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/dcal_digits.py")
-    parser.add_argument("--seeds", default=None, help="override, e.g. 0,1,2")
-    parser.add_argument("--steps", type=int, default=None)
+    add_seeds_steps_flags(parser)
     parser.add_argument("--variants", default=None, help="override, e.g. plain,dcal")
     parser.add_argument("--out", default="runs/dcal")
     args = parser.parse_args(argv)
-    seeds = None if args.seeds is None else [int(s) for s in args.seeds.split(",")]
     variants = None if args.variants is None else args.variants.split(",")
-    summary = run(load_config(args.config), seeds=seeds, steps=args.steps, variants=variants, out=args.out)
+    summary = run(load_config(args.config), seeds=args.seeds, steps=args.steps, variants=variants, out=args.out)
     print(format_table(summary))
     return summary
 

@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from train.checkpoint import Checkpointer
-from train.config import DEFAULTS, merge, read_config
+from train.config import CONFIG_DIR, DEFAULTS, merge, read_config
 from train.data import batch_rng
 from train.images import digits
 
@@ -323,13 +323,7 @@ def save_grid(images, path: str, *, nrow: int, scale: int = 4, pad: int = 1) -> 
 
 def default_config() -> dict:
     """``configs/dit_digits.py``'s config (the default subject)."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "dit_digits.py")
-    spec = importlib.util.spec_from_file_location("jattn_config_dit_digits", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return read_config(os.path.join(CONFIG_DIR, "dit_digits.py"))
 
 
 def build_model(model_cfg: dict, seed: int = 0):

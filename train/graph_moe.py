@@ -19,8 +19,6 @@ Run: ``python -m train.graph_moe --config configs/graph_moe.py [--seeds 0,1,2] [
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import jax
@@ -33,7 +31,8 @@ from jattn.methods.routing.graph_moe import GATES, AttentionAwareMoE, gate_entro
 from jattn.methods.routing.moh import LOAD_BALANCE_WEIGHT
 from jattn.nn.attention import Attention
 from jattn.ops.attention import attention
-from train.config import read_config
+from train.config import fill_defaults, seeds_variants_main
+from train.config import read_config as load_config  # noqa: F401  (the scripts' public name)
 from train.data import ByteCorpus
 from train.moh import paired_summary
 
@@ -46,12 +45,7 @@ INT_KEYS = ("seq_len", "dim", "layers", "heads", "experts", "hidden", "top_k", "
 
 def check_config(config: dict) -> dict:
     """``config`` with defaults filled; an unknown key or a bad value raises ``ValueError`` naming the key."""
-    if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    unknown = sorted(set(config) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; expected keys among {sorted(DEFAULTS)}")
-    cfg = {**DEFAULTS, **config}
+    cfg = fill_defaults(config, DEFAULTS, sorted(DEFAULTS))
     for key in INT_KEYS:
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ValueError(f"config key {key!r} must be an int >= 1, got {cfg[key]!r}")
@@ -192,44 +186,30 @@ def summarize(rows: list[dict], baseline: str = "standard") -> dict:
     return out
 
 
-def load_config(path: str) -> dict:
-    return read_config(path)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="a configs/*.py with get_config() (keys as DEFAULTS)")
-    for key, value in DEFAULTS.items():
-        parser.add_argument("--" + key.replace("_", "-"), type=type(value), default=None)
-    parser.add_argument("--out", default=None, help="write the rows and summary as JSON here")
-    args = vars(parser.parse_args(argv))
-    out_path, path = args.pop("out"), args.pop("config")
-    config = load_config(path) if path else {}
-    config.update({k: v for k, v in args.items() if v is not None})
-    cfg = check_config(config)
-    seeds = [int(s) for s in str(cfg["seeds"]).split(",") if s]
-    variants = [v for v in cfg["variants"].split(",") if v]
-    corpus = ByteCorpus(cfg["seq_len"], max_bytes=cfg["max_bytes"])
-    rows = []
-    for seed in seeds:
-        for variant in variants:
-            row = train_run(variant, seed=seed, corpus=corpus, cfg=cfg)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    summary = summarize(rows)
-    print(f"{'gate':10s} {'eval CE':>16s} {'CE - standard':>16s} {'H(p~)':>14s} {'H(p)':>14s} "
-          f"{'fluctuation':>14s} {'fluct - std':>16s} {'max share':>9s}")
+def format_table(summary: dict) -> list[str]:
+    """The printed table: per gate, eval CE, its paired gap to ``standard``, the gate entropies, the fluctuation
+    rate and its paired difference, the largest expert's share."""
+    lines = [f"{'gate':10s} {'eval CE':>16s} {'CE - standard':>16s} {'H(p~)':>14s} {'H(p)':>14s} "
+             f"{'fluctuation':>14s} {'fluct - std':>16s} {'max share':>9s}"]
     for variant, s in summary.items():
         gap = f"{s['gap_mean']:+.4f}±{s['gap_std']:.4f}" if "gap_mean" in s else "-"
         fd = f"{s['fluct_diff_mean']:+.4f}±{s['fluct_diff_std']:.4f}" if "fluct_diff_mean" in s else "-"
-        print(f"{variant:10s} {s['eval_ce_mean']:.4f}±{s['eval_ce_std']:.4f} {gap:>16s} "
-              f"{s['entropy_tilde_mean']:.3f}±{s['entropy_tilde_std']:.3f} "
-              f"{s['entropy_own_mean']:.3f}±{s['entropy_own_std']:.3f} "
-              f"{s['fluctuation_mean']:.4f}±{s['fluctuation_std']:.4f} {fd:>16s} {s['max_share_mean']:9.3f}")
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump({"config": cfg, "rows": rows, "summary": summary}, f, indent=2)
-    return 0
+        lines.append(f"{variant:10s} {s['eval_ce_mean']:.4f}±{s['eval_ce_std']:.4f} {gap:>16s} "
+                     f"{s['entropy_tilde_mean']:.3f}±{s['entropy_tilde_std']:.3f} "
+                     f"{s['entropy_own_mean']:.3f}±{s['entropy_own_std']:.3f} "
+                     f"{s['fluctuation_mean']:.4f}±{s['fluctuation_std']:.4f} {fd:>16s} {s['max_share_mean']:9.3f}")
+    return lines
+
+
+def setup(cfg: dict):
+    """``run(seed, variants)``: the rows of one seed, every gate trained on one shared corpus."""
+    corpus = ByteCorpus(cfg["seq_len"], max_bytes=cfg["max_bytes"])
+    return lambda seed, variants: (train_run(variant, seed=seed, corpus=corpus, cfg=cfg) for variant in variants)
+
+
+def main(argv=None) -> int:
+    return seeds_variants_main(argv, description=__doc__.split("\n\n")[0], defaults=DEFAULTS,
+                               check_config=check_config, setup=setup, summarize=summarize, table=format_table)
 
 
 if __name__ == "__main__":

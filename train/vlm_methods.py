@@ -7,7 +7,10 @@ hooks, so :func:`hooked_decode` re-runs the decoder from the model's public piec
 ``Attention.project`` / ``finish``, MLP; the prefix-LM mask of :func:`jattn.nn.vlm.prefix_lm_mask`) with the
 dense reference attention, so that a layer's normalised probabilities can be rewritten by a ``prob_mod``
 built from that layer's *input hidden state* (VAR's sink detection needs it). Without hooks it equals
-``model.decode`` (tested).
+``model.decode`` (tested). It also takes per-layer ``score_mods`` and a per-image-key ``log(size)`` bias, and
+runs the blockwise :func:`jattn.attention` path when no maps are needed: :mod:`train.vlm_paint_dymu` (PAINT,
+DyMU) decodes through it too, with its captioner (:func:`make_captioner`), held-out caption sets
+(:func:`caption_sets`) and reporting helpers.
 
 **VL-SAM (P66)**: held-out shapes images, teacher-forced on their reference caption; for every group
 (``count colour kind``) the query rows are the text positions that *predict* the group's colour and kind
@@ -54,28 +57,51 @@ from jattn.core.reference import reference_attention
 from jattn.methods.generative import var as var_lib
 from jattn.methods.generative import vl_sam
 from jattn.nn.vlm import greedy_decode, prefix_lm_mask, token_layout
+from jattn.ops.attention import attention
 
 DEFAULT_RUN = "runs/vlm_shapes_stem1900"
+METRIC_KEYS = ("exact_match", "object_accuracy", "hallucination_rate", "captions_hallucinating")
 
 
 # --- the hooked decoder --------------------------------------------------------------------------------
 
-def hooked_decode(model, image_tokens, tokens, *, hooks: Mapping[int, Callable] | None = None, image_mask=None):
+def hooked_decode(model, image_tokens, tokens, *, hooks: Mapping[int, Callable] | None = None,
+                  score_mods: Mapping[int, Callable] | None = None, image_sizes=None, image_mask=None,
+                  impl: str = "reference"):
     """``model.decode`` with per-layer probability hooks: ``hooks={i: fn}`` where ``fn(x [B, L, dim]) ->
     prob_mod`` (or None) gets layer ``i``'s *input* hidden state (image then text tokens) and returns the
-    ``prob_mod(probs [B, H, L, L]) -> probs`` for that layer. Returns ``(logits [B, T, V], maps, hiddens)``:
-    the per-layer (modified) maps and the per-layer input hidden states."""
-    hooks = dict(hooks or {})
-    for key, fn in hooks.items():
-        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < model.decoder_layers:
-            raise ValueError(f"hooks keys must be decoder layer indices in [0, {model.decoder_layers}), got {key!r}")
-        if not callable(fn):
-            raise TypeError(f"hooks[{key}] must be a function x -> prob_mod, got {type(fn).__name__}")
-    if image_tokens.ndim != 3 or image_tokens.shape[-1] != model.dim:
-        raise ValueError(f"image_tokens must be [B, N, dim={model.dim}], got shape {tuple(image_tokens.shape)}")
+    ``prob_mod(probs [B, H, L, L]) -> probs`` for that layer; ``score_mods={i: score_mod}`` (or None) rewrites
+    layer ``i``'s logits; ``image_sizes [B, N]`` adds a ``log(size)`` bias on each image key (size 0 = the key
+    removed, as ``image_mask``). ``impl="reference"`` (the dense fp32 reference, with maps) or ``"xla"`` (the
+    blockwise :func:`jattn.attention` path: no maps, no ``hooks``). Returns ``(logits [B, T, V], maps,
+    hiddens)``: the per-layer (modified) maps (empty with ``"xla"``) and the per-layer input hidden states."""
+    hooks, score_mods = dict(hooks or {}), dict(score_mods or {})
+    for name, table in (("hooks", hooks), ("score_mods", score_mods)):
+        for key, fn in table.items():
+            if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < model.decoder_layers:
+                raise ValueError(f"{name} keys must be decoder layer indices in [0, {model.decoder_layers}), "
+                                 f"got {key!r}")
+            if not callable(fn) and not (name == "score_mods" and fn is None):
+                raise TypeError(f"{name}[{key}] must be a function "
+                                f"{'x -> prob_mod' if name == 'hooks' else 'score_mod'}, got {type(fn).__name__}")
+    if impl not in ("reference", "xla"):
+        raise ValueError(f"impl must be 'reference' or 'xla', got {impl!r}")
+    if hooks and impl != "reference":
+        raise ValueError(f"hooks (prob_mod) need impl='reference', got impl={impl!r}")
+    if not hasattr(image_tokens, "ndim") or image_tokens.ndim != 3 or image_tokens.shape[-1] != model.dim:
+        raise ValueError(f"image_tokens must be [B, N, dim={model.dim}], got shape {getattr(image_tokens, 'shape', None)}")
     B, N = image_tokens.shape[:2]
     tokens = model.check_tokens(tokens, B)
     T = tokens.shape[1]
+    bias = None
+    if image_sizes is not None:
+        image_sizes = jnp.asarray(image_sizes, jnp.float32)
+        if image_sizes.shape != (B, N):
+            raise ValueError(f"image_sizes must be [B={B}, N={N}], got shape {image_sizes.shape}")
+        keep = image_sizes > 0
+        image_mask = keep if image_mask is None else (jnp.asarray(image_mask) & keep)
+        logs = jnp.where(keep, jnp.log(jnp.where(keep, image_sizes, 1.0)), 0.0)
+        bias = jnp.concatenate([logs, jnp.zeros((B, T), jnp.float32)], axis=1)[:, None, None, :]
     mask = prefix_lm_mask(N, T, image_mask)
     text = model.embed(tokens) + model.text_pos[:, :T]
     x = jnp.concatenate([image_tokens.astype(jnp.float32) + model.image_type[...], text], axis=1)
@@ -89,11 +115,15 @@ def hooked_decode(model, image_tokens, tokens, *, hooks: Mapping[int, Callable] 
         attn = block.attention
         h = block.attn_norm(x)
         q, k, v = attn.project(h, positions)
-        out, probs = reference_attention(q, k, v, causal=attn.causal, mask=mask, scale=attn.scale,
-                                         prob_mod=prob_mod, return_probs=True)
+        if impl == "reference":
+            out, probs = reference_attention(q, k, v, causal=attn.causal, mask=mask, bias=bias, scale=attn.scale,
+                                             score_mod=score_mods.get(i), prob_mod=prob_mod, return_probs=True)
+            maps.append(probs)
+        else:
+            out = attention(q, k, v, causal=attn.causal, mask=mask, bias=bias, scale=attn.scale,
+                            score_mod=score_mods.get(i), impl="xla")
         x = x + attn.finish(h, out)
         x = x + block.mlp(block.mlp_norm(x))
-        maps.append(probs)
     logits = model.head(model.final_norm(x[:, N:])).astype(jnp.float32)
     return logits, maps, hiddens
 
@@ -113,25 +143,32 @@ def var_hooks(num_image: int, num_text: int, layers, sink_dims, tau: float, *, r
     return {int(i): make for i in layers}
 
 
-def make_captioner(model, vocab, *, hooks_fn=None, max_len=None):
-    """A jitted ``fn(images [B, S, S, 3]) -> token ids [B, max_len]`` greedy captioner through
-    :func:`hooked_decode`; ``hooks_fn(num_image, num_text) -> hooks`` (None: no hooks)."""
+def make_captioner(model, vocab, *, hooks_fn=None, max_len=None, prepare=None):
+    """A jitted ``fn(images [B, S, S, 3], *extra) -> token ids [B, max_len]`` greedy captioner through
+    :func:`hooked_decode`; ``hooks_fn(num_image, num_text) -> hooks`` (None: no hooks). Or ``prepare(model,
+    images, *extra) -> (image_tokens, keywords)`` in place of the plain encoder and ``hooks_fn``: the image tokens
+    and :func:`hooked_decode`'s keywords (``score_mods``, ``impl``, ...), traced with the per-call ``extra``
+    arguments (arrays or None)."""
+    if hooks_fn is not None and prepare is not None:
+        raise ValueError("give hooks_fn or prepare, not both")
     graphdef, state = nnx.split(model)
     max_len = model.max_text_len if max_len is None else max_len
 
     @jax.jit
-    def run(state, images):
+    def run(state, images, *extra):
         m = nnx.merge(graphdef, state)
-        image_tokens = m.encode_image(images)
-        N = image_tokens.shape[1]
-        hooks = hooks_fn(N, max_len) if hooks_fn is not None else None
+        if prepare is not None:
+            image_tokens, keywords = prepare(m, images, *extra)
+        else:
+            image_tokens = m.encode_image(images)
+            keywords = {"hooks": hooks_fn(image_tokens.shape[1], max_len) if hooks_fn is not None else None}
 
         def logits_fn(buffer):
-            return hooked_decode(m, image_tokens, buffer, hooks=hooks)[0]
+            return hooked_decode(m, image_tokens, buffer, **keywords)[0]
 
         return greedy_decode(logits_fn, images.shape[0], max_len, bos=vocab.bos, eos=vocab.eos, pad=vocab.pad)
 
-    return lambda images: np.asarray(run(state, jnp.asarray(images, jnp.float32)))
+    return lambda images, *extra: np.asarray(run(state, jnp.asarray(images, jnp.float32), *extra))
 
 
 def calibrate_sinks(model, vocab, layer: int, *, num: int = 128, top_k: int = 2, seed: int = 0):
@@ -171,7 +208,7 @@ def run_var(model, vocab, *, num: int = 256, sets: int = 3, p: float = 0.6, rho:
     ``(layers, tau)`` pairs, ``tau`` a float threshold, ``"scaled"`` (:func:`scaled_tau` of the width: the
     spec's 20 rescaled) or a quantile in (0, 1) written as a float < 1 (that quantile of the calibration
     tokens' ``max_D |h_hat|`` at each layer: flags about ``1 - q`` of the tokens)."""
-    from train.captioning import caption_metrics, heldout_shapes, make_batch
+    from train.captioning import heldout_shapes, make_batch
     T = model.max_text_len
     calib = {layer: calibrate_sinks(model, vocab, layer, top_k=top_k) for layer in range(model.decoder_layers)}
     dims = {layer: c[0] for layer, c in calib.items()}
@@ -195,31 +232,15 @@ def run_var(model, vocab, *, num: int = 256, sets: int = 3, p: float = 0.6, rho:
             return hooks
         hooks_fns[name] = hooks_fn
     captioners = {name: make_captioner(model, vocab, hooks_fn=fn) for name, fn in hooks_fns.items()}
-    results = {name: [] for name in hooks_fns}
-    changed = {name: [] for name in hooks_fns}
+    summary, results, changed = caption_sets(captioners, vocab, num=num, sets=sets, batch_size=batch_size)
     stats = []
     everything = heldout_shapes(num * sets, 0)
     for s in range(sets):
         images = everything.images[s * num:(s + 1) * num]
         refs = everything.captions[s * num:(s + 1) * num]
-        base_preds = None
-        for name, cap in captioners.items():                      # "baseline" first
-            preds = []
-            for i in range(0, num, batch_size):
-                preds += [vocab.decode(r) for r in cap(images[i:i + batch_size])]
-            base_preds = preds if base_preds is None else base_preds
-            results[name].append(caption_metrics(preds, refs))
-            changed[name].append(float(np.mean([a != b for a, b in zip(preds, base_preds)])))
         batch = make_batch(images[:64], refs[:64], vocab, T)
         stats.append({name: {layer: sink_statistics(model, batch["images"], batch["inputs"], layer, dims[layer], tau)
                              for layer, tau in layer_taus.items()} for name, layer_taus in taus.items()})
-    keys = ("exact_match", "object_accuracy", "hallucination_rate", "captions_hallucinating")
-    summary = {name: summarise(rows, keys) for name, rows in results.items()}
-    for name, rows in results.items():                             # paired over the same image sets
-        summary[name]["captions_changed"] = [float(np.mean(changed[name])), float(np.std(changed[name]))]
-        for k in keys:
-            d = [r[k] - b[k] for r, b in zip(rows, results["baseline"])]
-            summary[name]["delta_" + k] = [float(np.mean(d)), float(np.std(d))]
     return {"summary": summary, "per_set": results, "captions_changed": changed,
             "sink_dims": {k: v.tolist() for k, v in dims.items()},
             "taus": taus, "p": p, "rho": rho, "alpha": alpha, "sink_stats": stats, "num": num, "sets": sets}
@@ -386,13 +407,69 @@ def summarise(rows, keys) -> dict:
     return {k: [float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))] for k in keys}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def paired_deltas(rows, base_rows, keys) -> dict:
+    """``{"delta_" + key: [mean, std]}`` of ``row[key] - base_row[key]`` over paired rows (the same image sets)."""
+    out = {}
+    for k in keys:
+        d = [r[k] - b[k] for r, b in zip(rows, base_rows)]
+        out["delta_" + k] = [float(np.mean(d)), float(np.std(d))]
+    return out
+
+
+def caption_sets(captioners: dict, vocab, *, num: int, sets: int, batch_size: int = 128, extras=None):
+    """Captions of ``sets`` disjoint held-out shapes sets of ``num`` images by every captioner (``fn(images,
+    *extra) -> ids``; ``"baseline"``, when there, first): ``caption_metrics`` per set, and per captioner the mean,
+    std over the sets of each metric, of the fraction of captions that differ from the baseline's and of the
+    paired deltas to the baseline. ``extras``: ``{name: array [num * sets, ...]}``, a per-image argument that
+    captioner also gets (sliced with its images). Returns ``(summary, per_set, captions_changed)``."""
+    from train.captioning import caption_metrics, heldout_shapes
+    extras = dict(extras or {})
+    everything = heldout_shapes(num * sets, 0)
+    results = {name: [] for name in captioners}
+    changed = {name: [] for name in captioners}
+    for s in range(sets):
+        images = everything.images[s * num:(s + 1) * num]
+        refs = everything.captions[s * num:(s + 1) * num]
+        base = None
+        for name, cap in captioners.items():
+            preds = []
+            for i in range(0, num, batch_size):
+                extra = (extras[name][s * num + i:s * num + min(i + batch_size, num)],) if name in extras else ()
+                preds += [vocab.decode(r) for r in cap(images[i:i + batch_size], *extra)]
+            base = preds if name == "baseline" else base
+            results[name].append(caption_metrics(preds, refs))
+            changed[name].append(float(np.mean([a != b for a, b in zip(preds, base)])) if base else 0.0)
+    summary = {}
+    for name, rows in results.items():
+        summary[name] = summarise(rows, METRIC_KEYS)
+        summary[name]["captions_changed"] = [float(np.mean(changed[name])), float(np.std(changed[name]))]
+        if "baseline" in results:
+            summary[name].update(paired_deltas(rows, results["baseline"], METRIC_KEYS))
+    return summary, results, changed
+
+
+def experiment_parser(doc: str, parts) -> argparse.ArgumentParser:
+    """The flags of the VLM experiment scripts: ``--run DIR``, ``--num``, ``--sets``, ``--only PART|both`` (``parts``
+    the experiment names) and ``--out FILE.json``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--run", default=DEFAULT_RUN)
     parser.add_argument("--num", type=int, default=256)
     parser.add_argument("--sets", type=int, default=3)
-    parser.add_argument("--only", choices=("vl_sam", "var", "both"), default="both")
+    parser.add_argument("--only", choices=(*parts, "both"), default="both")
     parser.add_argument("--out", default="")
+    return parser
+
+
+def save_result(path: str, result: dict) -> None:
+    """``result`` as indented JSON at ``path`` (its folder made); nothing when ``path`` is empty."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
+
+def main(argv=None) -> int:
+    parser = experiment_parser(__doc__, ("vl_sam", "var"))
     parser.add_argument("--figure", default="", help="a VL-SAM map PNG (e.g. docs/img/vlm_methods_vl_sam.png)")
     args = parser.parse_args(argv)
     from train.captioning import load_vlm
@@ -409,10 +486,7 @@ def main(argv=None) -> int:
     if args.figure:
         draw_vl_sam(model, vocab, args.figure)
     result["seconds"] = time.time() - began
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+    save_result(args.out, result)
     return 0
 
 

@@ -3,9 +3,10 @@
 
 The subject is :class:`jattn.nn.vlm.TinyVLM` loaded with :func:`train.captioning.load_vlm` (default
 ``runs/vlm_shapes_stem1900``). Its ``decode`` takes no score hooks or key bias, so :func:`custom_decode`
-re-runs the decoder from the model's public pieces (the recipe of :func:`train.vlm_methods.hooked_decode`)
-through :func:`jattn.attention` with a per-layer ``score_mod`` and an optional per-image-key ``log(size)``
-bias; without them it equals ``model.decode`` (tested). :func:`merged_encode` re-runs the ViT encoder with
+re-runs the decoder from the model's public pieces (:func:`train.vlm_methods.hooked_decode`, whose captioner,
+held-out caption sets and reporting helpers this module shares) through :func:`jattn.attention` with a
+per-layer ``score_mod`` and an optional per-image-key ``log(size)`` bias; without them it equals
+``model.decode`` (tested). :func:`merged_encode` re-runs the ViT encoder with
 DToMe merging after each layer's attention and proportional attention in the layers after it; with
 ``tau = +inf`` it equals ``model.encode_image`` (tested).
 
@@ -34,9 +35,7 @@ would hold with the compact form), per image, and split by the number of objects
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
 
@@ -46,11 +45,9 @@ import numpy as np
 from flax import nnx
 
 from jattn.methods.generative import dymu, paint
-from jattn.nn.vlm import greedy_decode, make_generate_fn, prefix_lm_mask, token_layout
-from jattn.ops.attention import attention
-
-DEFAULT_RUN = "runs/vlm_shapes_stem1900"
-METRIC_KEYS = ("exact_match", "object_accuracy", "hallucination_rate", "captions_hallucinating")
+from jattn.nn.vlm import greedy_decode, make_generate_fn, token_layout
+from train.vlm_methods import (DEFAULT_RUN, METRIC_KEYS, caption_sets, experiment_parser, hooked_decode,  # noqa: F401
+                               make_captioner, paired_deltas, save_result, summarise)
 
 
 # --- the decoder with score mods and image-key sizes ------------------------------------------------
@@ -59,48 +56,10 @@ def custom_decode(model, image_tokens, tokens, *, score_mods=None, image_sizes=N
                   return_probs: bool = False):
     """``model.decode`` through :func:`jattn.attention` with ``score_mods={layer: score_mod}`` and
     ``image_sizes [B, N]`` (a ``log(size)`` bias on each image key; size 0 = the key removed, as
-    ``image_mask``). Returns logits ``[B, T, V]`` (and the per-layer maps with ``return_probs``, which runs the
-    dense reference)."""
-    score_mods = dict(score_mods or {})
-    for key in score_mods:
-        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < model.decoder_layers:
-            raise ValueError(f"score_mods keys must be decoder layer indices in [0, {model.decoder_layers}), "
-                             f"got {key!r}")
-    if not hasattr(image_tokens, "ndim") or image_tokens.ndim != 3 or image_tokens.shape[-1] != model.dim:
-        raise ValueError(f"image_tokens must be [B, N, dim={model.dim}], got {getattr(image_tokens, 'shape', None)}")
-    B, N = image_tokens.shape[:2]
-    tokens = model.check_tokens(tokens, B)
-    T = tokens.shape[1]
-    bias = None
-    if image_sizes is not None:
-        image_sizes = jnp.asarray(image_sizes, jnp.float32)
-        if image_sizes.shape != (B, N):
-            raise ValueError(f"image_sizes must be [B={B}, N={N}], got shape {image_sizes.shape}")
-        keep = image_sizes > 0
-        image_mask = keep if image_mask is None else (jnp.asarray(image_mask) & keep)
-        logs = jnp.where(keep, jnp.log(jnp.where(keep, image_sizes, 1.0)), 0.0)
-        bias = jnp.concatenate([logs, jnp.zeros((B, T), jnp.float32)], axis=1)[:, None, None, :]
-    mask = prefix_lm_mask(N, T, image_mask)
-    text = model.embed(tokens) + model.text_pos[:, :T]
-    x = jnp.concatenate([image_tokens.astype(jnp.float32) + model.image_type[...], text], axis=1)
-    positions = jnp.arange(N + T)[None]
-    maps = []
-    for i, block in enumerate(model.decoder):
-        if block.norm_position != "pre" or block.attention.method != "softmax":
-            raise ValueError("custom_decode needs pre-norm softmax decoder blocks")
-        attn = block.attention
-        h = block.attn_norm(x)
-        q, k, v = attn.project(h, positions)
-        if return_probs:
-            from jattn.core.reference import reference_attention
-            out, probs = reference_attention(q, k, v, mask=mask, bias=bias, scale=attn.scale,
-                                             score_mod=score_mods.get(i), return_probs=True)
-            maps.append(probs)
-        else:
-            out = attention(q, k, v, mask=mask, bias=bias, scale=attn.scale, score_mod=score_mods.get(i), impl="xla")
-        x = x + attn.finish(h, out)
-        x = x + block.mlp(block.mlp_norm(x))
-    logits = model.head(model.final_norm(x[:, N:])).astype(jnp.float32)
+    ``image_mask``): :func:`train.vlm_methods.hooked_decode` without hooks. Returns logits ``[B, T, V]`` (and the
+    per-layer maps with ``return_probs``, which runs the dense reference)."""
+    logits, maps, _ = hooked_decode(model, image_tokens, tokens, score_mods=score_mods, image_sizes=image_sizes,
+                                    image_mask=image_mask, impl="reference" if return_probs else "xla")
     return (logits, maps) if return_probs else logits
 
 
@@ -127,25 +86,18 @@ def make_paint_captioner(model, vocab, *, layers=(), alpha=paint.DEFAULT_ALPHA, 
     """A jitted ``fn(images, oracle=None) -> token ids [B, max_len]`` greedy captioner with PAINT in ``layers``
     (``()``: the baseline, through the same :func:`custom_decode`). ``oracle [B, N]`` bool (an ablation, not
     PAINT): boost these tokens as local ones (alpha) instead of PAINT's selection, no summary tokens."""
-    graphdef, state = nnx.split(model)
     max_len = model.max_text_len if max_len is None else max_len
     layers = tuple(int(layer) for layer in layers)
 
-    @jax.jit
-    def run(state, images, oracle):
-        m = nnx.merge(graphdef, state)
+    def prepare(m, images, oracle):
         image_tokens, local, summary = paint_tokens(m, images, local_ratio=local_ratio)
         if oracle is not None:
             local, summary = oracle, jnp.zeros_like(oracle)
         mods = paint_score_mods(local, summary, max_len, layers, alpha=alpha, beta=beta) if layers else None
+        return image_tokens, {"score_mods": mods, "impl": "xla"}
 
-        def logits_fn(buffer):
-            return custom_decode(m, image_tokens, buffer, score_mods=mods)
-
-        return greedy_decode(logits_fn, images.shape[0], max_len, bos=vocab.bos, eos=vocab.eos, pad=vocab.pad)
-
-    return lambda images, oracle=None: np.asarray(run(state, jnp.asarray(images, jnp.float32),
-                                                      None if oracle is None else jnp.asarray(oracle, bool)))
+    caption = make_captioner(model, vocab, max_len=max_len, prepare=prepare)
+    return lambda images, oracle=None: caption(images, None if oracle is None else jnp.asarray(oracle, bool))
 
 
 def object_patches(masks, patch: int):
@@ -190,39 +142,6 @@ def image_attention_share(model, images, inputs, layers, *, alpha, beta, local_r
     return out, stats
 
 
-def caption_sets(captioners: dict, vocab, *, num: int, sets: int, batch_size: int = 128, oracle=(), patch: int = 4):
-    """Captions of ``sets`` disjoint held-out sets of ``num`` images by every captioner; metrics per set and the
-    paired deltas against ``"baseline"`` (mean, std over the sets). Captioners named in ``oracle`` also get the
-    images' object patches."""
-    from train.captioning import HELDOUT_START, caption_metrics, shapes_examples
-    from train.images import shapes
-    everything = shapes_examples(num * sets, HELDOUT_START, 0)
-    on_object = object_patches(shapes(num * sets, 0, size=32, max_objects=3, start=HELDOUT_START).masks, patch)
-    results = {name: [] for name in captioners}
-    changed = {name: [] for name in captioners}
-    for s in range(sets):
-        images = everything.images[s * num:(s + 1) * num]
-        refs = everything.captions[s * num:(s + 1) * num]
-        base = None
-        for name, cap in captioners.items():
-            preds = []
-            for i in range(0, num, batch_size):
-                extra = (on_object[s * num + i:s * num + min(i + batch_size, num)],) if name in oracle else ()
-                preds += [vocab.decode(r) for r in cap(images[i:i + batch_size], *extra)]
-            base = preds if name == "baseline" else base
-            results[name].append(caption_metrics(preds, refs))
-            changed[name].append(float(np.mean([a != b for a, b in zip(preds, base)])) if base else 0.0)
-    summary = {}
-    for name, rows in results.items():
-        summary[name] = summarise(rows, METRIC_KEYS)
-        summary[name]["captions_changed"] = [float(np.mean(changed[name])), float(np.std(changed[name]))]
-        if "baseline" in results:
-            for k in METRIC_KEYS:
-                d = [r[k] - b[k] for r, b in zip(rows, results["baseline"])]
-                summary[name]["delta_" + k] = [float(np.mean(d)), float(np.std(d))]
-    return summary, results
-
-
 def run_paint(model, vocab, *, num=256, sets=3,
               variants=(((1,), 0.7, 0.3), ((0, 1), 0.7, 0.3), ((0, 1), 1.5, 0.6)), oracle_layers=(1,)) -> dict:
     """Baseline vs PAINT variants ``(layers, alpha, beta)`` on held-out shapes, and the oracle ablation (the object
@@ -237,7 +156,11 @@ def run_paint(model, vocab, *, num=256, sets=3,
     if oracle_layers:
         oracle = (f"oracle_objects_layers{''.join(map(str, oracle_layers))}_a0.7",)
         captioners[oracle[0]] = make_paint_captioner(model, vocab, layers=oracle_layers, alpha=0.7, beta=0.0)
-    summary, per_set = caption_sets(captioners, vocab, num=num, sets=sets, oracle=oracle, patch=model.patch_size)
+    extras = {}
+    if oracle:
+        extras[oracle[0]] = object_patches(shapes(num * sets, 0, size=32, max_objects=3, start=HELDOUT_START).masks,
+                                           model.patch_size)
+    summary, per_set, _ = caption_sets(captioners, vocab, num=num, sets=sets, extras=extras)
     data = shapes(64, 0, size=model.image_size, max_objects=3, start=HELDOUT_START)
     caps = [canonical_caption(k, c) for k, c in zip(data.kinds, data.colours)]
     batch = make_batch(data.images, caps, vocab, model.max_text_len)
@@ -400,9 +323,7 @@ def run_dymu(model, vocab, *, num=256, sets=3, rs=(4, 8, 12, 16), calib_num=512,
     summary = {}
     for name, rows in results.items():
         summary[name] = summarise(rows, METRIC_KEYS + ("tokens_kept",))
-        for k in METRIC_KEYS:
-            d = [r[k] - b[k] for r, b in zip(rows, results["baseline_tau_inf"])]
-            summary[name]["delta_" + k] = [float(np.mean(d)), float(np.std(d))]
+        summary[name].update(paired_deltas(rows, results["baseline_tau_inf"], METRIC_KEYS))
         kept = np.concatenate(kept_all[name])
         summary[name]["tokens_kept_image_std"] = float(kept.std())
         summary[name]["tokens_kept_by_objects"] = {int(c): float(kept[objects == c].mean())
@@ -411,22 +332,10 @@ def run_dymu(model, vocab, *, num=256, sets=3, rs=(4, 8, 12, 16), calib_num=512,
             "num": num, "sets": sets, "calib_num": calib_num}
 
 
-# --- reporting -----------------------------------------------------------------------------------
-
-def summarise(rows, keys) -> dict:
-    """``{key: [mean, std]}`` over the rows (std with ddof=0)."""
-    return {k: [float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))] for k in keys}
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", default=DEFAULT_RUN)
-    parser.add_argument("--num", type=int, default=256)
-    parser.add_argument("--sets", type=int, default=3)
-    parser.add_argument("--only", choices=("paint", "dymu", "both"), default="both")
+    parser = experiment_parser(__doc__, ("paint", "dymu"))
     parser.add_argument("--rs", default="4,8,12,16", help="DyMU: the calibration r per encoder layer, comma-separated")
     parser.add_argument("--skip-no-vtu", action="store_true", help="DyMU: leave out the no-VTU ablation rows")
-    parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     from train.captioning import load_vlm
     model, vocab = load_vlm(args.run)
@@ -441,10 +350,7 @@ def main(argv=None) -> int:
         result["dymu"] = run_dymu(model, vocab, num=args.num, sets=args.sets, rs=rs, no_vtu=not args.skip_no_vtu)
         print(json.dumps({k: result["dymu"][k] for k in ("summary", "taus")}, indent=1), flush=True)
     result["seconds"] = time.time() - began
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+    save_result(args.out, result)
     return 0
 
 
