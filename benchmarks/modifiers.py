@@ -12,6 +12,9 @@ Parts (each prints a markdown table; docs/modifiers.md holds the results):
   scalar factor from the key length (``per_query=False``) and the per-query factor clamped at 1
   (``only_longer=True``). P27: non-initial sinks per head (alpha = 0.1), then ``search_act_heads`` on 4
   calibration batches and the held-out loss of the kept heads vs the unmodified model (and ACT on all heads).
+* ``sinks``: P50's sink metric of the same LMs per layer, read through each layer's own attention core
+  (``jattn.nn.capture.records_sink_metric``: one-hot values, no ``[T, T]`` map), unmodified, with ACT on
+  every head (a ``prob_mod``) and with P28 entropy scaling at 512 bytes (a ``score_mod``).
 * ``minilm``: all-MiniLM-L6-v2 (real weights). Inputs are stdlib source files: the query text is a file's
   start, its pair a chunk from its middle; retrieval = is the pair the most cosine-similar of all pairs
   (top-1) and the margin (positive minus mean negative similarity). P28 (T = 128, the model's training
@@ -256,6 +259,52 @@ def run_lm(seeds, steps, out_dir):
           f"| {fmt([r['kept'] for r in acts], 1)} | {fmt([r['all'] for r in acts], 4)} |")
 
 
+def lm_sink_rows(model, *, batches=2, batch_size=8):
+    """P50's Sink_0.3 and mean alpha_0 per layer through each layer's own core (``records_sink_metric``), for the
+    unmodified model, ACT on every head (a prob_mod), and P28 entropy scaling (a score_mod) at 128 and 512 bytes."""
+    from jattn.nn.capture import attention_inputs, records_sink_metric
+    from train.data import ByteCorpus
+    L, H = model.num_layers, LM["num_heads"]
+    variants = {
+        "unmodified": (model, 128),
+        "ACT, all heads (prob_mod)": (with_methods(model, act_layer_methods(np.ones((L, H), bool))), 128),
+        "unmodified at 512": (model, 512),
+        "P28 per-query at 512 (score_mod)": (with_methods(model, [("entropy_scaled", {
+            "train_keys": LM["seq_len"], "only_longer": True})] * L), 512),
+    }
+    rows = {}
+    for name, (m, length) in variants.items():
+        corpus = ByteCorpus(length, max_bytes=LM["max_bytes"])
+        alphas = []
+        for index in range(batches):
+            inputs = jnp.asarray(corpus.batch(4321, index, batch_size, split="eval")["inputs"])
+            with attention_inputs() as records:
+                m(inputs)
+            alphas.append(np.asarray(records_sink_metric(records)[0]))              # [L, B, H]
+        alpha = np.concatenate(alphas, axis=1)
+        rows[name] = {"pct": [float(100 * (a > 0.3).mean()) for a in alpha], "alpha": [float(a.mean()) for a in alpha]}
+    return rows
+
+
+def run_sinks(seeds, steps, out_dir):
+    results = []
+    for seed in seeds:
+        tick = time.perf_counter()
+        results.append(lm_sink_rows(train_lm(seed, steps, out_dir)))
+        print(f"[sinks seed {seed}] {time.perf_counter() - tick:.0f}s", flush=True)
+    L = len(next(iter(results[0].values()))["pct"])
+    print(f"\n### P50 sink metric through each layer's core (eps 0.3, key 0), small LM, 16 held-out windows, mean ± "
+          f"half-range over seeds {list(seeds)}\n")
+    print("| variant | " + " | ".join(f"layer {l} Sink_0.3 (%) | layer {l} mean alpha_0" for l in range(L)) + " |")
+    print("|---" * (2 * L + 1) + "|")
+    for name in results[0]:
+        cells = []
+        for l in range(L):
+            cells.append(fmt([r[name]["pct"][l] for r in results], 1))
+            cells.append(fmt([r[name]["alpha"][l] for r in results], 3))
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 # ------------------------------------------------------------------------------------------------------
 # all-MiniLM-L6-v2
 
@@ -403,8 +452,8 @@ def run_minilm(num_pairs: int, calib_pairs: int, lengths=MINILM_LENGTHS):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["synthetic", "lm", "minilm"],
-                        choices=["synthetic", "lm", "minilm"])
+    parser.add_argument("--parts", nargs="+", default=["synthetic", "lm", "sinks", "minilm"],
+                        choices=["synthetic", "lm", "sinks", "minilm"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out-dir", default="runs/modifiers_lm")
@@ -418,6 +467,8 @@ def main(argv=None):
         print_synthetic(*synthetic_entropy())
     if "lm" in args.parts:
         run_lm(args.seeds, args.steps, args.out_dir)
+    if "sinks" in args.parts:
+        run_sinks(args.seeds, args.steps, args.out_dir)
     if "minilm" in args.parts:
         run_minilm(args.pairs, args.calib_pairs)
     print(f"\ntotal {time.perf_counter() - tick:.0f}s")

@@ -433,9 +433,11 @@ _PROGRESS = {
             "Agent-Attention ViT at 28k parameters on digits 87.8 +- 0.6 % vs a matched ViT 85.1 +- 4.0 (docs/vision.md): "
             "within the spread"),
     "P50": ((_LINEAR + "sigmoid.sigmoid_attention", _LINEAR + "sigmoid.kernel_attention",
-             _LINEAR + "sigmoid.kv_bias_attention", "jattn.nn.sink_metric"),
-            ("tests/methods/linear/test_sigmoid.py", "tests/nn/test_attention_maps.py"), "partial",
-            "sink metric, sigmoid/kernel variants and KV-bias slot; sink emergence is a null result at CPU scale"),
+             _LINEAR + "sigmoid.kv_bias_attention", "jattn.nn.sink_metric", "jattn.nn.streamed_sink_metric",
+             "jattn.nn.capture.records_sink_metric"),
+            ("tests/methods/linear/test_sigmoid.py", "tests/nn/test_attention_maps.py", "tests/nn/test_capture.py"),
+            "partial", "sink metric (also through each layer's own hooked core, docs/modifiers.md), sigmoid/kernel "
+            "variants and KV-bias slot; sink emergence is a null result at CPU scale"),
     "P57": (tuple(_LINEAR + n for n in ("dsf.DSF", "dsf.dsf_recurrent", "dsf.dsf_attention_matrix",
                                         "dsf.linear_attention_dsf", "dsf.s6_dsf", "dsf.dsf_to_linear_attention")),
             ("tests/methods/linear/test_dsf.py",), "partial", "no MQAR comparison run"),

@@ -6,7 +6,8 @@ from jattn.nn.attention import Attention, apply_rope
 from jattn.nn.neighborhood import NeighborhoodAttention
 from jattn.nn.models import (MLP, BertEncoder, DecoderLM, SRMSNorm, TransformerBlock, ViT, l2_normalize,
                              mean_pool, srms_norm)
-from jattn.nn.attention_maps import attention_entropy, key_importance, sink_metric, topk_recall
+from jattn.nn.attention_maps import (attention_entropy, key_columns, key_importance, sink_metric, streamed_sink_metric,
+                                     topk_recall)
 from jattn.nn.icl import (OneLayerMHSoftmax, debiased_gd_predictor, kq_diagonality, ov_last_entry_ratio,
                           ov_zero_sum_residual)
 from jattn.nn.pretrained import MiniLM, bert_from_safetensors

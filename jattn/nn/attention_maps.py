@@ -2,6 +2,12 @@
 
 ``sink_metric`` is P50's (sail-sg/Attention-Sink ``eval_sink_open_source.py``); ``attention_entropy`` and
 ``topk_recall`` are what entropy scaling and sparse-attention selectors read.
+
+``key_columns`` and ``streamed_sink_metric`` read the same statistics from an attention *core* instead of a
+materialised map: values that are one-hot over the first keys make the core's output the map's first
+columns (``(A @ V)[t, j] = A[t, j]`` when ``V[s, j] = 1[s = j]``). So the metric runs on the path the model
+really uses (its fused ``score_mod`` / ``prob_mod``, flash or Pallas), under ``jit``, in ``O(T)`` memory per
+column rather than ``O(T * S)``. ``jattn.nn.capture.records_sink_metric`` applies it to every layer of a model.
 """
 from __future__ import annotations
 
@@ -36,6 +42,52 @@ def sink_metric(attn, eps: float = 0.3, position: int = 0):
     if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < alpha.shape[-1]:
         raise ValueError(f"position must be an int in [0, {alpha.shape[-1]}), got {position!r}")
     return alpha, 100.0 * jnp.mean((alpha[..., position] > eps).astype(jnp.float32))
+
+
+def key_columns(attend, q, k, columns: int):
+    """``A[b, h, t, j]`` for the first ``columns`` keys, from one call of an attention core.
+
+    Args:
+      attend: ``attend(q, k, v) -> out [B, T, H, D]`` (``v`` has q's head dim ``D``), any core whose output is its probability map times
+        ``v`` (softmax attention with any mask, ``score_mod`` or ``prob_mod``: ``jattn.attention`` partially
+        applied, or a registered method's core).
+      q: ``[B, T, H, D]``.
+      k: ``[B, S, Hkv, D]``.
+      columns: how many leading keys, in ``[1, S]``.
+
+    Returns:
+      float32 ``[B, T, H, columns]``: entry ``j`` is the probability query ``t`` of head ``h`` gives key ``j``
+      (``ceil(columns / D)`` calls of ``attend``).
+    """
+    checks.check_float_array("q", q, 4)
+    checks.check_float_array("k", k, 4)
+    S = k.shape[1]
+    if isinstance(columns, bool) or not isinstance(columns, int) or not 1 <= columns <= S:
+        raise ValueError(f"columns must be an int in [1, S={S}], got {columns!r}")
+    B, _, Hkv, D = k.shape
+    parts = []
+    for start in range(0, columns, D):     # v keeps q's head dim D (some cores require it): D columns per call
+        one_hot = jnp.eye(S, D, -start, dtype=q.dtype)                            # [S, D]: 1 at s = start + j
+        v = jnp.broadcast_to(one_hot[None, :, None, :], (B, S, Hkv, D))
+        parts.append(attend(q, k, v)[..., :min(D, columns - start)].astype(jnp.float32))
+    return jnp.concatenate(parts, axis=-1)
+
+
+def streamed_sink_metric(attend, q, k, eps: float = 0.3, position: int = 0):
+    """P50's ``Sink_eps`` of a causal self-attention core, without its ``[T, T]`` map (see ``key_columns``).
+
+    Returns ``(alpha [B, H], sink_pct)``: ``alpha = 1/(T - position) * sum_{t >= position} A[t, position]``
+    per sample and head, and ``100 * mean(alpha > eps)``; equal to ``sink_metric`` of the core's map."""
+    eps = checks.check_positive_float("eps", eps, allow_none=False)
+    T = q.shape[1]
+    if k.shape[1] != T:
+        raise ValueError(f"the sink metric needs causal self-attention (k's length = q's T={T}), got k "
+                         f"{checks.describe(k)}")
+    if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < T:
+        raise ValueError(f"position must be an int in [0, {T}), got {position!r}")
+    column = key_columns(attend, q, k, position + 1)[..., position]                 # [B, T, H]
+    alpha = jnp.sum(column[:, position:], axis=1) / (T - position)
+    return alpha, 100.0 * jnp.mean((alpha > eps).astype(jnp.float32))
 
 
 def attention_entropy(attn, eps: float = 1e-12):

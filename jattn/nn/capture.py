@@ -42,10 +42,13 @@ import functools
 import threading
 from typing import Any, Iterator
 
+import jax.numpy as jnp
+
 from jattn.core import checks
 from jattn.nn.attention import Attention
+from jattn.nn.attention_maps import streamed_sink_metric
 
-__all__ = ["AttentionRecord", "attention_inputs"]
+__all__ = ["AttentionRecord", "attention_inputs", "records_sink_metric"]
 
 
 @dataclasses.dataclass
@@ -176,3 +179,44 @@ def attention_inputs(*, probs: bool = False) -> Iterator[list[AttentionRecord]]:
         # remove this context's entry (by identity: nested contexts may exit in any order on errors)
         _STATE.recorders[:] = [r for r in _STATE.recorders if r is not entry]
         _unpatch()
+
+
+def records_sink_metric(records: list[AttentionRecord], *, eps: float = 0.3, position: int = 0):
+    """P50's sink metric of every recorded layer call, through each layer's own attention core (P50 on the hooks).
+
+    Each record's ``q, k`` go back through the method core the layer ran (``layer.spec.apply`` with the
+    recorded mask, causality, scale and ``method_config``: a ``score_mod`` or ``prob_mod`` method, e.g. ACT or
+    entropy scaling, is measured as the model applies it), with one-hot values
+    (``jattn.nn.attention_maps.streamed_sink_metric``), so no ``[T, S]`` map is formed.
+
+    Args:
+      records: from ``attention_inputs()`` (``probs`` not needed); causal self-attention calls, not decoding.
+      eps: the threshold on ``alpha`` (the paper's 0.3).
+      position: the key position measured (0: the first token).
+
+    Returns:
+      ``(alpha [calls, B, H], sink_pct)``: per call, sample and head the mean attention the queries that can
+      see key ``position`` give it, and ``100 * mean(alpha > eps)`` over all of them.
+
+    Raises:
+      ValueError: no records, a decoding or non-causal call, a call without recorded q/k, or a method without
+        a probability map.
+    """
+    if not records:
+        raise ValueError("records is empty: call the model inside jattn.nn.capture.attention_inputs() first")
+    alphas = []
+    for record in records:
+        if record.decode or not record.causal or record.q is None:
+            raise ValueError(f"record {record.index} ({record.method}) is not a causal self-attention call with q/k "
+                             f"recorded (decode={record.decode}, causal={record.causal}); the sink metric needs one")
+        spec = record.layer.spec
+        if not spec.supports_probs:
+            raise ValueError(f"record {record.index}: method {record.method!r} has no probability map, so it has no "
+                             "sink metric")
+
+        def attend(q, k, v, record=record, spec=spec):
+            return spec.apply(q, k, v, causal=record.causal, mask=record.mask, scale=record.scale,
+                              return_probs=False, **record.method_config)
+        alphas.append(streamed_sink_metric(attend, record.q, record.k, eps=eps, position=position)[0])
+    alpha = jnp.stack(alphas)
+    return alpha, 100.0 * jnp.mean((alpha > eps).astype(jnp.float32))

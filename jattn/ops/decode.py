@@ -12,8 +12,12 @@ already appended). New token ``t`` sits at position ``p = lengths[b] - Tq + t`` 
 A row that sees nothing (``lengths[b] = 0``) gives ``out = 0`` and ``lse = -inf`` (``lse = sinks[h]`` with
 sinks), as in ``jattn.core.reference``.
 
-Gradients: every impl is differentiable in ``q`` and the caches; the Pallas impl's backward is the xla
-path's (decode is inference-side; a Pallas decode backward is not written).
+Gradients: every impl is differentiable in ``q`` and the caches (and ``sinks``). The Pallas impl's backward
+is a Pallas kernel of the same split-K structure (``decode_partials_grad``): per split it recomputes its
+tiles' probabilities from the merged forward's ``lse`` and writes dk/dv per logical tile and a dq partial;
+XLA sums dq over the splits and reshapes dk/dv into a contiguous cache or scatter-adds them into the pool
+through the page table. Both the ``out`` and the ``lse`` cotangents are used (``return_lse`` and the sinks,
+merged outside the kernel's ``custom_vjp``, reach the kernel through ``lse``).
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from jattn.ops.decode_reference import decode_attention_reference
 from jattn.ops.decode_xla import decode_attention_xla
 from jattn.ops.dispatch import run_impl
 from pallas_kernels import common
-from pallas_kernels.decode import decode_partials
+from pallas_kernels.decode import decode_partials, decode_partials_grad
 
 DEFAULT_PAGE = 128          # contiguous caches are cut into pages of this many keys (or the largest that divides)
 MIN_PAGE = common.MIN_DOT_DIM
@@ -251,8 +255,9 @@ def _unpack_rows(x, Tq: int, H: int):
     return jnp.moveaxis(x, 3, 1).reshape(B, Tq, H, *x.shape[4:])
 
 
-def _kernel(plan: tuple, q4, k_cache, v_cache, lengths, page_table):
-    plan = dict(plan)
+def _layout(plan: dict, q4, k_cache, v_cache, page_table):
+    """The kernels' view of the cache: ``(k_pages, v_pages, table, kernel arguments)`` (see
+    ``pallas_kernels.decode``); the forward and the backward share it."""
     B, Tq, H, D = q4.shape
     tile = plan["tile"]
     if page_table is None:      # each sequence's own pages, in order: [B, Hkv, S / tile, tile, D]
@@ -266,10 +271,18 @@ def _kernel(plan: tuple, q4, k_cache, v_cache, lengths, page_table):
     splits, per_split = split_plan(B, Hkv, page_table.shape[1], plan["num_splits"])
     width = common.next_power_of_two(max(page_table.shape[1], splits * per_split))
     table = common.pad_axis(page_table.astype(jnp.int32), 1, width)
-    out, lse = decode_partials(
-        _pack_rows(q4, Hkv), k_pages, v_pages, lengths, table, new_tokens=Tq, group=H // Hkv, num_splits=splits, tiles_per_split=per_split,
-        scale=plan["scale"], softcap=plan["softcap"], window=plan["window_left"], interpret=plan["interpret"],
-        poison_outputs=plan["poison_outputs"])
+    kwargs = dict(new_tokens=Tq, group=H // Hkv, num_splits=splits, tiles_per_split=per_split, scale=plan["scale"],
+                  softcap=plan["softcap"], window=plan["window_left"], interpret=plan["interpret"],
+                  poison_outputs=plan["poison_outputs"])
+    return k_pages, v_pages, table, kwargs
+
+
+def _kernel(plan: tuple, q4, k_cache, v_cache, lengths, page_table):
+    plan = dict(plan)
+    B, Tq, H, D = q4.shape
+    k_pages, v_pages, table, kwargs = _layout(plan, q4, k_cache, v_cache, page_table)
+    Hkv = k_pages.shape[1]
+    out, lse = decode_partials(_pack_rows(q4, Hkv), k_pages, v_pages, lengths, table, **kwargs)
     out, lse = merge_partials(jnp.moveaxis(out, 2, 0), jnp.moveaxis(lse[..., 0], 2, 0))
     return _unpack_rows(out, Tq, H), _unpack_rows(lse, Tq, H)
 
@@ -280,18 +293,40 @@ def _pallas_decode(plan, q4, k_cache, v_cache, lengths, page_table):
 
 
 def _pallas_decode_fwd(plan, q4, k_cache, v_cache, lengths, page_table):
-    return _kernel(plan, q4, k_cache, v_cache, lengths, page_table), (q4, k_cache, v_cache, lengths, page_table)
+    out, lse = _kernel(plan, q4, k_cache, v_cache, lengths, page_table)
+    return (out, lse), (q4, k_cache, v_cache, lengths, page_table, out, lse)
 
 
 def _pallas_decode_bwd(plan, residuals, cotangents):
-    q4, k_cache, v_cache, lengths, page_table = residuals
-    static = {key: value for key, value in plan if key in ("window_left", "softcap", "scale")}
+    """The split-K backward kernel (``decode_partials_grad``), then XLA: dq summed over the splits, dk/dv per
+    logical tile reshaped into a contiguous cache or scatter-ADDED into the pool through the page table (a
+    page two sequences share after a fork gets both contributions; tiles a sequence does not need are 0)."""
+    q4, k_cache, v_cache, lengths, page_table, out, lse = residuals
+    d_out, d_lse = cotangents
+    plan = dict(plan)
+    B, Tq, H, D = q4.shape
+    k_pages, v_pages, table, kwargs = _layout(plan, q4, k_cache, v_cache, page_table)
+    Hkv = k_pages.shape[1]
+    # d lse / d s = p, so an lse cotangent shifts delta; rows that saw nothing (lse = -inf) get +inf: p = 0.
+    delta = jnp.sum(out * d_out.astype(jnp.float32), axis=-1) - d_lse.astype(jnp.float32)
+    lse_rows = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
+    dq, dk, dv = decode_partials_grad(
+        _pack_rows(q4, Hkv), k_pages, v_pages, lengths, table, _pack_rows(d_out.astype(q4.dtype), Hkv),
+        _pack_rows(lse_rows[..., None], Hkv), _pack_rows(delta[..., None], Hkv), **kwargs)
+    dq = _unpack_rows(jnp.sum(dq, axis=2), Tq, H).astype(q4.dtype)
+    if page_table is None:
+        W = k_cache.shape[2] // plan["tile"]
+        dk = dk[:, :, :W].reshape(k_cache.shape)
+        dv = dv[:, :, :W].reshape(v_cache.shape)
+    else:
+        W = page_table.shape[1]
+        pages = page_table.reshape(-1)
 
-    def xla(q4, k_cache, v_cache):
-        return decode_attention_xla(q4, k_cache, v_cache, lengths, page_table=page_table, **static)
-
-    _, vjp = jax.vjp(xla, q4, k_cache, v_cache)
-    return (*vjp(cotangents), None, None)
+        def to_pool(tiles, cache):
+            per_tile = jnp.moveaxis(tiles[:, :, :W], 1, 0).reshape(Hkv, B * W, *tiles.shape[3:])
+            return jnp.zeros(cache.shape, jnp.float32).at[:, pages].add(per_tile)
+        dk, dv = to_pool(dk, k_cache), to_pool(dv, v_cache)
+    return dq, dk.astype(k_cache.dtype), dv.astype(v_cache.dtype), None, None
 
 
 _pallas_decode.defvjp(_pallas_decode_fwd, _pallas_decode_bwd)

@@ -173,3 +173,36 @@ def test_dynamic_quality_benchmark_machinery():
     mask = dq.SELECT["kinetics"](q, k, topk=0, block_q=16, block_size=16, sink=4, local=0)
     assert dq.density_of(mask, True) == pytest.approx(7 / 10) and dq.density_of(mask, False) == pytest.approx(7 / 16)
     assert len(dq.stdlib_text()) > 5000 and set(dq.SELECT) == set(dq.MINILM) == set(dq.EQUAL)
+
+
+def test_records_sink_metric_runs_each_layers_own_hooked_core():
+    """P50 on the hooks: per layer, the sink metric through the layer's core (ACT's prob_mod on layer 0, entropy
+    scaling's score_mod on layer 1) equals the metric of the recorded maps. Catches measuring plain softmax instead
+    of the layer's method (the ACT layer's map differs), and a wrong layer order."""
+    from jattn.nn.attention_maps import sink_metric
+    from jattn.nn.capture import records_sink_metric
+    methods = [("act", {"head_mask": (True, False), "alpha": 0.05, "beta": 0.4}),
+               ("entropy_scaled", {"train_keys": 4})]
+    model = DecoderLM(50, 16, 2, 2, rngs=nnx.Rngs(0), layer_methods=methods)
+    tokens = jax.random.randint(jax.random.key(1), (3, 13), 0, 50)
+    with attention_inputs(probs=True) as records:
+        model(tokens)
+    alpha, pct = records_sink_metric(records, eps=0.3)
+    want = jnp.stack([sink_metric(r.probs)[0][..., 0] for r in records])
+    np.testing.assert_allclose(np.asarray(alpha), np.asarray(want), atol=2e-6)
+    assert float(pct) == float(sink_metric(jnp.stack([r.probs for r in records]))[1])
+    plain = jnp.stack([sink_metric(_numpy_probs(r).astype(np.float32))[0][..., 0] for r in records])
+    assert float(jnp.abs(alpha - plain).max()) > 1e-3       # the hooks change what is measured
+
+
+def test_records_sink_metric_refuses_what_has_no_causal_map(bert_run):
+    from jattn.nn.capture import records_sink_metric
+    with pytest.raises(ValueError, match="empty"):
+        records_sink_metric([])
+    with pytest.raises(ValueError, match="causal"):
+        records_sink_metric(bert_run[3])
+    model = DecoderLM(50, 16, 1, 2, rngs=nnx.Rngs(0), method="lightning")
+    with attention_inputs() as records:
+        model(jax.random.randint(jax.random.key(1), (1, 8), 0, 50))
+    with pytest.raises(ValueError, match="no probability map"):
+        records_sink_metric(records)
