@@ -49,14 +49,14 @@ import optax
 from flax import nnx
 
 from train.checkpoint import Checkpointer
-from train.config import DEFAULTS, merge
+from train.config import CONFIG_DIR, DEFAULTS, merge
 from train.data import batch_rng
 from train.images import COLOUR_NAMES, DIGIT_WORDS, NUMBER_WORDS, SHAPE_NAMES, caption, digits, shapes
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 HELDOUT_START = 10_000_000
 DEFAULT_DIR = "runs/vlm_shapes"
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "vlm_shapes.py")
+DEFAULT_CONFIG = os.path.join(CONFIG_DIR, "vlm_shapes.py")
 
 
 # --- vocabulary -----------------------------------------------------------------------------------

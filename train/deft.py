@@ -24,9 +24,7 @@ surrogate; and the embedding drift, the mean cosine between original and finetun
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
-import importlib.util
 import json
 import os
 import re
@@ -40,9 +38,10 @@ from flax import nnx
 from jattn.methods.objectives import deft
 from jattn.nn.models import l2_normalize, mean_pool
 from train.data import batch_rng, stdlib_corpus
+from train.config import CONFIG_DIR, parse_value, read_config
 from train.optim import make_optimizer
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "deft_minilm.py")
+CONFIG = os.path.join(CONFIG_DIR, "deft_minilm.py")
 _CODE_CHARS = re.compile(r"[=(){}\[\]<>_*/\\|`@$%^~#]")
 
 
@@ -199,10 +198,7 @@ def finetune(model, data: dict, config: dict, *, seed: int, quiet: bool = True):
 
 # ------------------------------------------------------------------------------------------ experiment
 def load_config(overrides=(), path: str = CONFIG) -> dict:
-    spec = importlib.util.spec_from_file_location("jattn_config_deft_minilm", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = read_config(path)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"overrides must look like key=value, got {item!r}")
@@ -214,10 +210,7 @@ def load_config(overrides=(), path: str = CONFIG) -> dict:
                 known = sorted(node) if isinstance(node, dict) else []
                 raise ValueError(f"override {item!r}: {where} has no key {part!r} (keys: {known})")
             if depth == len(parts) - 1:
-                try:
-                    node[part] = ast.literal_eval(text)
-                except (ValueError, SyntaxError):
-                    node[part] = text
+                node[part] = parse_value(text)
             else:
                 node = node[part]
     return config

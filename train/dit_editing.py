@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train.config import DEFAULTS, merge, read_config
+from train.config import CONFIG_DIR, DEFAULTS, merge, read_config
 from train.data import batch_rng
 from train.diffusion import (NoiseSchedule, build_model, build_schedule, ddim_step, ddim_timesteps,
                              epsilon_loss, load_dit, q_sample, save_dit, DiffusionSubject)
@@ -123,7 +123,7 @@ class ShapesDiffusionTask:
 def default_config() -> dict:
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "dit_shapes.py")
+    path = os.path.join(CONFIG_DIR, "dit_shapes.py")
     spec = importlib.util.spec_from_file_location("jattn_config_dit_shapes", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -35,12 +35,11 @@ from jattn.methods.objectives.entropy_guided import (entropy_guided_layers, entr
                                                      use_entropy_guided)
 from jattn.nn.attention_maps import attention_entropy
 from jattn.nn.models import DecoderLM
-from train.config import DEFAULTS, merge
+from train.config import CONFIG_DIR, DEFAULTS, merge
 from train.data import ByteCorpus
 from train.loop import train
 
-CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                           "lm_entropy_guided.py")
+CONFIG_PATH = os.path.join(CONFIG_DIR, "lm_entropy_guided.py")
 
 
 def load_settings(path: str = CONFIG_PATH) -> tuple[dict, dict]:

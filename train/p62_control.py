@@ -34,12 +34,11 @@ from jattn.core import checks
 from jattn.core.reference import HIGHEST
 from jattn.nn.icl import OneLayerMHSoftmax, best_scale, debiased_gd_predictor
 from train.build import Task, regression_loss
-from train.config import DEFAULTS, merge
+from train.config import CONFIG_DIR, DEFAULTS, merge
 from train.loop import train
 from train.tasks import ICLRegression
 
-CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                           "p62_linear_control.py")
+CONFIG_PATH = os.path.join(CONFIG_DIR, "p62_linear_control.py")
 NORMALIZATIONS = ("sum", "mean")
 
 
