@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -83,6 +82,7 @@ from jattn.methods.vision.gaussian_adaptive import DensityBlock, MultiHeadDensit
 from jattn.methods.vision.psa import PolarizedSelfAttention
 from jattn.methods.vision.sdanet import DenseAttentionModule
 from jattn.methods.vision.ulsam import ULSAM
+from train.config import fill_defaults, read_config
 from train.data import batch_rng
 from train.images import digits
 
@@ -323,12 +323,7 @@ class TokenNet(nnx.Module):
 # --------------------------------------------------------------------------------------------- configs
 def check_config(config: dict) -> dict:
     """Validated config with defaults filled; unknown keys or bad values raise ``ValueError`` naming the key."""
-    if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; expected keys among {CONFIG_KEYS}")
-    cfg = {**DEFAULTS, **config}
+    cfg = fill_defaults(config, DEFAULTS, CONFIG_KEYS)
     for key in ("backbone", "module"):
         if key not in config:
             raise ValueError(f"config key {key!r} is required")
@@ -445,9 +440,18 @@ def predict(model, images, batch_size: int = 512) -> np.ndarray:
 
 def forward_flops(model, size: int = 16) -> float:
     """FLOPs of the forward pass on one image from XLA's compiled cost analysis."""
+    return compiled_flops(model, jnp.zeros((1, size, size, 1), jnp.float32))
+
+
+def compiled_flops(model, x, select=None) -> float:
+    """FLOPs of ``model(x)`` from XLA's compiled cost analysis
+    (``jax.jit(f).lower(state, x).compile().cost_analysis()['flops']``), for any model and input (the
+    segmentation, counting and DCAL tables use it with ``x`` one image). ``select(out)`` picks the outputs to
+    count (e.g. the density map of a dict output): XLA drops what no output needs, so only their cost is counted.
+    Put the model in eval mode first if it has BatchNorm or dropout."""
     graphdef, state = nnx.split(model)
-    x = jnp.zeros((1, size, size, 1), jnp.float32)
-    cost = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).compile().cost_analysis()
+    pick = (lambda out: out) if select is None else select
+    cost = jax.jit(lambda s, x: pick(nnx.merge(graphdef, s)(x))).lower(state, x).compile().cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0]
     return float(cost.get("flops", float("nan")))
@@ -516,12 +520,66 @@ def save_map_png(image, amap, label, path):
     plt.close(fig)
 
 
+def save_panels_png(panels, path, *, title: str | None = None, cols: int | None = None, panel_size: float = 2.1):
+    """One PNG of several labelled panels (the segmentation, counting and DCAL maps use it).
+
+    ``panels``: a list of dicts, one per panel, with ``"title"`` and one of ``"image"`` (``[H, W]`` or
+    ``[H, W, 3]`` in [0, 1], shown as is), ``"map"`` (``[h, w]``, colour-mapped with a colour bar; optional
+    ``"vmin"``, ``"vmax"``, ``"cmap"``; optional ``"under"`` ``[H, W(, 3)]`` drawn beneath it at half opacity,
+    stretched to the map's extent; optional ``"marks"``: ``[(row, col), ...]`` cells outlined in cyan) or
+    ``"bars"`` (a 1-d vector drawn as a bar chart, optional ``"ylim"``). ``None`` leaves a cell empty."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Rectangle
+
+    n = len(panels)
+    cols = min(n, 4) if cols is None else cols
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_size * cols, panel_size * rows * 1.05), squeeze=False)
+    for ax, panel in zip(axes.flat, list(panels) + [None] * (rows * cols - n)):
+        if panel is None:
+            ax.axis("off")
+            continue
+        ax.set_title(panel.get("title", ""), fontsize=7)
+        if "bars" in panel:
+            values = np.asarray(panel["bars"], np.float64).ravel()
+            ax.bar(np.arange(len(values)), values, width=0.85, color="tab:purple")
+            if "ylim" in panel:
+                ax.set_ylim(*panel["ylim"])
+            ax.tick_params(labelsize=6)
+            continue
+        if "image" in panel:
+            img = np.clip(np.asarray(panel["image"], np.float64), 0, 1)
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+        else:
+            amap = np.asarray(panel["map"], np.float64)
+            h, w = amap.shape
+            if panel.get("under") is not None:
+                under = np.clip(np.asarray(panel["under"], np.float64), 0, 1)
+                ax.imshow(under, cmap="gray" if under.ndim == 2 else None, extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+                          interpolation="nearest")
+            cmap = panel.get("cmap", "magma")
+            if isinstance(cmap, (list, tuple)):
+                cmap = ListedColormap(list(cmap))
+            im = ax.imshow(amap, cmap=cmap, vmin=panel.get("vmin"), vmax=panel.get("vmax"), interpolation="nearest",
+                           alpha=0.7 if panel.get("under") is not None else 1.0, aspect=panel.get("aspect", "equal"))
+            for r, c in panel.get("marks", ()):
+                ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=1.5))
+            cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+            cb.ax.tick_params(labelsize=6)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------------------------------------- running
-def load_config(path: str) -> dict:
-    spec = importlib.util.spec_from_file_location("vision_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+load_config = read_config
 
 
 def run_config(config: dict, *, out_dir: str | None = None, img_dir: str | None = None, seeds=None,
