@@ -23,10 +23,18 @@ dense, selection / sparse attention / dense seconds, best of ``--repeats`` compi
    ``--target`` is used. The causal selectors run causally; VMoBA and AdaSpa non-causally on the same inputs
    (whose planted structure is the causal one: a non-causal query also sees the band and sink, and the
    slashes' mirror keys carry no planted mass).
-3. ``docs/img/dynamic_selectors.png``: the dense map of one MiniLM head and each selector's tiles on it.
+3. **A small causal LM the project trains** (``--lm``): the byte-level ``DecoderLM`` of
+   ``benchmarks/modifiers.py`` (dim 64, 2 layers x 4 heads, D = 16, RoPE; 300 steps on stdlib source at 128
+   bytes, loaded from ``runs/modifiers_lm/seed<s>``, trained there on first use), q, k, v of both layers on 4
+   held-out windows of ``LM_LENGTH`` bytes stacked on the batch axis, per seed. Here causal attention *is*
+   what the model computes, so the causal selectors' reference is the model's own attention; the windows are
+   4x its training length (its held-out loss there is 2.40 vs 1.75 nats/byte at 128: docs/modifiers.md).
+   Same scaled-down budgets as table 1; mean over seeds.
+4. ``docs/img/dynamic_selectors.png``: the dense map of one MiniLM head and each selector's tiles on it.
 
     .venv/bin/python benchmarks/dynamic_quality.py   # tables + PNG: ~4 min CPU time (10 min wall, loaded)
     .venv/bin/python benchmarks/dynamic_quality.py --skip-synthetic # MiniLM only
+    .venv/bin/python -m benchmarks.dynamic_quality --skip-minilm --skip-synthetic --lm   # the trained LM only
 """
 from __future__ import annotations
 
@@ -105,6 +113,40 @@ def minilm_qkv(max_length: int = 512):
         model.model(ids, mask, types)      # eager: the capture records outside jit only
     stack = lambda name: jnp.concatenate([getattr(r, name) for r in records], axis=0)
     return stack("q"), stack("k"), stack("v"), stack("probs")
+
+
+LM_LENGTH = 512
+
+
+def lm_qkv(seed: int, length: int = LM_LENGTH, windows: int = 4):
+    """``(q, k, v)`` ``[layers * windows, length, 4, 16]`` of the trained small byte LM of ``seed``."""
+    from benchmarks.modifiers import LM, train_lm
+    from jattn.nn.capture import attention_inputs
+    from train.data import ByteCorpus
+    model = train_lm(seed, 300)
+    inputs = ByteCorpus(length, max_bytes=LM["max_bytes"]).batch(4321, 0, windows, split="eval")["inputs"]
+    with attention_inputs() as records:
+        model(jnp.asarray(inputs))       # eager: the capture records outside jit only
+    stack = lambda name: jnp.concatenate([getattr(r, name) for r in records], axis=0)  # noqa: E731
+    return stack("q"), stack("k"), stack("v")
+
+
+def lm_table(seeds, repeats: int) -> list[str]:
+    """The causal selectors at table 1's budgets on the trained LM's q, k, v: mean over seeds per column."""
+    results = {name: [] for name in CAUSAL}
+    for seed in seeds:
+        q, k, v = lm_qkv(seed)
+        for name in CAUSAL:
+            results[name].append(sparse_quality(SELECT[name], q, k, v, causal=True, impl="xla", repeats=repeats,
+                                                **MINILM[name][0]))
+    rows = []
+    for name, runs in results.items():
+        mean = {key: float(np.mean([r[key] for r in runs])) for key in runs[0] if isinstance(runs[0][key], float)}
+        spread = {key: (max(r[key] for r in runs) - min(r[key] for r in runs)) / 2 for key in ("recall", "density")}
+        rows.append(_row(name, mean, _fmt(MINILM[name][0]))
+                    + f" recall ± {spread['recall']:.3f}, density ± {spread['density']:.3f} over seeds {list(seeds)} |")
+        print(rows[-1], flush=True)
+    return rows
 
 
 def _row(name, r, params):
@@ -255,6 +297,8 @@ def main() -> None:
     parser.add_argument("--skip-synthetic", action="store_true")
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--plot-only", action="store_true", help="MiniLM capture and the PNG, no tables")
+    parser.add_argument("--lm", action="store_true", help="also the trained small causal LM (table 3)")
+    parser.add_argument("--lm-seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
     start = time.perf_counter()
     print(f"backend={jax.default_backend()}, impl=xla, best of {args.repeats}\n")
@@ -275,6 +319,11 @@ def main() -> None:
               f"{args.target}\n")
         print(header("knob swept"))
         equal_density_table(q, k, v, args.target, args.repeats)
+    if args.lm and not args.plot_only:
+        print(f"## The trained small causal byte LM (benchmarks/modifiers.py), 2 layers x 4 windows stacked as batch, "
+              f"T={LM_LENGTH}, H=4, D=16, f32; causal = the model's own attention\n")
+        print(header("spread"))
+        lm_table(args.lm_seeds, args.repeats)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 
