@@ -279,7 +279,7 @@ def _layout(plan: dict, q4, k_cache, v_cache, page_table):
 
 def _kernel(plan: tuple, q4, k_cache, v_cache, lengths, page_table):
     plan = dict(plan)
-    B, Tq, H, D = q4.shape
+    Tq, H = q4.shape[1:3]
     k_pages, v_pages, table, kwargs = _layout(plan, q4, k_cache, v_cache, page_table)
     Hkv = k_pages.shape[1]
     out, lse = decode_partials(_pack_rows(q4, Hkv), k_pages, v_pages, lengths, table, **kwargs)
@@ -304,7 +304,7 @@ def _pallas_decode_bwd(plan, residuals, cotangents):
     q4, k_cache, v_cache, lengths, page_table, out, lse = residuals
     d_out, d_lse = cotangents
     plan = dict(plan)
-    B, Tq, H, D = q4.shape
+    B, Tq, H = q4.shape[:3]
     k_pages, v_pages, table, kwargs = _layout(plan, q4, k_cache, v_cache, page_table)
     Hkv = k_pages.shape[1]
     # d lse / d s = p, so an lse cotangent shifts delta; rows that saw nothing (lse = -inf) get +inf: p = 0.

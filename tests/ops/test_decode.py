@@ -6,6 +6,14 @@ random-weighted loss. Mutations it catches (each tried by hand): the causal rule
 the length mask dropped on the last partial page, a split range that skips or repeats a tile, merging
 splits by sum instead of the lse merge, sinks dropped, softcap dropped, a page table read in the wrong
 order.
+
+``kernel_grads`` cases also check the Pallas backward (``pallas_kernels.decode.decode_partials_grad``) on both
+structures, with NaN-poisoned kernel outputs: the q / k_cache / v_cache / sinks gradients of a loss on out
+(and on lse with ``lse_loss``) against the oracle's autodiff. Mutations of the backward it catches (each tried
+by hand): a split's tile range off by one at either end, the length mask dropped on
+the tail tile, a wrong GQA row -> head mapping, the lse cotangent dropped, ``.set`` instead of ``.add`` when
+scattering into a page two sequences share (``fork``), the softcap's tanh chain dropped, the scale dropped
+from dk, and dq taken from one split instead of summed over them.
 """
 from __future__ import annotations
 
@@ -41,8 +49,12 @@ class Case:
     sinks: bool = False
     num_splits: int | None = 2
     squeeze_q: bool = False
-    kernel_grads: bool = False   # the Pallas impl's backward is the xla path's: checked once, on one case
+    kernel_grads: bool = False   # also check the Pallas backward kernel's gradients (interpret is slow: few cases)
     mosaic: bool = False         # cases also run through the TPU structure (interpreted)
+    fork: bool = False           # paged: the last sequence's first page is the previous one's (a forked prefix)
+    lse_loss: bool = False       # the loss also weighs lse (its cotangent reaches the kernel's backward)
+    stale: bool = False          # NaN / inf in the cache rows past each length (a recycled page)
+    page_size: int | None = None  # the kernels' tile over a contiguous cache (default: 64 here, one tile)
 
     def __str__(self):
         return self.name
@@ -50,11 +62,14 @@ class Case:
 
 CASES = [
     Case("one token, ragged lengths incl. 0 and S_max", B=3, lengths=(0, 37, 64), squeeze_q=True, mosaic=True),
-    Case("few tokens, causal among them, MQA", Tq=3, H=4, Hkv=1, lengths=(5, 50)),
-    Case("GQA 3:1, odd length, window", Tq=2, H=6, Hkv=2, lengths=(33, 17), window=9, mosaic=True),
-    Case("paged, shuffled pool, sinks", Tq=2, H=4, Hkv=2, lengths=(40, 64), paged=True, sinks=True, mosaic=True,
-         kernel_grads=True),
-    Case("softcap, MHA, many splits", H=2, Hkv=2, lengths=(64, 1), softcap=3.0, num_splits=4),
+    Case("few tokens, causal among them, MQA", Tq=3, H=4, Hkv=1, lengths=(5, 50), kernel_grads=True),
+    Case("GQA 3:1, odd length, window, 16-key tiles", Tq=2, H=6, Hkv=2, lengths=(33, 17), window=9, mosaic=True,
+         kernel_grads=True, page_size=16),
+    Case("paged, shuffled pool, forked page, sinks, lse loss, stale NaN, lengths 0 and S_max", B=3, Tq=2, H=4,
+         Hkv=2, lengths=(0, 40, 64), paged=True, fork=True, sinks=True, lse_loss=True, stale=True, num_splits=3,
+         mosaic=True, kernel_grads=True),
+    Case("softcap, MHA, many splits", H=2, Hkv=2, lengths=(64, 1), softcap=3.0, num_splits=4, kernel_grads=True,
+         page_size=16),
     Case("more new tokens than keys", Tq=4, lengths=(2, 16)),
 ]
 
@@ -66,8 +81,13 @@ def make_inputs(case: Case, seed: int = 0):
     k, v = normal(case.B, case.Hkv, case.S, case.D), normal(case.B, case.Hkv, case.S, case.D)
     args = dict(lengths=jnp.asarray(case.lengths, jnp.int32), window=case.window, softcap=case.softcap,
                 sinks=normal(case.H) if case.sinks else None)
+    if case.stale:
+        stale = (jnp.arange(case.S)[None, :] >= args["lengths"][:, None])[:, None, :, None]
+        k, v = jnp.where(stale, jnp.nan, k), jnp.where(stale, jnp.inf, v)
     if case.paged:
         k, v, args["page_table"] = as_page_pool(k, v, page_size=16, seed=seed)
+        if case.fork:   # sequence -1 reads sequence -2's first page (both lengths > 16: a full shared page)
+            args["page_table"] = args["page_table"].at[-1, 0].set(args["page_table"][-2, 0])
     return (q[:, 0] if case.squeeze_q else q), k, v, args
 
 
@@ -86,29 +106,43 @@ def as_page_pool(k, v, *, page_size: int, seed: int):
     return scatter(k, 7.0), scatter(v, -7.0), jnp.asarray(order, jnp.int32)
 
 
-def run(q, k, v, args, weights, grads=True, **impl):
-    """out, lse and the q/k/v gradients of ``sum(weights * out)`` (None without ``grads``)."""
-    def loss(q, k, v):
-        out, lse = decode_attention(q, k, v, return_lse=True, **args, **impl)
-        return jnp.sum(weights * out), (out, lse)
+def run(q, k, v, args, weights, grads=True, lse_weights=None, **impl):
+    """out, lse and the q/k/v (and sinks) gradients of ``sum(weights * out)`` (``+ sum(lse_weights * lse)`` over
+    the finite lse) (None without ``grads``)."""
+    args = dict(args)
+    sinks = args.pop("sinks", None)
+
+    def loss(q, k, v, sinks):
+        out, lse = decode_attention(q, k, v, return_lse=True, sinks=sinks, **args, **impl)
+        total = jnp.sum(weights * out)
+        if lse_weights is not None:
+            total = total + jnp.sum(lse_weights * jnp.where(jnp.isfinite(lse), lse, 0.0))
+        return total, (out, lse)
     if not grads:
-        return (*jax.jit(loss)(q, k, v)[1], None)
-    (_, (out, lse)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+        return (*jax.jit(loss)(q, k, v, sinks)[1], None)
+    argnums = (0, 1, 2) if sinks is None else (0, 1, 2, 3)
+    (_, (out, lse)), grads = jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))(q, k, v, sinks)
     return out, lse, grads
 
 
 def check_against_reference(impl: str, case: Case):
     q, k, v, args = make_inputs(case)
-    weights = jnp.asarray(np.random.default_rng(9).standard_normal(q.shape[:-1] + (case.D,), np.float32))
-    kwargs = dict(IMPLS[impl], num_splits=case.num_splits) if impl != "xla" else IMPLS[impl]
+    rng = np.random.default_rng(9)
+    weights = jnp.asarray(rng.standard_normal(q.shape[:-1] + (case.D,), np.float32))
+    lse_weights = jnp.asarray(rng.standard_normal(q.shape[:-1], np.float32)) if case.lse_loss else None
+    kwargs = (dict(IMPLS[impl], num_splits=case.num_splits, page_size=case.page_size, poison_outputs=True)
+              if impl != "xla" else IMPLS[impl])
     with_grads = impl == "xla" or case.kernel_grads
-    out, lse, grads = run(q, k, v, args, weights, grads=with_grads, **kwargs)
-    want, want_lse, want_grads = run(q, k, v, args, weights, grads=with_grads, impl="reference")
+    out, lse, grads = run(q, k, v, args, weights, grads=with_grads, lse_weights=lse_weights, **kwargs)
+    want, want_lse, want_grads = run(q, k, v, args, weights, grads=with_grads, lse_weights=lse_weights,
+                                     impl="reference")
     chex.assert_shape(out, q.shape)
     chex.assert_shape(lse, q.shape[:-1])
     assert_close(out, want, what=f"{impl} out")
     assert_close(lse, want_lse, what=f"{impl} lse")
-    for name, g, wg in zip(("q", "k_cache", "v_cache"), grads or (), want_grads or ()):
+    for name, g, wg in zip(("q", "k_cache", "v_cache", "sinks"), grads or (), want_grads or ()):
+        if case.stale and name in ("k_cache", "v_cache"):
+            assert np.isfinite(np.asarray(g)).all(), f"{impl} d{name}: stale NaN reached the gradient"
         assert_close(g, wg, factor=2, what=f"{impl} d{name}")
     return out
 
