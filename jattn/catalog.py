@@ -126,9 +126,11 @@ _PROGRESS = {
             ("tests/methods/kv/test_duplex.py", "tests/ops/test_decode.py"), "partial",
             "Op/B model (checked against XLA's FLOP count) and the GQA-packed decode kernel; no H200 roofline "
             "measurement yet (no GPU lent)"),
-    "P65": (("jattn.decode_attention", "pallas_kernels.decode.decode_partials", "jattn.merge_partials"),
+    "P65": (("jattn.decode_attention", "pallas_kernels.decode.decode_partials",
+             "pallas_kernels.decode.decode_partials_grad", "jattn.merge_partials"),
             ("tests/ops/test_decode.py", "tests/kernels/test_lowering.py"), "partial",
-            "split-K decode kernel (GPU and TPU structures, paged or contiguous, exact LSE merge of the splits); "
+            "split-K decode kernel with a Pallas backward (GPU and TPU structures, paged or contiguous, exact LSE "
+            "merge of the splits); "
             "the stream-K schedule whose ranges cross head/batch boundaries is not implemented"),
     "P09": (tuple(_DYNAMIC + n for n in ("hip.hip_attention", "hip.hip_block_mask", "hip.hip_select",
                                          "hip.hip_iterations")),
