@@ -124,8 +124,9 @@ _PROGRESS = {
             "checked against compiled memory; the rManager/gManager scheduling is out of scope"),
     "P22": (("jattn.methods.kv.duplex.decode_cost", "jattn.decode_attention"),
             ("tests/methods/kv/test_duplex.py", "tests/ops/test_decode.py"), "partial",
-            "Op/B model (checked against XLA's FLOP count) and the GQA-packed decode kernel; no H200 roofline "
-            "measurement yet (no GPU lent)"),
+            "Op/B model, checked against XLA's FLOP count and against the K/V pages the decode kernel's TPU "
+            "pipeline fetches (its index map replayed over its grid: each kv head's pages once for the whole "
+            "GQA group); no hardware byte counter or H200 roofline measurement (no device lent)"),
     "P65": (("jattn.decode_attention", "pallas_kernels.decode.decode_partials",
              "pallas_kernels.decode.decode_partials_grad", "jattn.merge_partials"),
             ("tests/ops/test_decode.py", "tests/kernels/test_lowering.py"), "partial",

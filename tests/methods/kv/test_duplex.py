@@ -41,3 +41,42 @@ def test_bad_sizes_are_named():
         decode_cost(batch=1, heads=6, kv_heads=4, head_dim=64, context=10)
     with pytest.raises((ValueError, TypeError), match="context"):
         decode_cost(batch=1, heads=4, kv_heads=4, head_dim=64, context=0)
+
+
+def _pages_the_tpu_kernel_fetches(cfg, lengths, table, B: int, Hkv: int) -> int:
+    """Replays the decode kernel's TPU K index map (``pallas_kernels.decode._tpu_page``, what Mosaic's pipeline
+    evaluates each grid step) over its grid in order; the pipeline DMAs a page when the block index changes."""
+    from pallas_kernels.decode import _tpu_page
+    fetched, previous = 0, None
+    for b in range(B):
+        for g in range(Hkv):
+            for split in range(cfg.num_splits):
+                for t in range(cfg.tiles_per_split):
+                    index = (b, g, int(_tpu_page(cfg, lengths, table, b, split, t)))
+                    fetched += index != previous
+                    previous = index
+    return fetched
+
+
+@pytest.mark.parametrize("heads, kv_heads, lengths", [(8, 2, (128, 128)), (2, 2, (128, 128)), (6, 2, (37, 100))])
+def test_bytes_match_the_pages_the_decode_kernel_fetches(heads, kv_heads, lengths):
+    """P22 against the decode kernel rather than XLA's count: the K/V pages the TPU structure DMAs, replayed from
+    its own index map, are each kv head's pages once, whatever the group size: ``decode_cost``'s bytes at full
+    lengths, the pages each length needs when ragged (plus at most one clamped page per split that needs none).
+    Catches a kernel (or model) that reads K/V once per query head (G times the bytes) or past the lengths."""
+    from jattn.ops.decode import split_plan
+    from pallas_kernels.decode import DecodeConfig
+    B, S, P, d = len(lengths), 128, 16, 64
+    splits, per_split = split_plan(B, kv_heads, S // P, 2)
+    cfg = DecodeConfig(new_tokens=1, group=heads // kv_heads, rows=16, page_size=P, num_splits=splits,
+                       tiles_per_split=per_split, scale=0.1, softcap=None, window=None, per_sequence=True,
+                       target="mosaic", interpret=True, poison_outputs=False)
+    table = jnp.broadcast_to(jnp.arange(S // P, dtype=jnp.int32), (B, S // P))
+    fetched = _pages_the_tpu_kernel_fetches(cfg, jnp.asarray(lengths, jnp.int32), table, B, kv_heads)
+    pages = [-(-n // P) for n in lengths]                                        # pages each length needs
+    needed = kv_heads * sum(pages)
+    empty_splits = kv_heads * sum(splits - -(-p // per_split) for p in pages)
+    assert needed <= fetched <= needed + empty_splits
+    if min(lengths) == S:
+        cost = decode_cost(batch=B, heads=heads, kv_heads=kv_heads, head_dim=d, context=S, bytes_per_element=2)
+        assert 2 * fetched * P * d * 2 == cost.bytes
