@@ -42,6 +42,10 @@ Plain and SE get the same expert and final-map terms. Adam(W) lr ``lr`` cosine t
 
 Run: ``python -m train.counting --config configs/counting_hmode.py --config configs/counting_plain.py --config
 configs/counting_se.py --out runs/counting`` (prints the markdown table last; JSON per row in ``--out``).
+FLOPs: XLA's compiled cost analysis of the forward pass to the final density map on one image (``forward_flops``;
+``--flops-only`` prints them without training). ``--img DIR`` saves the HMoDE row's gates, attention, experts and
+density on held-out image :data:`MAP_IMAGE` from the first seed's model as ``DIR/counting_hmode.png``
+(:func:`save_hmode_png`).
 """
 from __future__ import annotations
 
@@ -57,12 +61,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jattn.methods.vision.hmode import DensityHead, HMoDEHead, relative_local_count_loss, upsample_nearest
+from jattn.methods.vision.hmode import PAIRS, DensityHead, HMoDEHead, relative_local_count_loss, upsample_nearest
 from train.config import add_seeds_steps_flags, fill_defaults
 from train.config import read_config as load_config
 from train.data import batch_rng
 from train.images import shape_image
-from train.vision_modules import SqueezeExcite, count_params
+from train.vision_modules import SqueezeExcite, compiled_flops, count_params, save_panels_png
 
 MODULES = ("hmode", "plain", "se")
 CONFIG_KEYS = ("name", "module", "width", "head_hidden", "gate_width", "gate2_depth", "target_params", "steps",
@@ -73,6 +77,7 @@ DEFAULTS = {"width": 8, "head_hidden": 32, "gate_width": 8, "gate2_depth": 5, "t
             "num_test": 500, "data_seed": 0, "density_scale": 100.0, "att_weight": 1.0, "imp_weight": 1.0,
             "rel_weight": 0.0, "rel_patch": 4}
 TEST_START = 1_000_000
+MAP_IMAGE = 0        # the held-out image of the HMoDE map (index 1,000,000 of data stream 0: 4 objects)
 PAPERS = {"hmode": "P56", "plain": "-", "se": "SE (baseline)"}
 
 
@@ -209,6 +214,12 @@ def build_model(cfg: dict, head_hidden: int | None = None, seed: int = 0) -> Cou
                        gate2_depth=cfg["gate2_depth"], rngs=nnx.Rngs(seed))
 
 
+def forward_flops(model, size: int = 32) -> float:
+    """FLOPs of one image's forward pass to the final density map (XLA's compiled cost analysis; the training-only
+    outputs -- importance loss, level-1 maps -- are dropped by XLA when nothing reads them)."""
+    return compiled_flops(model, jnp.zeros((1, size, size, 3), jnp.float32), select=lambda out: out["density"])
+
+
 def _abstract_count(cfg, head_hidden):
     return count_params(nnx.eval_shape(lambda: build_model(cfg, head_hidden)))
 
@@ -312,21 +323,82 @@ def evaluate(model, cfg: dict, batch_size: int = 250) -> dict:
             "mean_predictor_mae": float(np.mean(np.abs(counts - np.mean(counts))))}
 
 
+# ---------------------------------------------------------------------------------------------------- maps
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, x):            # one compile per model structure (the map and the PNG share it)
+    return nnx.merge(graphdef, state)(x)
+
+
+def hmode_maps(model: CountingNet, image) -> dict:
+    """HMoDE's maps on one image ``[32, 32, 3]``: ``density``, ``experts`` ``[16, 16, 3]`` (D1..D3), ``attention``
+    ``[4, 4]`` (level-2 spatial attention ``a``), ``w2`` ``[16, 16, 3]`` (level-2 gates over G1..G3), ``w1``
+    ``[16, 16, 3, 2]`` (level-1 pair gates) and ``effective`` ``[16, 16, 3]``: each expert's total weight in the
+    final map, ``sum_j w2_j w1_j[expert]`` (sums to 1 per pixel), all in density units / scale as the model
+    outputs them."""
+    if model.module_name != "hmode":
+        raise ValueError(f"model must be the 'hmode' row, got module {model.module_name!r}")
+    graphdef, state = nnx.split(model)
+    out = _forward(graphdef, state, jnp.asarray(image, jnp.float32)[None])
+    w1, w2 = np.asarray(out["w1"])[0], np.asarray(out["w2"])[0]
+    effective = np.zeros(w2.shape, np.float64)
+    for j, pair in enumerate(PAIRS):
+        for slot, expert in enumerate(pair):
+            effective[..., expert] += w2[..., j] * w1[..., j, slot]
+    return {"density": np.asarray(out["density"])[0, ..., 0], "experts": np.asarray(out["experts"])[0],
+            "attention": np.asarray(out["attention"])[0, ..., 0], "w1": w1, "w2": w2, "effective": effective}
+
+
+def save_hmode_png(model: CountingNet, cfg: dict, path: str, *, title: str | None = None):
+    """One PNG of :func:`hmode_maps` on held-out image :data:`MAP_IMAGE`: image, ground-truth and predicted density
+    with their counts, the spatial attention; each expert's density and count; each expert's effective gate
+    weight; the level-2 gates as an RGB image (R, G, B = G1 {D1, D2}, G2 {D1, D3}, G3 {D2, D3})."""
+    images, dens, counts = counting_data(cfg["num_test"], cfg["data_seed"], TEST_START, cfg["size"],
+                                         cfg["max_objects"])
+    image, scale = images[MAP_IMAGE], cfg["density_scale"]
+    m = hmode_maps(model, image)
+    top = float(max(dens[MAP_IMAGE].max(), m["density"].max() / scale, m["experts"].max() / scale))
+    objects = dens[MAP_IMAGE] > 0
+    dmap = dict(vmin=0.0, vmax=top, cmap="viridis", outline=objects)
+    panels = [{"image": image, "title": f"held-out image {MAP_IMAGE}: {counts[MAP_IMAGE]} objects"},
+              {"map": dens[MAP_IMAGE], "title": f"GT density (sum {dens[MAP_IMAGE].sum():.2f})",
+               **{**dmap, "outline": None}},
+              {"map": m["density"] / scale, "title": f"HMoDE density (sum {m['density'].sum() / scale:.2f})", **dmap},
+              {"map": m["attention"], "outline": objects, "vmin": 0, "vmax": 1,
+               "title": "spatial attention a (4x4)"}]
+    for i in range(3):
+        panels.append({"map": m["experts"][..., i] / scale, **dmap,
+                       "title": f"expert D{i + 1} (sum {m['experts'][..., i].sum() / scale:.2f})"})
+    panels.append({"image": m["w2"], "title": "level-2 gates, RGB = G1, G2, G3"})
+    for i in range(3):
+        panels.append({"map": m["effective"][..., i], "vmin": 0, "vmax": 1, "outline": objects,
+                       "title": f"D{i + 1}'s weight in the final map"})
+    panels.append({"bars": m["effective"].reshape(-1, 3).mean(0), "ylim": (0, 1), "labels": ("D1", "D2", "D3"),
+                   "title": "mean weight over the image"})
+    save_panels_png(panels, path, title=title, cols=4)
+
+
 def _mean_sd(xs):
     xs = np.asarray(xs, np.float64)
     return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
 
 
-def run_config(config: dict, *, out_dir: str | None = None, seeds=None, steps: int | None = None) -> dict:
-    """All seeds of one row -> summary (params, MAE mean/sd, expert MAEs, ms/step); JSON to ``out_dir``."""
+def run_config(config: dict, *, out_dir: str | None = None, seeds=None, steps: int | None = None,
+               img_dir: str | None = None) -> dict:
+    """All seeds of one row -> summary (params, FLOPs, MAE mean/sd, expert MAEs, ms/step); JSON to ``out_dir``;
+    the HMoDE row's maps (first seed's model) to ``img_dir/counting_hmode.png``."""
     cfg = check_config(config)
     head_hidden, params = match_params(cfg)
     seeds = cfg["seeds"] if seeds is None else tuple(seeds)
     runs = []
     for seed in seeds:
         t0 = time.time()
-        _, res = train_one(cfg, seed, steps=steps, head_hidden=head_hidden)
+        model, res = train_one(cfg, seed, steps=steps, head_hidden=head_hidden)
         res["wall_s"] = time.time() - t0
+        if img_dir and seed == seeds[0] and cfg["module"] == "hmode":
+            png = os.path.join(img_dir, f"counting_{cfg['module']}.png")
+            save_hmode_png(model, cfg, png, title=f"{cfg['name']}: seed {seed}, {steps or cfg['steps']} steps, "
+                                                  f"held-out MAE {res['mae']:.3f}")
+            print(f"wrote {png}", flush=True)
         print(f"[{cfg['name']}] seed {seed}: MAE {res['mae']:.3f} RMSE {res['rmse']:.3f} experts "
               f"{[round(e, 3) for e in res['expert_mae']]} loss {res['first_loss']:.1f}->{res['final_loss']:.1f} "
               f"({res['wall_s']:.0f}s)", flush=True)
@@ -336,6 +408,7 @@ def run_config(config: dict, *, out_dir: str | None = None, seeds=None, steps: i
     experts = [_mean_sd([r["expert_mae"][i] for r in runs]) for i in range(3)]
     summary = {"name": cfg["name"], "module": cfg["module"], "paper": PAPERS[cfg["module"]],
                "head_hidden": head_hidden, "params": params, "target_params": cfg["target_params"],
+               "flops": forward_flops(build_model(cfg, head_hidden), cfg["size"]),
                "mae_mean": mae, "mae_sd": mae_sd, "rmse_mean": rmse, "rmse_sd": rmse_sd,
                "expert_mae": experts, "mean_predictor_mae": runs[0]["mean_predictor_mae"],
                "ms_per_step": float(np.median([r["ms_per_step"] for r in runs])), "steps": steps or cfg["steps"],
@@ -347,14 +420,15 @@ def run_config(config: dict, *, out_dir: str | None = None, seeds=None, steps: i
     return summary
 
 
-TABLE_HEADER = ("| head | paper | params (vs target) | steps | seeds | count MAE (mean ± sd) | RMSE | "
-                "expert MAE D1 / D2 / D3 | ms/step |\n|---|---|---|---|---|---|---|---|---|")
+TABLE_HEADER = ("| head | paper | params (vs target) | FLOPs/img | steps | seeds | count MAE (mean ± sd) | RMSE | "
+                "expert MAE D1 / D2 / D3 | ms/step |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(s: dict) -> str:
     match = "" if s["target_params"] is None else f" ({100 * (s['params'] / s['target_params'] - 1):+.1f}%)"
     experts = " / ".join(f"{m:.3f}" for m, _ in s["expert_mae"])
-    return (f"| {s['module']} | {s['paper']} | {s['params']:,}{match} | {s['steps']} | {len(s['seeds'])} | "
+    flops = f"{s['flops'] / 1e6:.2f} M" if "flops" in s else "-"
+    return (f"| {s['module']} | {s['paper']} | {s['params']:,}{match} | {flops} | {s['steps']} | {len(s['seeds'])} | "
             f"{s['mae_mean']:.3f} ± {s['mae_sd']:.3f} | {s['rmse_mean']:.3f} ± {s['rmse_sd']:.3f} | {experts} | "
             f"{s['ms_per_step']:.1f} |")
 
@@ -367,10 +441,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", default=[], help="configs/counting_<name>.py (repeatable)")
     parser.add_argument("--out", default="runs/counting")
+    parser.add_argument("--img", default=None, help="folder for counting_hmode.png (the hmode row's first seed)")
+    parser.add_argument("--flops-only", action="store_true", help="print each row's params and FLOPs; no training")
     args = add_seeds_steps_flags(parser).parse_args(argv)
     if not args.config:
         parser.error("give --config PATH (repeatable)")
-    summaries = [run_config(load_config(p), out_dir=args.out, seeds=args.seeds, steps=args.steps)
+    if args.flops_only:
+        for p in args.config:
+            cfg = check_config(load_config(p))
+            head_hidden, params = match_params(cfg)
+            flops = forward_flops(build_model(cfg, head_hidden), cfg["size"])
+            print(f"{cfg['name']}: params {params:,}, FLOPs/img {flops / 1e6:.2f} M")
+        return 0
+    summaries = [run_config(load_config(p), out_dir=args.out, seeds=args.seeds, steps=args.steps, img_dir=args.img)
                  for p in args.config]
     print(f"mean-predictor MAE: {summaries[0]['mean_predictor_mae']:.3f}")
     print(markdown_table(summaries))

@@ -27,10 +27,16 @@ Optimiser: AdamW (lr ``lr``, cosine to 0.1x, weight decay 1e-4), batch ``batch_s
 ``train.vision_modules``.
 
 Run: ``python -m train.dcal --config configs/dcal_digits.py [--seeds 0,1,2] [--steps N] [--variants plain,dcal]``.
+FLOPs: XLA's compiled cost analysis of the inference forward pass on one image (``forward_flops``: GLCA on where the
+variant has it, PWCA never runs at test time); ``--flops-only`` prints them without training. ``--img DIR`` saves
+``DIR/dcal_glca.png``: for the first seed's model of each GLCA variant run, the CLS attention of each SA block, the
+attention rollout's CLS row and the GLCA-selected top-R patches on test digit :data:`MAP_IMAGE`
+(:func:`save_glca_png`).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -41,12 +47,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jattn.methods.vision.dcal import DCAL, dcal_loss
+from jattn.methods.vision.dcal import DCAL, attention_rollout, dcal_loss
 from train.config import add_seeds_steps_flags, fill_defaults
 from train.config import read_config as load_config
 from train.data import batch_rng
 from train.images import digits
-from train.vision_modules import TokenBlock, TokenNet, count_params
+from train.vision_modules import TokenBlock, TokenNet, compiled_flops, count_params, save_panels_png
 
 VARIANTS = {"plain": ("sa",), "glca": ("sa", "glca"), "pwca": ("sa", "pwca"), "dcal": ("sa", "glca", "pwca")}
 CONFIG_KEYS = ("name", "variants", "width", "depth", "heads", "hidden", "patch", "glca_ratio", "steps",
@@ -54,6 +60,7 @@ CONFIG_KEYS = ("name", "variants", "width", "depth", "heads", "hidden", "patch",
 DEFAULTS = {"name": "dcal_digits", "variants": ("plain", "glca", "pwca", "dcal"), "width": 32, "depth": 2,
             "heads": 2, "hidden": 64, "patch": 4, "glca_ratio": 0.25, "steps": 300, "batch_size": 32, "lr": 3e-3,
             "seeds": (0, 1, 2), "size": 16}
+MAP_IMAGE = 0        # the test digit of the GLCA map
 
 
 def _int(name, value, minimum=1):
@@ -119,6 +126,61 @@ class DCALDigits(nnx.Module):
 
     def __call__(self, images):
         return self.dcal(self.tokens(images))
+
+
+def forward_flops(model: DCALDigits, size: int = 16) -> float:
+    """Inference FLOPs on one ``[1, size, size, 1]`` image (XLA's compiled cost analysis of ``model(x)``: SA, plus
+    GLCA when the variant has it; PWCA is training-only and never in the count)."""
+    return compiled_flops(model, jnp.zeros((1, size, size, 1), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _glca_arrays(graphdef, state, x):
+    """Per-block SA probabilities, the rollout and the GLCA indices (one compile per model structure)."""
+    model = nnx.merge(graphdef, state)
+    x0 = model.dcal._with_cls(model.tokens(x))
+    _, _, _, probs = model.dcal.sa_stream(x0, need_probs=True)
+    return probs, attention_rollout(probs), model.dcal.glca_indices(model.tokens(x))
+
+
+def glca_maps(model: DCALDigits, image) -> dict:
+    """On one digit ``[S, S, 1]``: ``cls_attention`` (per SA block, the CLS row over the patches, mean over heads,
+    ``[g, g]`` each), ``rollout`` (the rollout's CLS row over the patches ``[g, g]``: what GLCA ranks) and
+    ``selected`` (the GLCA top-R patches as ``(row, col)`` grid cells, best first)."""
+    dcal = model.dcal
+    if "glca" not in dcal.branches:
+        raise ValueError(f"model must have a GLCA branch, got branches {dcal.branches}")
+    g = model.net.grid
+    graphdef, state = nnx.split(model)
+    probs, rollout, index = _glca_arrays(graphdef, state, jnp.asarray(image, jnp.float32)[None])
+    grid = lambda row: np.asarray(row).reshape(g)
+    return {"cls_attention": [grid(jnp.mean(p[0, :, 0, 1:], axis=0)) for p in probs],
+            "rollout": grid(rollout[0, 0, 1:]),
+            "selected": [divmod(int(i) - 1, g[1]) for i in np.asarray(index)[0, 1:]]}
+
+
+def save_glca_png(models: dict, cfg: dict, path: str, *, title: str | None = None):
+    """One row per ``{label: model}`` (models with GLCA): the test digit :data:`MAP_IMAGE`, the CLS attention of
+    each SA block, the rollout's CLS row with GLCA's top-R patches outlined, and the digit with only those patches
+    kept."""
+    data = digits(cfg["size"])
+    image, label = data.test_images[MAP_IMAGE], int(data.test_labels[MAP_IMAGE])
+    p = cfg["patch"]
+    panels = []
+    for name, model in models.items():
+        m = glca_maps(model, image)
+        pred = int(_predict(model, image[None])[0])
+        panels.append({"image": image[..., 0], "title": f"{name}\ndigit {label}, predicted {pred}"})
+        for i, att in enumerate(m["cls_attention"]):
+            panels.append({"map": att, "under": image[..., 0], "title": f"SA block {i + 1}: CLS attention"})
+        panels.append({"map": m["rollout"], "under": image[..., 0], "marks": m["selected"],
+                       "title": f"rollout CLS row, top-{len(m['selected'])} boxed"})
+        keep = np.zeros(m["rollout"].shape, bool)
+        for r, c in m["selected"]:
+            keep[r, c] = True
+        kept = image[..., 0] * np.kron(keep, np.ones((p, p)))
+        panels.append({"image": kept, "title": "patches GLCA's queries keep"})
+    save_panels_png(panels, path, title=title, cols=len(panels) // len(models))
 
 
 _JIT_CACHE: dict = {}
@@ -194,28 +256,38 @@ def _mean_sd(xs):
     return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
 
 
-def run(config: dict, *, seeds=None, steps=None, variants=None, out: str | None = None) -> dict:
+def run(config: dict, *, seeds=None, steps=None, variants=None, out: str | None = None,
+        img: str | None = None) -> dict:
     cfg = check_config(config)
     seeds = cfg["seeds"] if seeds is None else tuple(seeds)
     variants = cfg["variants"] if variants is None else tuple(variants)
     summary = {"config": {**cfg, "seeds": list(seeds), "variants": list(variants)}, "rows": {}}
+    glca_models = {}
     for variant in variants:
         runs = []
         for seed in seeds:
             t0 = time.time()
-            _, res = train_variant(cfg, variant, seed, steps=steps)
+            model, res = train_variant(cfg, variant, seed, steps=steps)
             res["wall_s"] = time.time() - t0
             runs.append(res)
+            if img and seed == seeds[0] and "glca" in VARIANTS[variant]:
+                glca_models[f"{variant} (seed {seed}, test {100 * res['test_top1']:.1f}%)"] = model
             print(f"[{variant}] seed {seed}: test {res['test_top1']:.4f} (SA head {res['test_top1_sa_head']:.4f}) "
                   f"train {res['train_top1']:.4f} loss {res['first_loss']:.3f}->{res['final_loss']:.3f} "
                   f"w {np.round(res['loss_w'], 2).tolist()} {res['ms_per_step']:.1f} ms/step "
                   f"({res['wall_s']:.0f}s)", flush=True)
         row = {"runs": runs, "params_inference": runs[0]["params_inference"],
+               "flops": forward_flops(model, cfg["size"]),
                "ms_per_step": float(np.median([r["ms_per_step"] for r in runs]))}
         for key in ("test_top1", "test_top1_sa_head", "train_top1"):
             row[key] = _mean_sd([r[key] for r in runs])
         row["gap"] = _mean_sd([r["train_top1"] - r["test_top1"] for r in runs])
         summary["rows"][variant] = row
+    if img and glca_models:
+        png = os.path.join(img, "dcal_glca.png")
+        save_glca_png(glca_models, cfg, png, title=f"GLCA selection, R = {cfg['glca_ratio']:g} of the patches, "
+                                                   f"{steps or cfg['steps']} steps")
+        print(f"wrote {png}", flush=True)
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, f"{cfg['name']}.json"), "w") as fh:
@@ -224,11 +296,13 @@ def run(config: dict, *, seeds=None, steps=None, variants=None, out: str | None 
 
 
 def format_table(summary: dict) -> str:
-    lines = ["| variant | params (inference) | test top-1 % | SA-head top-1 % | train top-1 % | train-test gap | "
-             "ms/step |", "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | params (inference) | FLOPs/img (inference) | test top-1 % | SA-head top-1 % | train top-1 % "
+             "| train-test gap | ms/step |", "|---|---|---|---|---|---|---|---|"]
     pct = lambda ms: f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
     for v, r in summary["rows"].items():
-        lines.append(f"| {v} | {r['params_inference']:,} | {pct(r['test_top1'])} | {pct(r['test_top1_sa_head'])} "
+        flops = f"{r['flops'] / 1e6:.2f} M" if "flops" in r else "-"
+        lines.append(f"| {v} | {r['params_inference']:,} | {flops} | {pct(r['test_top1'])} "
+                     f"| {pct(r['test_top1_sa_head'])} "
                      f"| {pct(r['train_top1'])} | {pct(r['gap'])} | {r['ms_per_step']:.1f} |")
     return "\n".join(lines)
 
@@ -239,9 +313,19 @@ def main(argv=None):
     add_seeds_steps_flags(parser)
     parser.add_argument("--variants", default=None, help="override, e.g. plain,dcal")
     parser.add_argument("--out", default="runs/dcal")
+    parser.add_argument("--img", default=None, help="folder for dcal_glca.png (first seed of each GLCA variant)")
+    parser.add_argument("--flops-only", action="store_true", help="print each variant's inference FLOPs; no training")
     args = parser.parse_args(argv)
     variants = None if args.variants is None else args.variants.split(",")
-    summary = run(load_config(args.config), seeds=args.seeds, steps=args.steps, variants=variants, out=args.out)
+    if args.flops_only:
+        cfg = check_config(load_config(args.config))
+        for variant in variants or cfg["variants"]:
+            model = DCALDigits(variant, cfg, rngs=nnx.Rngs(0))
+            print(f"{variant}: params (inference) {count_params(model) - len(VARIANTS[variant]):,}, "
+                  f"FLOPs/img {forward_flops(model, cfg['size']) / 1e6:.2f} M")
+        return 0
+    summary = run(load_config(args.config), seeds=args.seeds, steps=args.steps, variants=variants, out=args.out,
+                  img=args.img)
     print(format_table(summary))
     return summary
 

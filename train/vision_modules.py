@@ -526,8 +526,9 @@ def save_panels_png(panels, path, *, title: str | None = None, cols: int | None 
     ``panels``: a list of dicts, one per panel, with ``"title"`` and one of ``"image"`` (``[H, W]`` or
     ``[H, W, 3]`` in [0, 1], shown as is), ``"map"`` (``[h, w]``, colour-mapped with a colour bar; optional
     ``"vmin"``, ``"vmax"``, ``"cmap"``; optional ``"under"`` ``[H, W(, 3)]`` drawn beneath it at half opacity,
-    stretched to the map's extent; optional ``"marks"``: ``[(row, col), ...]`` cells outlined in cyan) or
-    ``"bars"`` (a 1-d vector drawn as a bar chart, optional ``"ylim"``). ``None`` leaves a cell empty."""
+    stretched to the map's extent; optional ``"outline"``: a boolean ``[H, W]`` mask whose boundary is drawn in cyan
+    over the map, stretched to its extent; optional ``"marks"``: ``[(row, col), ...]`` cells boxed in green) or
+    ``"bars"`` (a 1-d vector drawn as a bar chart, optional ``"ylim"``, ``"labels"``). ``None`` leaves a cell empty."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -546,6 +547,8 @@ def save_panels_png(panels, path, *, title: str | None = None, cols: int | None 
         if "bars" in panel:
             values = np.asarray(panel["bars"], np.float64).ravel()
             ax.bar(np.arange(len(values)), values, width=0.85, color="tab:purple")
+            if "labels" in panel:
+                ax.set_xticks(np.arange(len(values)), panel["labels"])
             if "ylim" in panel:
                 ax.set_ylim(*panel["ylim"])
             ax.tick_params(labelsize=6)
@@ -565,8 +568,14 @@ def save_panels_png(panels, path, *, title: str | None = None, cols: int | None 
                 cmap = ListedColormap(list(cmap))
             im = ax.imshow(amap, cmap=cmap, vmin=panel.get("vmin"), vmax=panel.get("vmax"), interpolation="nearest",
                            alpha=0.7 if panel.get("under") is not None else 1.0, aspect=panel.get("aspect", "equal"))
+            if panel.get("outline") is not None:        # object outlines: a boolean mask, stretched to the map
+                mask = np.asarray(panel["outline"], np.float64)
+                mh, mw = mask.shape
+                yy = (np.arange(mh) + 0.5) * h / mh - 0.5
+                xx = (np.arange(mw) + 0.5) * w / mw - 0.5
+                ax.contour(xx, yy, mask, levels=[0.5], colors="cyan", linewidths=0.8)
             for r, c in panel.get("marks", ()):
-                ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=1.5))
+                ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="lime", linewidth=1.5))
             cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
             cb.ax.tick_params(labelsize=6)
         ax.axis("off")

@@ -66,3 +66,45 @@ def test_a_few_steps_run_and_the_table_prints(tmp_path):
     assert json.loads((tmp_path / "counting_hmode.json").read_text())["params"] == summary["params"]
     table = counting.markdown_table([summary])
     assert table.splitlines()[0].startswith("| head |") and f"{summary['params']:,}" in table.splitlines()[-1]
+
+
+def test_compiled_flops_counts_only_the_selected_outputs():
+    """``compiled_flops`` (the FLOPs column of the counting, segmentation and DCAL tables) on hand-built layers: a
+    Linear(8 -> 16) on one row is 2*8*16 multiply-adds plus 16 bias adds; selecting one output of a two-output
+    model counts that branch only (XLA drops the other). Catches: a count of the whole dict when one output is
+    selected (the counting table would count HMoDE's training-only outputs), a per-batch instead of per-image
+    count."""
+    from flax import nnx
+
+    from train.vision_modules import compiled_flops
+
+    class Two(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(8, 16, rngs=rngs), nnx.Linear(8, 64, rngs=rngs)
+
+        def __call__(self, x):
+            return {"a": self.a(x), "b": self.b(x)}
+
+    x = jnp.ones((1, 8), jnp.float32)
+    assert 2 * 8 * 16 <= compiled_flops(nnx.Linear(8, 16, rngs=nnx.Rngs(0)), x) <= 2 * 8 * 16 + 16
+    two = Two(nnx.Rngs(0))
+    only_a = compiled_flops(two, x, select=lambda out: out["a"])
+    assert 2 * 8 * 16 <= only_a <= 2 * 8 * 16 + 16
+    assert compiled_flops(two, x) >= only_a + 2 * 8 * 64
+
+
+def test_hmode_maps_rebuild_the_final_density_and_the_png_is_written(tmp_path):
+    """The effective expert weights of the HMoDE map, ``sum_j w2_j w1_j[expert]``, sum to 1 per pixel and
+    ``sum_i weight_i D_i`` equals the final density map (the mixture is linear in the experts). Catches: a pair
+    slot mapped to the wrong expert (G2 = {D1, D3}), gates read before their softmax. Also writes the PNG."""
+    cfg = counting.check_config({"module": "hmode", "width": 4, "gate_width": 4, "gate2_depth": 2, "num_test": 2})
+    model = counting.build_model(cfg, seed=2)
+    image = np.random.default_rng(1).uniform(0, 1, (32, 32, 3)).astype(np.float32)
+    m = counting.hmode_maps(model, image)
+    assert m["attention"].shape == (4, 4) and m["experts"].shape == (16, 16, 3)
+    np.testing.assert_allclose(m["effective"].sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose((m["effective"] * m["experts"]).sum(-1), m["density"], rtol=1e-4, atol=1e-4)
+    counting.save_hmode_png(model, cfg, str(tmp_path / "counting_hmode.png"))
+    assert (tmp_path / "counting_hmode.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="'hmode' row"):
+        counting.hmode_maps(counting.build_model(counting.check_config({"module": "plain", "width": 4})), image)

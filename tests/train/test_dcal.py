@@ -64,3 +64,32 @@ def test_two_step_run_and_table(monkeypatch):
                                  "gap": (0.0, 0.0)}}}
     table = T.format_table(summary)
     assert "| dcal |" in table and table.count("\n") == 2
+
+
+def test_inference_flops_count_glca_but_never_pwca():
+    """The FLOPs column is the inference pass: PWCA is training-only, so the pwca row costs exactly the plain row,
+    and GLCA (one extra block on the selected queries) costs more. Catches: PWCA run at test time, GLCA left out
+    of the inference scores."""
+    cfg = T.check_config(TINY)
+    flops = {v: T.forward_flops(T.DCALDigits(v, cfg, rngs=nnx.Rngs(0)), cfg["size"]) for v in ("plain", "pwca", "glca")}
+    assert flops["pwca"] == flops["plain"] and flops["glca"] > flops["plain"] > 0
+
+
+def test_glca_map_boxes_the_top_r_patches_of_the_rollout(tmp_path):
+    """The cells the map boxes are the R = floor(16 * 0.25) = 4 largest entries of the rollout's CLS row over the
+    patches (CLS itself excluded), and each block's CLS attention over the patches is a part of a softmax row
+    (in (0, 1]). Catches: the CLS column ranked as a patch (an off-by-one in the grid cells), the wrong rollout row.
+    Also writes the PNG."""
+    cfg = T.check_config(TINY)
+    model = T.DCALDigits("glca", cfg, rngs=nnx.Rngs(3))
+    image = np.random.default_rng(0).uniform(0, 1, (16, 16, 1)).astype(np.float32)
+    m = T.glca_maps(model, image)
+    assert m["rollout"].shape == (4, 4) and len(m["selected"]) == 4 and len(m["cls_attention"]) == cfg["depth"]
+    top = np.argsort(-m["rollout"].ravel())[:4]
+    assert sorted(r * 4 + c for r, c in m["selected"]) == sorted(top.tolist())
+    for att in m["cls_attention"]:
+        assert att.shape == (4, 4) and 0 < att.sum() <= 1 + 1e-5
+    T.save_glca_png({"glca": model}, cfg, str(tmp_path / "dcal_glca.png"))
+    assert (tmp_path / "dcal_glca.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="GLCA branch"):
+        T.glca_maps(T.DCALDigits("plain", cfg, rngs=nnx.Rngs(0)), image)

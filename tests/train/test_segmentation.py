@@ -1,10 +1,14 @@
 """train.segmentation: the shapes segmentation task, mean IoU and the U-Net with each context module."""
+import glob
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from train import segmentation as S
+from train.config import config_runner, read_config
 from train.images import shapes
 
 
@@ -82,3 +86,86 @@ def test_a_short_run_runs_end_to_end():
 def test_bad_variant_names_itself():
     with pytest.raises(ValueError, match="variant must be one of"):
         S.SegUNet("attention", rngs=nnx.Rngs(0))
+
+
+# ---------------------------------------------------------------- configs, CLI, FLOPs and maps (issue 18 table)
+SEG_CONFIGS = sorted(glob.glob("configs/segmentation_*.py"))
+
+
+def test_every_variant_has_one_config_that_names_it_with_the_table_settings():
+    """Each configs/segmentation_<v>.py names train.segmentation as its RUNNER, selects exactly variant <v> and
+    keeps the table's settings (DEFAULTS: 300 steps, seeds 0,1,2, ...). Catches: a config naming another variant
+    (a copy-paste), a missing row, a setting that silently departs from the published table."""
+    assert len(SEG_CONFIGS) == len(S.VARIANTS)
+    named = set()
+    for path in SEG_CONFIGS:
+        assert config_runner(path) == "train.segmentation", path
+        cfg = S.check_config(read_config(path))
+        variant = path[len("configs/segmentation_"):-3]
+        assert cfg["variants"] == variant and variant in S.VARIANTS, path
+        assert {k: cfg[k] for k in S.DEFAULTS if k != "variants"} == \
+            {k: v for k, v in S.DEFAULTS.items() if k != "variants"}, path
+        named.add(variant)
+    assert named == set(S.VARIANTS)
+
+
+@pytest.mark.parametrize("bad, match", [({"stpes": 3}, "unknown config key"), ({"variants": "psa,attn"}, "variants"),
+                                        ({"seeds": "0,x"}, "seeds"), ({"size": 30}, "size"), ({"lr": 0}, "lr")])
+def test_bad_config_raises_naming_the_key(bad, match):
+    with pytest.raises(ValueError, match=match):
+        S.check_config(bad)
+
+
+def test_python_m_train_config_runs_the_row_and_writes_its_map(tmp_path, monkeypatch):
+    """``python -m train --config configs/segmentation_se.py`` reaches train.segmentation (RUNNER) and flags
+    override the file: one seed of the se row only, with the overridden sizes, then a JSON row with FLOPs and the
+    PNG. Catches: --config not read (all 12 variants would run), flags not overriding it, the map or FLOPs not
+    produced. The training itself is stubbed (its compile takes tens of seconds; real steps are covered by
+    test_a_short_run_runs_end_to_end): ``train_model`` returns a fresh model and records its arguments."""
+    from train.cli import main as cli_main
+    calls = []
+
+    def fake_train_model(variant, *, seed, **kw):
+        calls.append((variant, seed, kw))
+        model = S.SegUNet(variant, width=kw["width"], rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+        model.eval()
+        return model, {"variant": variant, "seed": seed, "miou": 0.5, "per_class_iou": [0.5] * 4, "final_loss": 1.0,
+                       "params": S.parameter_count(model), "seconds": 0.1, "ms_per_step": 1.0}
+
+    monkeypatch.setattr(S, "train_model", fake_train_model)
+    out, img = tmp_path / "seg.json", tmp_path / "img"
+    rc = cli_main(["--config", "configs/segmentation_se.py", "--steps", "2", "--seeds", "0", "--width", "4",
+                   "--size", "16", "--out", str(out), "--img", str(img)])
+    assert rc == 0
+    assert calls == [("se", 0, {"width": 4, "steps": 2, "batch": 16, "lr": 3e-3, "train_images": 1024,
+                                "eval_images": 256, "size": 16})]
+    result = json.loads(out.read_text())
+    assert [r["variant"] for r in result["rows"]] == ["se"] and result["args"]["name"] == "segmentation_se"
+    assert result["summary"]["se"]["flops"] > 0
+    assert (img / "seg_se.png").stat().st_size > 1000
+
+
+def test_attention_maps_are_the_modules_own_distributions():
+    """On a fresh model: AG coefficients lie in (0, 1) at each skip's size; PAM's attention row and CAM's affinity
+    rows sum to 1 (softmax over positions / channels); SDANet's level weights sum to 1 over the 3 levels; PSA and SE
+    gates lie in (0, 1) with one value per bottleneck channel. Catches: a softmax over the wrong axis, a map taken
+    at the wrong level, a gate read before its sigmoid."""
+    image = np.random.default_rng(0).uniform(0, 1, (16, 16, 3)).astype(np.float32)
+    panels = {}
+    for variant in S.MAP_VARIANTS:
+        model = S.SegUNet(variant, width=4, rngs=nnx.Rngs(params=0, dropout=1))
+        panels[variant] = S.attention_maps(model, image)
+    a1, a2 = (p["map"] for p in panels["gates"])
+    assert a1.shape == (16, 16) and a2.shape == (8, 8) and 0 < a1.min() and a1.max() < 1
+    row, received, affinity = (p["map"] for p in panels["dual"])
+    assert row.shape == (4, 4) and np.isclose(row.sum(), 1, atol=1e-5) and np.isclose(received.sum(), 1, atol=1e-5)
+    np.testing.assert_allclose(affinity.sum(-1), 1, atol=1e-5)
+    gate, levels = (p["map"] for p in panels["sdanet"])
+    assert gate.shape == (8, 8) and levels.shape[0] == 3
+    np.testing.assert_allclose(levels.sum(0), 1, atol=1e-5)
+    for variant in ("psa", "psa_seq"):
+        sp, ch = panels[variant]
+        assert sp["map"].shape == (4, 4) and len(ch["bars"]) == 16 and 0 < ch["bars"].min() and ch["bars"].max() < 1
+    assert len(panels["se"][0]["bars"]) == 16
+    with pytest.raises(ValueError, match="variant must be one of"):
+        S.attention_maps(S.SegUNet("plain", width=4, rngs=nnx.Rngs(0)), image)
