@@ -197,9 +197,14 @@ def _gpu_call(cfg: DecodeConfig, lengths, table, q, k_pages, v_pages):
 # ------------------------------------------------------------- TPU structure: needed pages on the grid
 
 def _tpu_page(cfg: DecodeConfig, lengths_ref, table_ref, b, split, t):
-    """Pool page of step ``t`` of a split, clamped into the needed range (no re-fetch outside it)."""
-    lo, hi = _split_range(cfg, split, lengths_ref[b])
-    tile = jnp.clip(split * cfg.tiles_per_split + t, lo, jnp.maximum(hi - 1, lo))
+    """Pool page of step ``t`` of a split, clamped into the needed range (no re-fetch outside it).
+
+    A split that needs no tile points at the sequence's last needed tile: the page the split before it ended
+    on, so the pipeline (which DMAs only when the block index changes) fetches nothing for it."""
+    length = lengths_ref[b]
+    lo, hi = _split_range(cfg, split, length)
+    _, end = _needed_tiles(cfg, length)
+    tile = jnp.where(hi > lo, jnp.clip(split * cfg.tiles_per_split + t, lo, hi - 1), jnp.maximum(end - 1, 0))
     return table_ref[b, jnp.minimum(tile, table_ref.shape[1] - 1)]
 
 

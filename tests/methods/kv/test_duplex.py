@@ -58,12 +58,14 @@ def _pages_the_tpu_kernel_fetches(cfg, lengths, table, B: int, Hkv: int) -> int:
     return fetched
 
 
-@pytest.mark.parametrize("heads, kv_heads, lengths", [(8, 2, (128, 128)), (2, 2, (128, 128)), (6, 2, (37, 100))])
+@pytest.mark.parametrize("heads, kv_heads, lengths", [(8, 2, (128, 128)), (2, 2, (128, 128)), (6, 2, (37, 100)),
+                                                      (4, 1, (0, 128))])
 def test_bytes_match_the_pages_the_decode_kernel_fetches(heads, kv_heads, lengths):
     """P22 against the decode kernel rather than XLA's count: the K/V pages the TPU structure DMAs, replayed from
     its own index map, are each kv head's pages once, whatever the group size: ``decode_cost``'s bytes at full
-    lengths, the pages each length needs when ragged (plus at most one clamped page per split that needs none).
-    Catches a kernel (or model) that reads K/V once per query head (G times the bytes) or past the lengths."""
+    lengths, exactly the pages each length needs when ragged (a length-0 sequence still costs its first page: the
+    block index must name one). Catches a kernel (or model) that reads K/V once per query head (G times the
+    bytes), past the lengths, or again for a split that needs no tile."""
     from jattn.ops.decode import split_plan
     from pallas_kernels.decode import DecodeConfig
     B, S, P, d = len(lengths), 128, 16, 64
@@ -73,10 +75,8 @@ def test_bytes_match_the_pages_the_decode_kernel_fetches(heads, kv_heads, length
                        target="mosaic", interpret=True, poison_outputs=False)
     table = jnp.broadcast_to(jnp.arange(S // P, dtype=jnp.int32), (B, S // P))
     fetched = _pages_the_tpu_kernel_fetches(cfg, jnp.asarray(lengths, jnp.int32), table, B, kv_heads)
-    pages = [-(-n // P) for n in lengths]                                        # pages each length needs
-    needed = kv_heads * sum(pages)
-    empty_splits = kv_heads * sum(splits - -(-p // per_split) for p in pages)
-    assert needed <= fetched <= needed + empty_splits
+    pages = [max(1, -(-n // P)) for n in lengths]                     # pages each length needs (1 for 0)
+    assert fetched == kv_heads * sum(pages)
     if min(lengths) == S:
         cost = decode_cost(batch=B, heads=heads, kv_heads=kv_heads, head_dim=d, context=S, bytes_per_element=2)
         assert 2 * fetched * P * d * 2 == cost.bytes
