@@ -128,11 +128,15 @@ _PROGRESS = {
             "pipeline fetches (its index map replayed over its grid: each kv head's pages once for the whole "
             "GQA group); no hardware byte counter or H200 roofline measurement (no device lent)"),
     "P65": (("jattn.decode_attention", "pallas_kernels.decode.decode_partials",
-             "pallas_kernels.decode.decode_partials_grad", "jattn.merge_partials"),
-            ("tests/ops/test_decode.py", "tests/kernels/test_lowering.py"), "partial",
-            "split-K decode kernel with a Pallas backward (GPU and TPU structures, paged or contiguous, exact LSE "
-            "merge of the splits); "
-            "the stream-K schedule whose ranges cross head/batch boundaries is not implemented"),
+             "pallas_kernels.decode.decode_partials_grad", "jattn.merge_partials",
+             _KV + "lean.lean_decode_attention", _KV + "lean.lean_schedule", _KV + "lean.ragged_schedule",
+             _KV + "lean.merge_segments", "pallas_kernels.lean_decode.lean_decode_partials"),
+            ("tests/ops/test_decode.py", "tests/kernels/test_lowering.py", "tests/methods/kv/test_lean.py"), "partial",
+            "split-K decode kernel with a Pallas backward, and Lean Attention's stream-K schedule (ORT's grid "
+            "formulas; worker ranges over the flattened needed tiles cross head/batch boundaries, loads differ by "
+            "<= 1 tile; per-segment partials merged exactly by segment id) as a second kernel on both structures, "
+            "equal to the reference for any worker count; forward only, no hardware run: the spec's measured "
+            "speed-up over the per-head split needs a device"),
     "P09": (tuple(_DYNAMIC + n for n in ("hip.hip_attention", "hip.hip_block_mask", "hip.hip_select",
                                          "hip.hip_iterations")),
             ("tests/methods/dynamic/test_hip.py",), "partial",

@@ -23,3 +23,5 @@ from jattn.methods.kv.task_kv import (TaskKVCache, head_semantic_vectors, kv_hea
 from jattn.methods.kv import vattention
 from jattn.methods.kv.vattention import (PagedBlockAllocator, VirtualKVAllocator, contiguous_decode_attention,
                                         contiguous_prefill_attention, paged_decode_attention)
+from jattn.methods.kv import lean
+from jattn.methods.kv.lean import lean_decode_attention, lean_merge, lean_schedule, merge_segments, ragged_schedule
