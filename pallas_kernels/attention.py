@@ -203,11 +203,7 @@ def _tile_logits(spec: _Spec, q, k, *, row_start, col_start, bias, mask, q_seg, 
     ``q_seg`` is a ``(bq, 1)`` column and ``kv_seg`` a ``(1, bk)`` row; bias/mask tiles broadcast. ``mod`` is
     ``(const_refs, b, h)``: the score mod's arrays and this tile's batch and query head.
     """
-    s = common.dot_nt(q, k) * spec.scale
-    tanh_s = None
-    if spec.softcap is not None:
-        tanh_s = jnp.tanh(s / spec.softcap)
-        s = spec.softcap * tanh_s
+    s, tanh_s = common.scaled_logits(q, k, spec.scale, spec.softcap)
     if bias is not None:
         s = s + bias.astype(jnp.float32)
     d_mod = None

@@ -105,15 +105,6 @@ def _table_row(table, b, h, r):
 
 # ---------------------------------------------------------------------------------------- tile math
 
-def _tile_logits(cfg: KernelConfig, q_tile, k_tile):
-    """float32 logits ``[bq, bk]`` after scale and softcap, plus the tanh the softcap backward needs."""
-    s = common.dot_nt(q_tile, k_tile) * cfg.scale
-    if cfg.softcap is None:
-        return s, None
-    t = jnp.tanh(s / cfg.softcap)
-    return cfg.softcap * t, t
-
-
 def _mask_tile(cfg: KernelConfig, s, is_full, b, h, q_start, kv_start):
     """Replaces invisible logits by MASK_VALUE; the mask function runs only on partial tiles."""
     bq, bk = s.shape
@@ -145,7 +136,7 @@ def _apply_mod(cfg: KernelConfig, s, const_refs, b, h, q_start, kv_start, *, der
 
 def _softmax_step(cfg, state, q_tile, k_tile, v_tile, is_full, b, h, q_start, kv_start, const_refs=()):
     """One online-softmax update (``common.online_softmax_step``) of ``(m [bq, 1], l [bq, 1], acc [bq, Dv])``."""
-    s, _ = _tile_logits(cfg, q_tile, k_tile)
+    s, _ = common.scaled_logits(q_tile, k_tile, cfg.scale, cfg.softcap)
     if cfg.score_mod is not None:
         s = _apply_mod(cfg, s, const_refs, b, h, q_start, kv_start, derivative=False)
     s = _mask_tile(cfg, s, is_full, b, h, q_start, kv_start)
@@ -155,7 +146,7 @@ def _softmax_step(cfg, state, q_tile, k_tile, v_tile, is_full, b, h, q_start, kv
 def _tile_dlogits(cfg: KernelConfig, q_tile, k_tile, v_tile, do_tile, lse_rows, delta_rows, is_full, b, h,
                   q_start, kv_start, const_refs=()):
     """Recomputes one tile: ``p`` and ``ds = dL/d(raw logits) * scale`` (float32 ``[bq, bk]``)."""
-    s, tanh = _tile_logits(cfg, q_tile, k_tile)
+    s, tanh = common.scaled_logits(q_tile, k_tile, cfg.scale, cfg.softcap)
     d_mod = None
     if cfg.score_mod is not None:
         s, d_mod = _apply_mod(cfg, s, const_refs, b, h, q_start, kv_start, derivative=True)

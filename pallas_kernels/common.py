@@ -309,6 +309,16 @@ def dot_tn(a, b):
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def scaled_logits(q, k, scale: float, softcap: float | None):
+    """float32 ``softcap * tanh(q k^T scale / softcap)`` of one tile (plain ``q k^T scale`` without a softcap),
+    and the ``tanh`` the softcap's backward needs (None without one)."""
+    s = dot_nt(q, k) * scale
+    if softcap is None:
+        return s, None
+    t = jnp.tanh(s / softcap)
+    return softcap * t, t
+
+
 # ----------------------------------------------------------------------------------------------
 # The online softmax: the one home of the running max / denominator / accumulator update and of the
 # final normalisation. Pure jnp, so the same functions run inside the Pallas kernels (Triton loop carry

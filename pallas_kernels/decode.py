@@ -111,19 +111,10 @@ def _visibility(cfg: DecodeConfig, length, kv_start):
     return visible, in_sequence
 
 
-def _logits(cfg: DecodeConfig, q, k_tile):
-    """Scaled (and soft-capped) logits ``[rows, page]``, and the ``tanh`` the softcap's derivative needs."""
-    s = common.dot_nt(q, k_tile) * cfg.scale
-    if cfg.softcap is None:
-        return s, None
-    t = jnp.tanh(s / cfg.softcap)
-    return cfg.softcap * t, t
-
-
 def _attend_tile(cfg: DecodeConfig, state, q, k_tile, v_tile, length, kv_start):
     """One online-softmax update of the packed rows' ``(m, l, acc)`` with one page of keys."""
     visible, in_sequence = _visibility(cfg, length, kv_start)
-    s, _ = _logits(cfg, q, k_tile)
+    s, _ = common.scaled_logits(q, k_tile, cfg.scale, cfg.softcap)
     v_tile = jnp.where(in_sequence, v_tile, jnp.zeros_like(v_tile))
     return common.online_softmax_step(*state, jnp.where(visible, s, MASK_VALUE), v_tile)
 
@@ -139,7 +130,7 @@ def _tile_grads(cfg: DecodeConfig, q, do, lse, delta, k_tile, v_tile, length, kv
     visible, in_sequence = _visibility(cfg, length, kv_start)
     k_tile = jnp.where(in_sequence, k_tile, jnp.zeros_like(k_tile))
     v_tile = jnp.where(in_sequence, v_tile, jnp.zeros_like(v_tile))
-    s, tanh = _logits(cfg, q, k_tile)
+    s, tanh = common.scaled_logits(q, k_tile, cfg.scale, cfg.softcap)
     p = jnp.where(visible, jnp.exp(s - lse), 0.0)
     dv = common.dot_tn(p.astype(do.dtype), do)
     ds = p * (common.dot_nt(do, v_tile) - delta)

@@ -4,7 +4,7 @@ Kernels only, no policy: ``jattn.methods.kv.lean`` computes the stream-K schedul
 which flattened ``(b, kv head, needed tile)`` range), turns each worker's range into at most ``K`` segments
 (one contiguous run of tiles of one output ``(b, kv head)``) and merges the per-segment partials exactly
 (phase 2, XLA). This module runs the tiles, with the tile math of ``pallas_kernels/decode.py``
-(``_attend_tile``: ``_visibility`` + ``_logits`` + the online-softmax step, ``_initial_state``,
+(``_attend_tile``: ``_visibility`` + ``common.scaled_logits`` + the online-softmax step, ``_initial_state``,
 ``common.finalize_rows``) and its cache layout: the kernel sees the cache as ``[Bc, Hkv, pages, page, D]``
 (``Bc = B``: a contiguous cache with ``page_table[b, t] = t``; ``Bc = 1``: one shared pool) and GQA-packed
 query rows ``q [B, Hkv, R, D]`` (see that module's docstring for the row rule).
