@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.jattn-installed
 
-.PHONY: install demo test dit vlm vision-table bench bench-gpu papers docs docs-figures clean
+.PHONY: install demo test test-all test-durations dit vlm vision-table bench bench-gpu papers docs docs-figures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,23 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m train.demo
 
+# Both workers steal work; a test whose worker process dies (XLA's CPU compiler has segfaulted at random, rarely)
+# runs once more on a fresh worker, while `--rerun-except .` keeps every ordinary failure a failure.
+PYTEST := $(PY) -m pytest tests -p no:cacheprovider -n auto --dist worksteal --reruns 1 --rerun-except .
+
+# The README's test command and CI's: everything but tests/full_tier.txt (see tests/full_tier.py).
 test: $(STAMP)
-	$(PY) -m pytest tests -p no:cacheprovider -n auto --dist loadfile --durations=25
+	$(PYTEST) --durations=25
+
+# Every test, including the end-to-end experiment runs and the costly sweep variants.
+test-all: $(STAMP)
+	$(PYTEST) --full-tier --durations=25
+
+# Re-times every test and rewrites tests/full_tier.txt by its rules.
+test-durations: $(STAMP)
+	mkdir -p runs
+	$(PYTEST) --full-tier --durations=0 -o addopts="" | tee runs/test_durations.log
+	$(PY) -m tests.full_tier runs/test_durations.log
 
 dit: $(STAMP)
 	$(PY) -m train.diffusion --sampler ddpm --guidance 6 --per-class 10 --grid docs/img/dit_samples.png

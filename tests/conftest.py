@@ -1,15 +1,13 @@
 """Shared test configuration: deterministic hypothesis profile, random-input helpers, THE tolerance table,
 THE head groupings, one ``assert_close`` and the trace-count check every family's test base uses."""
 import os
+import pathlib
 
 # 8 host CPU devices for the distributed tests (tests/test_distributed.py); must precede JAX's first use.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 # The suite's time is XLA's compiler (83% of it in a sampled directory: thousands of tiny programs, each run
-# once or twice), most of it LLVM's -O2. JATTN_TEST_LLVM_O1=1 compiles with LLVM at -O1 (about a third less
-# compile time: tests/core/test_softmax.py 28.6 -> 21.5 s CPU), but it is opt-in: a clean-clone run with it
-# crashed an xdist worker with a segfault inside XLA's CPU compiler (initialising a conv's parameters in
-# tests/methods/vision/test_ulsam.py, 2026-12-02), as a run with JATTN_TEST_FAST_COMPILE did the day before.
+# once or twice). JATTN_TEST_LLVM_O1=1 compiles with LLVM at -O1 on top of the default below.
 if os.environ.get("JATTN_TEST_LLVM_O1", "0") == "1" and "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=1"
 
@@ -26,16 +24,37 @@ settings.register_profile("ci", max_examples=8, deadline=None, derandomize=True,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # The suite compiles a few thousand tiny programs and runs each once or twice, so XLA's backend optimisation
-# passes cost more than they save (about 40% of the CPU time). JATTN_TEST_FAST_COMPILE=1 turns them off, but
-# it is opt-in: a full run with them off crashed once in XLA's CPU compiler (a segfault compiling a plain
-# multiply in tests/methods/modifiers/test_act.py, 2026-12-02). A test whose assertion is about the optimised
-# program (compiled memory or FLOPs) is marked ``@pytest.mark.optimized`` and always compiles with them on.
-OPTIMIZE_ALL = os.environ.get("JATTN_TEST_FAST_COMPILE", "0") != "1"
+# passes cost more than they save (-30% CPU time on tests/core + tests/methods/routing: 180 -> 127 s).
+# JATTN_TEST_FAST_COMPILE=0 turns them back on. XLA's CPU compiler has segfaulted, rarely and at random places,
+# in full runs with them off, with them on and at LLVM -O1 alike (2026-12-01/02); `make test` re-runs a test whose
+# worker process died once, on a fresh worker (pytest-rerunfailures; ordinary failures are never re-run).
+# A test whose assertion is about the optimised program (compiled memory or FLOPs) is marked
+# ``@pytest.mark.optimized`` and always compiles with the passes on.
+OPTIMIZE_ALL = os.environ.get("JATTN_TEST_FAST_COMPILE", "1") != "1"
 jax.config.update("jax_disable_most_optimizations", not OPTIMIZE_ALL)
+
+FULL_TIER_LIST = pathlib.Path(__file__).with_name("full_tier.txt")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full-tier", action="store_true",
+                     help="also run the tests listed in tests/full_tier.txt (make test-all); see tests/full_tier.py")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "optimized: compile with XLA's optimisation passes on (memory/FLOP checks)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without ``--full-tier``, leaves out the end-to-end experiment runs and the costly sweep variants that
+    ``tests/full_tier.txt`` lists (``tests/full_tier.py`` chooses them by rule from measured times)."""
+    if config.getoption("--full-tier"):
+        return
+    listed = set(FULL_TIER_LIST.read_text().splitlines())
+    deselected = [item for item in items if item.nodeid in listed]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item.nodeid not in listed]
 
 
 @pytest.fixture(autouse=True)
