@@ -21,9 +21,11 @@ import jax
 import jax.numpy as jnp
 
 from jattn.core.reference import softmax_rows
+from jattn.core.softmax import merge_partials
 from jattn.ops.decode_reference import contiguous_cache, decode_visibility, zero_past_lengths
 
 HIGHEST = jax.lax.Precision.HIGHEST
+KV_CHUNK = 4096
 
 
 def decode_attention_xla(q, k_cache, v_cache, lengths, *, page_table=None, window_left=None, sinks=None,
@@ -49,20 +51,33 @@ def attend_contiguous(static, q, k, v, sinks, lengths, kv_offset):
     # rows r = (member, t) of each kv head: [B, Hkv, R, D]. One free dim per operand: XLA's CPU GEMM
     # (two free dims, e.g. [G, Tq], fall to a loop emitter 5x slower)
     rows = jnp.transpose((q.astype(jnp.float32) * scale).reshape(B, Tq, Hkv, G, D), (0, 2, 3, 1, 4))
-    s = jnp.einsum("bkrd,bksd->bkrs", rows.reshape(B, Hkv, R, D), k.astype(jnp.float32), precision=HIGHEST)
+    n, C = _kv_chunks(S)
+    # [B, Hkv, n, C, D] is a free reshape of the head-major cache: one GEMM per chunk keeps its key panel in cache
+    chunked = lambda x: x.astype(jnp.float32).reshape(B, Hkv, n, C, x.shape[-1])
+    s = jnp.einsum("bkrd,bknsd->bknrs", rows.reshape(B, Hkv, R, D), chunked(k), precision=HIGHEST)
     if softcap is not None:
         s = softcap * jnp.tanh(s / softcap)
     visible = decode_visibility(lengths, Tq, S, window_left, kv_offset)         # [B, Tq, S]
-    visible = jnp.broadcast_to(visible[:, None, None], (B, 1, G, Tq, S)).reshape(B, 1, R, S)
-    s = jnp.where(visible, s, -jnp.inf)
-    sink = None
-    if sinks is not None:
-        sink = jnp.repeat(sinks.astype(jnp.float32).reshape(1, Hkv, G, 1), Tq, axis=-1).reshape(1, Hkv, R, 1)
-    p, lse = softmax_rows(s, sink)                                               # lse [B, Hkv, R]
-    out = jnp.einsum("bkrs,bksd->bkrd", p, v.astype(jnp.float32), precision=HIGHEST)
+    visible = jnp.broadcast_to(visible[:, None, None], (B, 1, G, Tq, S)).reshape(B, 1, R, n, C)
+    s = jnp.where(jnp.swapaxes(visible, 2, 3), s, -jnp.inf)                     # [B, Hkv, n, R, C]
+    p, chunk_lse = softmax_rows(s)
+    chunk_out = jnp.einsum("bknrs,bknsd->bknrd", p, chunked(v), precision=HIGHEST)
+    parts_out, parts_lse = jnp.moveaxis(chunk_out, 2, 0), jnp.moveaxis(chunk_lse, 2, 0)   # chunks lead
+    if sinks is not None:  # a sink is one more partial: no value, lse = its logit
+        sink = jnp.repeat(sinks.astype(jnp.float32).reshape(1, Hkv, G, 1), Tq, axis=-1).reshape(1, Hkv, R)
+        parts_lse = jnp.concatenate([parts_lse, jnp.broadcast_to(sink, (1, B, Hkv, R))])
+        parts_out = jnp.concatenate([parts_out, jnp.zeros((1, *parts_out.shape[1:]), parts_out.dtype)])
+    out, lse = merge_partials(parts_out, parts_lse)                              # [B, Hkv, R, Dv], [B, Hkv, R]
     Dv = v.shape[-1]
     out = jnp.transpose(out.reshape(B, Hkv, G, Tq, Dv), (0, 3, 1, 2, 4)).reshape(B, Tq, H, Dv)
     return out, jnp.transpose(lse.reshape(B, Hkv, G, Tq), (0, 3, 1, 2)).reshape(B, Tq, H)
+
+
+def _kv_chunks(S: int) -> tuple[int, int]:
+    """``(n, C)``: the cache's keys as ``n`` chunks of ``C``. XLA's CPU GEMM over one 4096-key panel at a time
+    reads the cache 15-30% faster than over all of it (benchmarks/cpu_decode.py: 32K keys 29.6 -> 22.8 ms, 128K
+    131 -> 111 ms); a length that 4096 does not divide stays one chunk (slicing it would copy the cache)."""
+    return (S // KV_CHUNK, KV_CHUNK) if S % KV_CHUNK == 0 and S > KV_CHUNK else (1, S)
 
 
 def _decode_on_zeroed(static, q, k_cache, v_cache, sinks, lengths, page_table, kv_offset):

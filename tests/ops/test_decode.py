@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jattn.ops import decode_xla
 from jattn.ops.decode import decode_attention
 from tests.conftest import assert_close, assert_traced_once
 
@@ -151,6 +152,18 @@ def check_against_reference(impl: str, case: Case):
                                         if impl != "mosaic" or case.mosaic], ids=str)
 def test_every_impl_matches_the_reference(impl, case):
     check_against_reference(impl, case)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.S % 16 == 0], ids=str)
+def test_xla_path_in_key_chunks_matches_the_reference(case, monkeypatch):
+    """The xla path cuts a long cache into ``KV_CHUNK``-key chunks, one GEMM each, merged by their lse (a CPU
+    speed-up that only caches of 8K+ keys take). With 16-key chunks every table case has four: some past a
+    length, some fully outside a window, a sink as one more partial. Catches: the chunk merge by sum instead of
+    lse, a chunk's mask columns taken from another chunk (the visibility swap dropped), the sink partial
+    dropped or given a value, chunks of the wrong length."""
+    monkeypatch.setattr(decode_xla, "KV_CHUNK", 16)
+    assert decode_xla._kv_chunks(case.S) == (case.S // 16, 16)
+    check_against_reference("xla", case)
 
 
 def test_reference_follows_the_decode_rule_on_a_hand_checked_row():
