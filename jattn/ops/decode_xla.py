@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn.core.reference import softmax_rows
-from jattn.core.softmax import merge_partials
+from jattn.core.softmax import merge_partials, merge_sinks
 from jattn.ops.decode_reference import contiguous_cache, decode_visibility, zero_past_lengths
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -62,15 +62,11 @@ def attend_contiguous(static, q, k, v, sinks, lengths, kv_offset):
     s = jnp.where(jnp.swapaxes(visible, 2, 3), s, -jnp.inf)                     # [B, Hkv, n, R, C]
     p, chunk_lse = softmax_rows(s)
     chunk_out = jnp.einsum("bknrs,bknsd->bknrd", p, chunked(v), precision=HIGHEST)
-    parts_out, parts_lse = jnp.moveaxis(chunk_out, 2, 0), jnp.moveaxis(chunk_lse, 2, 0)   # chunks lead
-    if sinks is not None:  # a sink is one more partial: no value, lse = its logit
-        sink = jnp.repeat(sinks.astype(jnp.float32).reshape(1, Hkv, G, 1), Tq, axis=-1).reshape(1, Hkv, R)
-        parts_lse = jnp.concatenate([parts_lse, jnp.broadcast_to(sink, (1, B, Hkv, R))])
-        parts_out = jnp.concatenate([parts_out, jnp.zeros((1, *parts_out.shape[1:]), parts_out.dtype)])
-    out, lse = merge_partials(parts_out, parts_lse)                              # [B, Hkv, R, Dv], [B, Hkv, R]
+    out, lse = merge_partials(jnp.moveaxis(chunk_out, 2, 0), jnp.moveaxis(chunk_lse, 2, 0))  # [B, Hkv, R, Dv]
     Dv = v.shape[-1]
     out = jnp.transpose(out.reshape(B, Hkv, G, Tq, Dv), (0, 3, 1, 2, 4)).reshape(B, Tq, H, Dv)
-    return out, jnp.transpose(lse.reshape(B, Hkv, G, Tq), (0, 3, 1, 2)).reshape(B, Tq, H)
+    lse = jnp.transpose(lse.reshape(B, Hkv, G, Tq), (0, 3, 1, 2)).reshape(B, Tq, H)
+    return (out, lse) if sinks is None else merge_sinks(out, lse, sinks)
 
 
 def _kv_chunks(S: int) -> tuple[int, int]:

@@ -158,9 +158,9 @@ def test_every_impl_matches_the_reference(impl, case):
 def test_xla_path_in_key_chunks_matches_the_reference(case, monkeypatch):
     """The xla path cuts a long cache into ``KV_CHUNK``-key chunks, one GEMM each, merged by their lse (a CPU
     speed-up that only caches of 8K+ keys take). With 16-key chunks every table case has four: some past a
-    length, some fully outside a window, a sink as one more partial. Catches: the chunk merge by sum instead of
-    lse, a chunk's mask columns taken from another chunk (the visibility swap dropped), the sink partial
-    dropped or given a value, chunks of the wrong length."""
+    length, some fully outside a window; sinks are folded in after the merge. Catches: the chunk merge by sum
+    instead of lse, a chunk's mask columns taken from another chunk (the visibility swap dropped), the sinks
+    dropped, chunks of the wrong length."""
     monkeypatch.setattr(decode_xla, "KV_CHUNK", 16)
     assert decode_xla._kv_chunks(case.S) == (case.S // 16, 16)
     check_against_reference("xla", case)
