@@ -86,7 +86,10 @@ from train.config import fill_defaults, read_config
 from train.data import batch_rng
 from train.images import digits
 
-CNN_MODULES = ("plain", "se", "daam", "gaam", "ulsam", "ela", "psa_parallel", "psa_sequential", "sdanet", "fdconv")
+# P47 rows: the code's FDConv, and FDConv with its two departures for Adam (dft_scale="unit",
+# filter_gate_init="one"; jattn.methods.vision.fdconv.dft_parameter_scale says why).
+FDCONV_MODULES = {"fdconv": {}, "fdconv_adam": {"dft_scale": "unit", "filter_gate_init": "one"}}
+CNN_MODULES = ("plain", "se", "daam", "gaam", "ulsam", "ela", "psa_parallel", "psa_sequential", "sdanet", "fdconv", "fdconv_adam")
 TOKEN_BLOCKS = ("vit", "agent", "van", "davit", "biformer", "ninformer")
 BACKBONES = ("cnn", "tokens")
 CNN_NORMS = ("batch", "group", "none")
@@ -96,7 +99,7 @@ DEFAULTS = {"width": 16, "hidden": 32, "target_params": None, "depth": 2, "heads
             "batch_size": 64, "lr": 3e-3, "seeds": (0, 1, 2), "size": 16, "norm": "batch"}
 PAPERS = {"plain": "-", "se": "SE (baseline)", "daam": "P00", "gaam": "P01", "ulsam": "P06", "ela": "P12",
           "psa_parallel": "P42", "psa_sequential": "P42", "vit": "-", "agent": "P29", "van": "P18", "davit": "P52",
-          "biformer": "P61", "ninformer": "P73", "sdanet": "P10", "fdconv": "P47"}
+          "biformer": "P61", "ninformer": "P73", "sdanet": "P10", "fdconv": "P47", "fdconv_adam": "P47"}
 
 
 def _check_int(name, value, minimum=1):
@@ -160,7 +163,7 @@ def make_module(name: str, channels: int, *, rngs: nnx.Rngs):
     """The gating module ``name`` (one of ``CNN_MODULES``) for ``channels`` channels."""
     if name not in CNN_MODULES:
         raise ValueError(f"module must be one of {CNN_MODULES} for backbone 'cnn', got {name!r}")
-    if name in ("plain", "fdconv"):       # fdconv replaces the stage convs instead (GatedCNN)
+    if name == "plain" or name in FDCONV_MODULES:   # FDConv replaces the stage convs instead (GatedCNN)
         return _Identity()
     if name == "se":
         return SqueezeExcite(channels, rngs=rngs)
@@ -195,7 +198,8 @@ class GatedCNN(nnx.Module):
         self.image_size, self.module_name, self.norm = image_size, module, norm
         self.stem = nnx.Conv(1, width, (3, 3), rngs=rngs)
         self.norm0 = make_norm(norm, width, rngs=rngs)
-        conv = ((lambda cin, cout: FDConv(cin, cout, 3, min_channels=0, rngs=rngs)) if module == "fdconv"
+        conv = ((lambda cin, cout: FDConv(cin, cout, 3, min_channels=0, rngs=rngs, **FDCONV_MODULES[module]))
+                if module in FDCONV_MODULES
                 else (lambda cin, cout: nnx.Conv(cin, cout, (3, 3), rngs=rngs)))
         self.conv1 = conv(width, width)
         self.norm1 = make_norm(norm, width, rngs=rngs)
@@ -468,7 +472,7 @@ def gate_map(model, image) -> tuple[np.ndarray, str]:
             return np.asarray(f.mean(-1)[0]), "stage-1 features (no module)"
         if name == "sdanet":
             return np.asarray(mod.gates(f)[1][0, ..., 0]), "SDANet: spatial gate of the fused map"
-        if name == "fdconv":
+        if name in FDCONV_MODULES:
             h = model.stem_out(x)
             return (np.asarray(model.conv1.fbm_gates(h).mean(0)[0, ..., 0]),
                     "FDConv (conv1): FBM band gates 2sig(conv), mean over bands")

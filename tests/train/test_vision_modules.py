@@ -146,3 +146,25 @@ def test_bad_norm_raises_naming_it():
         vm.check_config({"backbone": "cnn", "module": "plain", "norm": "layer"})
     with pytest.raises(ValueError, match="norm"):
         vm.GatedCNN("plain", width=8, hidden=8, norm="batchnorm", rngs=nnx.Rngs(0))
+
+
+def test_fdconv_ablation_builds_each_variant_and_restores_the_row(monkeypatch):
+    """Each ablation variant's FDConv arguments reach both stage convs of the model it trains, and the fdconv row
+    is the official layer again afterwards. Catches the arguments dropped or the registry left patched."""
+    from train import fdconv_ablation
+    seen = []
+
+    def fake_train_one(cfg, seed, *, hidden=None, **_):
+        model = vm.build_model(cfg, hidden, seed)
+        seen.append((model.conv1.dft_scale, model.conv2.filter_gate_init, model.conv1.modulation))
+        return model, {"test_top1": 0.5 + 0.1 * seed, "final_loss": 1.0}
+
+    monkeypatch.setattr(vm, "train_one", fake_train_one)
+    row = fdconv_ablation.run_variant("unit_filter_one", [0, 1])
+    assert seen == [("unit", "one", True)] * 2
+    assert row["mean"] == 55.0 and row["top1"] == [50.0, 60.0]
+    fdconv_ablation.run_variant("static_code", [0])
+    assert seen[-1] == ("code", "code", False)
+    assert vm.FDCONV_MODULES["fdconv"] == {}
+    with pytest.raises(ValueError, match="variant"):
+        fdconv_ablation.run_variant("bogus", [0])

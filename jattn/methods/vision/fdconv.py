@@ -54,7 +54,7 @@ from flax import nnx
 
 __all__ = ["frequency_groups", "weight_to_matrix", "matrix_to_weight", "weight_to_dft", "dft_to_weight",
            "group_weights", "assemble_kernel", "fbm_masks", "frequency_bands", "band_modulation", "star_relu",
-           "per_sample_conv", "eca_kernel_size", "fdconv_apply", "FDConv"]
+           "per_sample_conv", "eca_kernel_size", "fdconv_apply", "dft_parameter_scale", "FDConv"]
 
 
 def _check_pos_int(name, val):
@@ -222,18 +222,45 @@ def _cached_groups(rows, cols, kernel_num):
 
 
 # ------------------------------------------------------------------------------------------------ module
+DFT_SCALES = ("code", "unit")
+FILTER_GATE_INITS = ("code", "one")
+
+
+def dft_parameter_scale(cin: int, cout: int, k: int, dft_scale: str = "code") -> float:
+    """``s`` in ``parameter = D / s``: ``"code"`` is the official ``max(min(Cin, Cout) // 2, 1)``; ``"unit"`` is
+    ``sqrt(N / 2)`` with ``N = Cout k * Cin k`` the ``irfft2``'s size, for which a step of the same size on every
+    stored number (what Adam takes) moves each spatial weight by about that size too.
+
+    Why: ``W = irfft2(s * parameter)`` divides by ``N``, and each of the ``~N / 2`` stored complex coefficients
+    (real and imaginary parts) enters ``W`` twice through the Hermitian mirror, so independent steps of size
+    ``lr`` move a spatial weight by about ``s * lr * sqrt(2 / N)``. With the code's ``s`` that is 4x (16 -> 16
+    channels) to 6x (16 -> 32) smaller than a plain conv's step under Adam, which is what made FDConv train
+    slowly in docs/vision.md's table.
+    """
+    if dft_scale == "code":
+        return float(max(min(cin, cout) // 2, 1))
+    if dft_scale == "unit":
+        return math.sqrt(cout * k * cin * k / 2)
+    raise ValueError(f"dft_scale must be one of {DFT_SCALES}, got {dft_scale!r}")
+
+
 class FDConv(nnx.Module):
     """``FDConv(in_features, out_features, kernel_size=3)``: drop-in for ``nnx.Conv`` (stride 1, "same").
 
     ``__call__(x)``; ``static_weight()`` the weight ``irfft2(D)``; ``attentions(x)`` the per-sample gates (dict);
     ``group_weights()`` the ``kernel_num`` disjoint-frequency weights. ``modulation=False`` makes it the static conv.
+
+    Two departures from the code, off by default, that make it train at a plain conv's pace under Adam
+    (docs/vision.md): ``dft_scale="unit"`` stores the coefficients at the scale of :func:`dft_parameter_scale`, and
+    ``filter_gate_init="one"`` initialises the filter head like the other heads (``N(0, 1e-6)``: every gate starts
+    at 1) instead of the code's He init, which its init loop keeps by testing the wrong attribute.
     """
 
     def __init__(self, in_features: int, out_features: int, kernel_size: int = 3, *, kernel_num: int = 4,
                  reduction: float = 0.0625, min_attention: int = 16, att_multi: float = 2.0,
                  temperature: float = 1.0, kernel_temperature: float = 1.0, use_ksm_local: bool = True,
                  use_fbm: bool | None = None, fbm_k_list=(2, 4, 8), use_bias: bool = True, min_channels: int = 16,
-                 modulation: bool = True, rngs: nnx.Rngs):
+                 modulation: bool = True, dft_scale: str = "code", filter_gate_init: str = "code", rngs: nnx.Rngs):
         cin, cout = _check_pos_int("in_features", in_features), _check_pos_int("out_features", out_features)
         k = _check_pos_int("kernel_size", kernel_size)
         if k % 2 == 0:
@@ -245,6 +272,10 @@ class FDConv(nnx.Module):
                 raise ValueError(f"{name} must be a positive number, got {val!r}")
         if not isinstance(min_channels, int) or min_channels < 0:
             raise ValueError(f"min_channels must be an int >= 0, got {min_channels!r}")
+        if dft_scale not in DFT_SCALES:
+            raise ValueError(f"dft_scale must be one of {DFT_SCALES}, got {dft_scale!r}")
+        if filter_gate_init not in FILTER_GATE_INITS:
+            raise ValueError(f"filter_gate_init must be one of {FILTER_GATE_INITS}, got {filter_gate_init!r}")
         self.cin, self.cout, self.k, self.kernel_num = cin, cout, k, kernel_num
         self.att_multi, self.temperature, self.kernel_temperature = float(att_multi), float(temperature), float(
             kernel_temperature)
@@ -253,7 +284,8 @@ class FDConv(nnx.Module):
         self.use_ksm_local = bool(use_ksm_local)
         self.use_fbm = (k == 3) if use_fbm is None else bool(use_fbm)
         self.fbm_k_list = tuple(fbm_k_list)
-        self.s = max(min(cin, cout) // 2, 1)
+        self.dft_scale, self.filter_gate_init = dft_scale, filter_gate_init
+        self.s = dft_parameter_scale(cin, cout, k, dft_scale)
 
         w = nnx.initializers.lecun_normal()(rngs.params(), (k, k, cin, cout), jnp.float32)
         d = weight_to_dft(w) / self.s
@@ -270,7 +302,8 @@ class FDConv(nnx.Module):
         self.star_bias = nnx.Param(jnp.zeros((1,), jnp.float32))
         self.channel_fc = nnx.Param(tiny(rngs.params(), (a, cin), jnp.float32))
         self.channel_b = nnx.Param(jnp.zeros((cin,), jnp.float32))
-        self.filter_fc = nnx.Param(he_out(rngs.params(), (a, cout), jnp.float32))
+        self.filter_fc = nnx.Param((he_out if filter_gate_init == "code" else tiny)(rngs.params(), (a, cout),
+                                                                                     jnp.float32))
         self.filter_b = nnx.Param(jnp.zeros((cout,), jnp.float32))
         if k > 1:
             self.spatial_fc = nnx.Param(tiny(rngs.params(), (a, k * k), jnp.float32))

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jattn.methods.vision.fdconv import (FDConv, assemble_kernel, band_modulation, dft_to_weight, eca_kernel_size,
-                                         fbm_masks, frequency_bands, frequency_groups, group_weights,
+from jattn.methods.vision.fdconv import (FDConv, assemble_kernel, band_modulation, dft_parameter_scale,
+                                         dft_to_weight, eca_kernel_size, fbm_masks, frequency_bands, frequency_groups, group_weights,
                                          per_sample_conv, weight_to_dft, weight_to_matrix)
 
 
@@ -197,7 +197,46 @@ def test_gradients_reach_the_dft_weight_and_every_head():
         assert float(jnp.abs(g).max()) > 0, path
 
 
+@pytest.mark.parametrize("cin,cout", [(16, 16), (16, 32), (5, 7)])
+def test_unit_dft_scale_gives_adam_sized_steps_in_weight_space(cin, cout):
+    """Adam moves every stored coefficient by about lr. With ``dft_scale="unit"`` that moves each spatial weight by
+    about lr too (sd within 10 %); with the code's scale by s sqrt(2 / N) of it (4x smaller at 16 -> 16). Catches
+    the unit scale left at the code's value, a missing square root, or the scale not used by the weight."""
+    k, step = 3, 1e-3
+    signs = np.sign(np.random.default_rng(cin + cout).standard_normal((cout * k, cin * k // 2 + 1, 2)))
+    for scale in ("unit", "code"):
+        m = FDConv(cin, cout, k, min_channels=0, dft_scale=scale, rngs=nnx.Rngs(0))
+        before = m.static_weight()
+        m.dft[...] = m.dft[...] + step * jnp.asarray(signs, jnp.float32)
+        moved = float(jnp.std(m.static_weight() - before)) / step
+        expected = 1.0 if scale == "unit" else max(min(cin, cout) // 2, 1) * np.sqrt(2 / (cout * k * cin * k))
+        assert abs(moved / expected - 1) < 0.1, (scale, moved, expected)
+    assert dft_parameter_scale(16, 16, 3, "code") == 8 and abs(dft_parameter_scale(16, 16, 3, "unit") - 48 / np.sqrt(2)) < 1e-9
+
+
+def test_dft_scale_and_filter_init_keep_the_layer_and_start_gates_at_one():
+    """The stored scale changes the parametrisation, not the layer: the same draw gives the same weight and
+    output on both scales. ``filter_gate_init="one"`` starts every gate at 1 (beta at 1 / kernel_num), the code's
+    init leaves the filter gates spread. Catches the scale leaking into the output (alpha = s * kernel_num off)
+    or the option not reaching the filter head."""
+    x = _randn(20, (2, 8, 8, 16))
+    code = FDConv(16, 16, 3, min_channels=0, rngs=nnx.Rngs(4))
+    unit = FDConv(16, 16, 3, min_channels=0, dft_scale="unit", rngs=nnx.Rngs(4))
+    np.testing.assert_allclose(np.asarray(unit.static_weight()), np.asarray(code.static_weight()), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(unit(x)), np.asarray(code(x)), rtol=1e-4, atol=1e-5)
+    spread = code.attentions(x)["filter"]
+    assert float(jnp.abs(spread - 1).max()) > 0.1
+    ones = FDConv(16, 16, 3, min_channels=0, filter_gate_init="one", rngs=nnx.Rngs(4)).attentions(x)
+    for key in ("channel", "filter", "spatial", "local"):
+        np.testing.assert_allclose(np.asarray(ones[key]), 1.0, atol=1e-4, err_msg=key)
+    np.testing.assert_allclose(np.asarray(ones["beta"]), 0.25, atol=1e-4)
+
+
 def test_bad_arguments_raise_naming_them():
+    with pytest.raises(ValueError, match="dft_scale"):
+        FDConv(4, 4, 3, dft_scale="adam", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="filter_gate_init"):
+        FDConv(4, 4, 3, filter_gate_init="he", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="kernel_size"):
         FDConv(4, 4, 2, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="kernel_num"):
