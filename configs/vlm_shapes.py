@@ -3,6 +3,8 @@
 ``python -m train.captioning --config configs/vlm_shapes.py`` trains it into ``train.out_dir`` (the cached
 default ``runs/vlm_shapes`` that ``train.captioning.load_vlm()`` reads). ``model`` holds TinyVLM's keyword
 arguments; ``task`` the data mix (``digit_fraction`` of each batch are sklearn digits, the rest shapes).
+6,000 steps: 96.3% caption exact match on 512 held-out shapes images (31 min on 2 cores; 1,500 steps gave 45.9%,
+4,000 gave 88.5%; docs/vlm.md).
 """
 
 
@@ -19,7 +21,7 @@ def get_config():
                   "patch_size": 4, "stem_channels": 24, "stem_layers": 2,
                   "method": "softmax", "method_config": {}},
         "optim": {"lr": 3e-3, "warmup_steps": 50, "schedule": "cosine", "weight_decay": 0.05},
-        "train": {"steps": 1500, "batch_size": 32, "log_every": 50, "eval_every": 500, "eval_batches": 2,
+        "train": {"steps": 6000, "batch_size": 32, "log_every": 50, "eval_every": 500, "eval_batches": 2,
                   "checkpoint_every": 250, "out_dir": "runs/vlm_shapes", "progress": False},
         "eval": {"num_shapes": 512, "num_digits": 359, "batch_size": 128},
     }
