@@ -89,7 +89,8 @@ from train.images import digits
 # P47 rows: the code's FDConv, and FDConv with its two departures for Adam (dft_scale="unit",
 # filter_gate_init="one"; jattn.methods.vision.fdconv.dft_parameter_scale says why).
 FDCONV_MODULES = {"fdconv": {}, "fdconv_adam": {"dft_scale": "unit", "filter_gate_init": "one"}}
-CNN_MODULES = ("plain", "se", "daam", "gaam", "ulsam", "ela", "psa_parallel", "psa_sequential", "sdanet", "fdconv", "fdconv_adam")
+CNN_MODULES = ("plain", "se", "daam", "gaam", "ulsam", "ela", "psa_parallel", "psa_sequential", "sdanet",
+               "fdconv", "fdconv_adam")
 TOKEN_BLOCKS = ("vit", "agent", "van", "davit", "biformer", "ninformer")
 BACKBONES = ("cnn", "tokens")
 CNN_NORMS = ("batch", "group", "none")

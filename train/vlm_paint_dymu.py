@@ -2,9 +2,9 @@
 (:mod:`jattn.methods.generative.dymu`) on the trained tiny captioning VLM (issue 16).
 
 The subject is :class:`jattn.nn.vlm.TinyVLM` loaded with :func:`train.captioning.load_vlm` (default
-``runs/vlm_shapes_stem1900``). Its ``decode`` takes no score hooks or key bias, so :func:`custom_decode`
-re-runs the decoder from the model's public pieces (:func:`train.vlm_methods.hooked_decode`, whose captioner,
-held-out caption sets and reporting helpers this module shares) through :func:`jattn.attention` with a
+``runs/vlm_shapes``, what ``make vlm`` trains). Its ``decode`` takes no score hooks or key bias, so
+:func:`custom_decode` re-runs the decoder from the model's public pieces (:func:`train.vlm_methods.hooked_decode`,
+whose captioner, held-out caption sets and reporting helpers this module shares) through :func:`jattn.attention` with a
 per-layer ``score_mod`` and an optional per-image-key ``log(size)`` bias; without them it equals
 ``model.decode`` (tested). :func:`merged_encode` re-runs the ViT encoder with
 DToMe merging after each layer's attention and proportional attention in the layers after it; with

@@ -6,8 +6,9 @@ import pytest
 from flax import nnx
 
 from jattn.methods.vision.fdconv import (FDConv, assemble_kernel, band_modulation, dft_parameter_scale,
-                                         dft_to_weight, eca_kernel_size, fbm_masks, frequency_bands, frequency_groups, group_weights,
-                                         per_sample_conv, weight_to_dft, weight_to_matrix)
+                                         dft_to_weight, eca_kernel_size, fbm_masks, frequency_bands,
+                                         frequency_groups, group_weights, per_sample_conv, weight_to_dft,
+                                         weight_to_matrix)
 
 
 def _randn(seed, shape, scale=1.0):
@@ -211,7 +212,8 @@ def test_unit_dft_scale_gives_adam_sized_steps_in_weight_space(cin, cout):
         moved = float(jnp.std(m.static_weight() - before)) / step
         expected = 1.0 if scale == "unit" else max(min(cin, cout) // 2, 1) * np.sqrt(2 / (cout * k * cin * k))
         assert abs(moved / expected - 1) < 0.1, (scale, moved, expected)
-    assert dft_parameter_scale(16, 16, 3, "code") == 8 and abs(dft_parameter_scale(16, 16, 3, "unit") - 48 / np.sqrt(2)) < 1e-9
+    assert dft_parameter_scale(16, 16, 3, "code") == 8
+    assert abs(dft_parameter_scale(16, 16, 3, "unit") - 48 / np.sqrt(2)) < 1e-9
 
 
 def test_dft_scale_and_filter_init_keep_the_layer_and_start_gates_at_one():
