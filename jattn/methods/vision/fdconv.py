@@ -5,7 +5,8 @@ Read from the official code ``Linwei-Chen/FDConv`` (``FDConv_detection/mmdet_cus
 
 **Fourier-disjoint weight groups.** The static weight ``W`` ``[Cout, Cin, k, k]`` is laid out as the matrix
 ``M[(o, ki), (i, kj)]`` ``[Cout k, Cin k]`` and stored as its ``rfft2`` coefficients ``D`` ``[Cout k, Cin k // 2 + 1]``
-(parameter ``dft`` = ``D / s`` as real/imag pairs, ``s = max(min(Cin, Cout) // 2, 1)``). The coefficients are sorted
+(parameter ``dft`` = ``D / s`` as real/imag pairs, ``s = max(min(Cin, Cout) // 2, 1)`` as the code, or
+``sqrt(Cout k * Cin k / 2)`` with ``dft_scale="unit"``: :func:`dft_parameter_scale`). The coefficients are sorted
 by frequency radius ``|(f_row, f_col)|`` (``fftfreq`` rows, ``rfftfreq`` columns; stable sort) and cut into
 ``kernel_num`` contiguous, disjoint groups (``frequency_groups``). Group ``n``'s weight ``W_n`` is the ``irfft2`` of
 ``D`` restricted to group ``n``; by linearity ``sum_n W_n = W``.
