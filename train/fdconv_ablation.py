@@ -3,8 +3,8 @@ alone, on the table's ``cnn`` row (``configs/vision_fdconv.py``: 13,500-paramete
 
     python -m train.fdconv_ablation [--variants code unit ...] [--seeds 0,1,2]
 
-Each variant is a set of ``FDConv`` keyword arguments used for both stage convs; the head width stays the one
-matched for the full layer, so the ``modulation=False`` rows (no gate heads) hold fewer parameters. Prints one
+Each variant is a set of ``FDConv`` keyword arguments used for both stage convs (the row's ``fdconv_options``);
+the head width stays the one matched for the full layer, so the ``modulation=False`` rows (no gate heads) hold fewer parameters. Prints one
 JSON line per variant: top-1 % per seed, mean, sample sd, final training loss per seed.
 """
 from __future__ import annotations
@@ -32,15 +32,10 @@ def run_variant(name: str, seeds) -> dict:
     """Trains the fdconv row with ``VARIANTS[name]`` as its FDConv arguments; returns the row's numbers."""
     if name not in VARIANTS:
         raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {name!r}")
-    cfg = vision_modules.check_config(vision_modules.load_config(
-        os.path.join(CONFIG_DIR, "vision_fdconv.py")))
-    hidden = vision_modules.match_params(cfg)[0]
-    saved = vision_modules.FDCONV_MODULES["fdconv"]
-    vision_modules.FDCONV_MODULES["fdconv"] = VARIANTS[name]
-    try:
-        results = [vision_modules.train_one(cfg, seed, hidden=hidden)[1] for seed in seeds]
-    finally:
-        vision_modules.FDCONV_MODULES["fdconv"] = saved
+    row = vision_modules.check_config(vision_modules.load_config(os.path.join(CONFIG_DIR, "vision_fdconv.py")))
+    hidden = vision_modules.match_params(row)[0]
+    cfg = {**row, "fdconv_options": VARIANTS[name]}
+    results = [vision_modules.train_one(cfg, seed, hidden=hidden)[1] for seed in seeds]
     top1 = [100 * r["test_top1"] for r in results]
     return {"variant": name, "kwargs": VARIANTS[name], "top1": [round(a, 1) for a in top1],
             "mean": round(float(np.mean(top1)), 1),

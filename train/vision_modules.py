@@ -95,9 +95,9 @@ TOKEN_BLOCKS = ("vit", "agent", "van", "davit", "biformer", "ninformer")
 BACKBONES = ("cnn", "tokens")
 CNN_NORMS = ("batch", "group", "none")
 CONFIG_KEYS = ("name", "backbone", "module", "width", "hidden", "target_params", "depth", "heads", "patch",
-               "steps", "batch_size", "lr", "seeds", "size", "norm")
+               "steps", "batch_size", "lr", "seeds", "size", "norm", "fdconv_options")
 DEFAULTS = {"width": 16, "hidden": 32, "target_params": None, "depth": 2, "heads": 2, "patch": 2, "steps": 300,
-            "batch_size": 64, "lr": 3e-3, "seeds": (0, 1, 2), "size": 16, "norm": "batch"}
+            "batch_size": 64, "lr": 3e-3, "seeds": (0, 1, 2), "size": 16, "norm": "batch", "fdconv_options": None}
 PAPERS = {"plain": "-", "se": "SE (baseline)", "daam": "P00", "gaam": "P01", "ulsam": "P06", "ela": "P12",
           "psa_parallel": "P42", "psa_sequential": "P42", "vit": "-", "agent": "P29", "van": "P18", "davit": "P52",
           "biformer": "P61", "ninformer": "P73", "sdanet": "P10", "fdconv": "P47", "fdconv_adam": "P47"}
@@ -186,10 +186,11 @@ class GatedCNN(nnx.Module):
     """The shared small CNN (module docstring) with ``module`` after each stage: ``[B, S, S, 1] -> [B, 10]``.
 
     ``norm`` (``"batch"`` default, ``"group"``, ``"none"``) follows each of the three convs, before the relu.
+    ``fdconv_options``: FDConv arguments over the row's own (``FDCONV_MODULES[module]``), for an FDConv module.
     """
 
     def __init__(self, module: str = "plain", *, width: int = 16, hidden: int = 32, image_size: int = 16,
-                 num_classes: int = 10, norm: str = "batch", rngs: nnx.Rngs):
+                 num_classes: int = 10, norm: str = "batch", fdconv_options: dict | None = None, rngs: nnx.Rngs):
         width, hidden = _check_int("width", width, 2), _check_int("hidden", hidden)
         image_size = _check_int("image_size", image_size, 4)
         if image_size % 4:
@@ -199,9 +200,11 @@ class GatedCNN(nnx.Module):
         self.image_size, self.module_name, self.norm = image_size, module, norm
         self.stem = nnx.Conv(1, width, (3, 3), rngs=rngs)
         self.norm0 = make_norm(norm, width, rngs=rngs)
-        conv = ((lambda cin, cout: FDConv(cin, cout, 3, min_channels=0, rngs=rngs, **FDCONV_MODULES[module]))
-                if module in FDCONV_MODULES
-                else (lambda cin, cout: nnx.Conv(cin, cout, (3, 3), rngs=rngs)))
+        if module in FDCONV_MODULES:
+            options = {**FDCONV_MODULES[module], **(fdconv_options or {})}
+            conv = lambda cin, cout: FDConv(cin, cout, 3, min_channels=0, rngs=rngs, **options)  # noqa: E731
+        else:
+            conv = lambda cin, cout: nnx.Conv(cin, cout, (3, 3), rngs=rngs)  # noqa: E731
         self.conv1 = conv(width, width)
         self.norm1 = make_norm(norm, width, rngs=rngs)
         self.mod1 = make_module(module, width, rngs=rngs)
@@ -344,6 +347,10 @@ def check_config(config: dict) -> dict:
         _check_int("config key 'target_params'", cfg["target_params"])
     if cfg["norm"] not in CNN_NORMS:
         raise ValueError(f"config key 'norm' must be one of {CNN_NORMS}, got {cfg['norm']!r}")
+    if cfg["fdconv_options"] is not None and (cfg["module"] not in FDCONV_MODULES
+                                              or not isinstance(cfg["fdconv_options"], dict)):
+        raise ValueError(f"config key 'fdconv_options' must be a dict of FDConv arguments for a module in "
+                         f"{tuple(FDCONV_MODULES)}, got {cfg['fdconv_options']!r} for module {cfg['module']!r}")
     if not isinstance(cfg["lr"], (int, float)) or isinstance(cfg["lr"], bool) or cfg["lr"] <= 0:
         raise ValueError(f"config key 'lr' must be a float > 0, got {cfg['lr']!r}")
     seeds = cfg["seeds"]
@@ -362,7 +369,7 @@ def build_model(cfg: dict, hidden: int | None = None, seed: int = 0):
     rngs = nnx.Rngs(seed)
     if cfg["backbone"] == "cnn":
         return GatedCNN(cfg["module"], width=cfg["width"], hidden=hidden, image_size=cfg["size"], norm=cfg["norm"],
-                        rngs=rngs)
+                        fdconv_options=cfg["fdconv_options"], rngs=rngs)
     return TokenNet(cfg["module"], dim=cfg["width"], depth=cfg["depth"], heads=cfg["heads"], mlp_hidden=hidden,
                     patch=cfg["patch"], image_size=cfg["size"], rngs=rngs)
 

@@ -148,15 +148,25 @@ def test_bad_norm_raises_naming_it():
         vm.GatedCNN("plain", width=8, hidden=8, norm="batchnorm", rngs=nnx.Rngs(0))
 
 
-def test_fdconv_ablation_builds_each_variant_and_restores_the_row(monkeypatch):
-    """Each ablation variant's FDConv arguments reach both stage convs of the model it trains, and the fdconv row
-    is the official layer again afterwards. Catches the arguments dropped or the registry left patched."""
+def test_fdconv_options_only_for_an_fdconv_row():
+    """Catches FDConv arguments silently ignored on a row without FDConv."""
+    with pytest.raises(ValueError, match="fdconv_options"):
+        vm.check_config({"backbone": "cnn", "module": "plain", "fdconv_options": {"dft_scale": "unit"}})
+    cfg = vm.check_config({"backbone": "cnn", "module": "fdconv_adam", "fdconv_options": {"dft_scale": "code"}})
+    model = vm.build_model(cfg, 8)
+    assert (model.conv1.dft_scale, model.conv1.filter_gate_init) == ("code", "one")   # the row's, then overridden
+
+
+def test_fdconv_ablation_builds_each_variant(monkeypatch):
+    """Each ablation variant's FDConv arguments reach both stage convs of the model it trains, on the fdconv
+    row's head width. Catches the arguments dropped or applied to one conv only."""
     from train import fdconv_ablation
     seen = []
 
     def fake_train_one(cfg, seed, *, hidden=None, **_):
         model = vm.build_model(cfg, hidden, seed)
-        seen.append((model.conv1.dft_scale, model.conv2.filter_gate_init, model.conv1.modulation))
+        assert hidden == vm.match_params(vm.check_config(vm.load_config("configs/vision_fdconv.py")))[0]
+        seen.append((model.conv1.dft_scale, model.conv2.filter_gate_init, model.conv2.modulation))
         return model, {"test_top1": 0.5 + 0.1 * seed, "final_loss": 1.0}
 
     monkeypatch.setattr(vm, "train_one", fake_train_one)
@@ -165,6 +175,5 @@ def test_fdconv_ablation_builds_each_variant_and_restores_the_row(monkeypatch):
     assert row["mean"] == 55.0 and row["top1"] == [50.0, 60.0]
     fdconv_ablation.run_variant("static_code", [0])
     assert seen[-1] == ("code", "code", False)
-    assert vm.FDCONV_MODULES["fdconv"] == {}
     with pytest.raises(ValueError, match="variant"):
         fdconv_ablation.run_variant("bogus", [0])
