@@ -8,7 +8,47 @@ from flax import nnx
 
 from jattn.cache import ContiguousKVCache, PagedKVCache
 from jattn.core import checks
+from jattn.methods.kv.duo_attention import DuoKVCache
+from jattn.methods.kv.h2o import H2OCache
+from jattn.methods.kv.quantized import QuantizedKVCache
 from jattn.nn.methods import get_method
+
+# Decoding-cache kinds, and the options each takes (``init_cache(kind=..., **options)``): required, then optional.
+CACHE_OPTIONS = {
+    "contiguous": ((), ()),
+    "paged": ((), ()),
+    "int8": ((), ("group_size",)),
+    "int4": ((), ("group_size",)),
+    "h2o": (("n_hh", "n_recent"), ()),
+    "duo": (("is_retrieval", "sink", "recent"), ()),
+}
+# Kinds that decide which tokens they keep: they run their own softmax prefill and per-token step.
+SELECTING_KINDS = ("h2o", "duo")
+
+
+def _check_cache_options(kind: str, options: dict) -> None:
+    required, optional = CACHE_OPTIONS[kind]
+    unknown = sorted(set(options) - set(required) - set(optional))
+    if unknown:
+        allowed = ", ".join(required + optional) or "none"
+        raise ValueError(f"kind={kind!r} takes the cache options ({allowed}), got {unknown}")
+    missing = [name for name in required if name not in options]
+    if missing:
+        raise ValueError(f"kind={kind!r} needs the cache options {missing}")
+
+
+def _selecting_cache_attend(cache, q, k, v, *, scale, prefill: bool):
+    """``(out [B, T, H, D], cache)`` through an H2O / DuoAttention cache: its own prefill over an empty cache
+    (``prefill``), else one ``step`` per new token (each step's choice of kept tokens depends on the last)."""
+    if prefill:
+        if isinstance(cache, H2OCache):
+            return H2OCache.prefill(q, k, v, n_hh=cache.n_hh, n_recent=cache.n_recent, scale=scale)
+        return cache.prefill(q, k, v, scale=scale)
+    outs = []
+    for t in range(q.shape[1]):
+        out, cache = cache.step(q[:, t], k[:, t], v[:, t], scale=scale)
+        outs.append(out)
+    return jnp.stack(outs, axis=1), cache
 
 
 def rope_frequencies(head_dim: int, theta: float = 10000.0):
@@ -92,21 +132,43 @@ class Attention(nnx.Module):
     # --- decoding cache -------------------------------------------------------------------------
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None, *, kind: str = "contiguous",
-                   page_size: int = 16) -> None:
+                   page_size: int = 16, **options) -> None:
         """Allocates an empty decoding cache for ``batch_size`` sequences of up to ``max_length`` tokens.
 
         Args:
           batch_size: sequences decoded together.
           max_length: tokens per sequence (rounded up to ``page_size``).
           dtype: the K/V dtype (default: the layer's dtype).
-          kind: ``"contiguous"`` (``jattn.cache.ContiguousKVCache``) or ``"paged"``
-            (``jattn.cache.PagedKVCache``, a pool of ``batch_size * ceil(max_length / page_size)`` pages).
+          kind: what the cache stores:
+
+            * ``"contiguous"`` (``jattn.cache.ContiguousKVCache``) or ``"paged"`` (``jattn.cache.PagedKVCache``,
+              a pool of ``batch_size * ceil(max_length / page_size)`` pages): every token, exact;
+            * ``"int8"`` / ``"int4"`` (``jattn.methods.kv.quantized.QuantizedKVCache``): every token, keys
+              quantised per channel over groups of ``group_size`` tokens (default 32), values per token;
+            * ``"h2o"`` (P70's ``H2OCache``): ``n_hh`` heavy hitters plus the ``n_recent`` newest tokens per kv
+              head, evicting the rest as decoding goes;
+            * ``"duo"`` (P45's ``DuoKVCache``): kv heads flagged in ``is_retrieval [Hkv]`` keep every token,
+              the others the ``sink`` first tokens and the ``recent`` newest.
+
+            ``"h2o"`` and ``"duo"`` choose which tokens attention sees, so they need ``method="softmax"``.
           page_size: the page (and decode-kernel tile) size, a power of two >= 16.
+          **options: the kind's options above.
+
+        Raises:
+          ValueError: an unknown kind, an option the kind does not take or a missing one, a selecting kind on
+            a method other than softmax, or a method without decoding.
         """
         if self.spec.cache is None:
             raise ValueError(f"method {self.method!r} does not support decoding")
         B, L = _positive_int("batch_size", batch_size), _positive_int("max_length", max_length)
-        checks.check_choice("kind", kind, ("contiguous", "paged"))
+        checks.check_choice("kind", kind, tuple(CACHE_OPTIONS))
+        _check_cache_options(kind, options)
+        if self.spec.cache != "kv" and kind != "contiguous":
+            raise ValueError(f"method {self.method!r} decodes through a state, not a KV cache; kind must be "
+                             f"'contiguous', got {kind!r}")
+        if kind in SELECTING_KINDS and self.method != "softmax":
+            raise ValueError(f"kind={kind!r} decodes with its own softmax over the tokens it keeps; it needs "
+                             f"method='softmax', got method={self.method!r}")
         page_size = checks.check_block_size("page_size", page_size, minimum=16)
         dtype = self.dtype if dtype is None else dtype
         Hkv, D = self.num_kv_heads, self.head_dim
@@ -115,9 +177,16 @@ class Attention(nnx.Module):
             pages = -(-L // page_size)
             if kind == "contiguous":
                 cache = ContiguousKVCache.create(B, Hkv, L, D, dtype=dtype, page_size=page_size)
-            else:
+            elif kind == "paged":
                 cache = PagedKVCache.create(B, Hkv, num_pages=B * pages, page_size=page_size, max_pages=pages,
                                             head_dim=D, dtype=dtype)
+            elif kind in ("int8", "int4"):
+                cache = QuantizedKVCache.create(B, Hkv, L, D, bits=int(kind[3:]), page_size=page_size,
+                                                dtype=dtype, **options)
+            elif kind == "h2o":
+                cache = H2OCache.create(B, Hkv, D, dtype=dtype, **options)
+            else:
+                cache = DuoKVCache.create(B, options.pop("is_retrieval"), L, D, dtype=dtype, **options)
             self.kv_cache = nnx.Cache(cache)
         else:
             self.cache_state = nnx.Cache(jnp.zeros((B, self.num_heads, D, D), jnp.float32))
@@ -210,6 +279,14 @@ class Attention(nnx.Module):
             cache = self.kv_cache.get_value()
             if cache.lengths.shape[0] != B:
                 raise ValueError(f"x has batch {B} but the cache was built for {cache.lengths.shape[0]}")
+            if isinstance(cache, (H2OCache, DuoKVCache)):
+                if return_probs:
+                    raise ValueError(f"a {type(cache).__name__} keeps no attention maps; return_probs must be False")
+                q, k, v = (x.astype(cache.dtype) for x in (q, k, v))
+                out, cache = _selecting_cache_attend(cache, q, k, v, scale=self.scale, prefill=prefill)
+                self.kv_cache.set_value(cache)
+                self.cache_index[...] = index + T
+                return self.finish(x, out)
             # Past the cache's capacity an append raises (concrete) or marks the sequence (NaN rows, traced).
             cache = cache.append(k.astype(cache.dtype), v.astype(cache.dtype))
             self.kv_cache.set_value(cache)

@@ -159,33 +159,53 @@ class DecoderLM(nnx.Module):
                                                            param_dtype=param_dtype, rngs=rngs)
         self.dtype = dtype
 
-    def init_cache(self, batch_size: int, max_length: int, *, kind: str = "contiguous", page_size: int = 16) -> None:
-        """Every layer's decoding cache (``Attention.init_cache``: ``kind`` "contiguous" or "paged")."""
-        for block in self.blocks:
-            block.attention.init_cache(batch_size, max_length, kind=kind, page_size=page_size)
+    def init_cache(self, batch_size: int, max_length: int, *, kind: str = "contiguous", page_size: int = 16,
+                   cache_options=None) -> None:
+        """Every layer's decoding cache (``Attention.init_cache``; ``kind`` is one of its kinds).
 
-    def generate(self, prompt, max_new_tokens: int, *, cache: str = "contiguous", page_size: int = 16):
+        ``cache_options``: the kind's options (``Attention.init_cache``), one dict for every layer or a list of
+        one dict per layer (DuoAttention's ``is_retrieval`` differs by layer)."""
+        for block, options in zip(self.blocks, self._layer_cache_options(cache_options)):
+            block.attention.init_cache(batch_size, max_length, kind=kind, page_size=page_size, **options)
+
+    def _layer_cache_options(self, cache_options) -> list[dict]:
+        if cache_options is None:
+            return [{}] * self.num_layers
+        if isinstance(cache_options, dict):
+            return [dict(cache_options)] * self.num_layers
+        if not isinstance(cache_options, (list, tuple)) or len(cache_options) != self.num_layers \
+                or not all(isinstance(options, dict) for options in cache_options):
+            raise ValueError(f"cache_options must be a dict or a list of {self.num_layers} dicts (one per layer), "
+                             f"got {cache_options!r}")
+        return [dict(options) for options in cache_options]
+
+    def generate(self, prompt, max_new_tokens: int, *, cache: str = "contiguous", page_size: int = 16,
+                 cache_options=None):
         """Greedy generation: the prompt is prefilled into the decoding caches through each method's own
-        prefill path (the flash or block-sparse kernel), then each new token is one call of a compiled
-        decode step (traced once for the prompt's shape and once for a single token; see
-        ``GENERATION_TRACES``).
+        prefill path (the flash or block-sparse kernel; H2O and DuoAttention caches through their own
+        prefill), then each new token is one call of a compiled decode step (traced once for the prompt's
+        shape and once for a single token; see ``GENERATION_TRACES``).
 
         Args:
           prompt: ``[B, T]`` int token ids.
           max_new_tokens: tokens to generate.
-          cache: ``"contiguous"`` or ``"paged"`` KV caches (``jattn.cache``); methods with a ``decode_kernel``
-            attend through ``jattn.decode_attention``.
+          cache: the caches' kind (``Attention.init_cache``): ``"contiguous"``, ``"paged"``, ``"int8"``,
+            ``"int4"``, ``"h2o"`` or ``"duo"``; methods with a ``decode_kernel`` attend through
+            ``jattn.decode_attention``.
           page_size: the caches' page (and decode-kernel tile) size.
+          cache_options: the kind's options, one dict or one per layer (``init_cache``).
 
         Returns:
-          ``[B, max_new_tokens]`` int32 tokens. The model's caches hold the whole sequence afterwards.
+          ``[B, max_new_tokens]`` int32 tokens. The model's caches hold the whole sequence afterwards (or, for
+          ``"h2o"`` and ``"duo"``, what those caches keep of it).
         """
         prompt = jnp.asarray(prompt)
         if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
             raise ValueError(f"prompt must be an int array [B, T], got {checks.describe(prompt)}")
         check_token_ids("prompt", prompt, self.vocab_size)
         steps = _positive_int("max_new_tokens", max_new_tokens)
-        self.init_cache(prompt.shape[0], prompt.shape[1] + steps, kind=cache, page_size=page_size)
+        self.init_cache(prompt.shape[0], prompt.shape[1] + steps, kind=cache, page_size=page_size,
+                        cache_options=cache_options)
         graphdef, state = nnx.split(self)
         # one compile per shape, per generate call
         step = jax.jit(functools.partial(_greedy_step, graphdef), static_argnames="prefill")

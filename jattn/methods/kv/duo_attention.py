@@ -484,6 +484,10 @@ class DuoKVCache:
         return self.full_k.shape[2]
 
     @property
+    def dtype(self):
+        return self.full_k.dtype
+
+    @property
     def is_retrieval(self) -> tuple[bool, ...]:
         return tuple(g in self.retrieval_heads for g in range(self.kv_heads))
 

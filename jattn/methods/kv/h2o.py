@@ -109,6 +109,10 @@ class H2OCache:
     def budget(self) -> int:
         return self.k.shape[2]
 
+    @property
+    def dtype(self):
+        return self.k.dtype
+
     @classmethod
     def create(cls, batch: int, kv_heads: int, head_dim: int, *, n_hh: int, n_recent: int,
                dtype=jnp.float32) -> "H2OCache":

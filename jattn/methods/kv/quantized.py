@@ -403,6 +403,10 @@ class QuantizedKVCache:
         v = dequantize(unpack(self.v_codes, bits=self.bits, n=D), self.v_scale[..., None], self.v_min[..., None])
         return k, v
 
+    def contiguous(self) -> tuple[Float[Array, "B Hkv S D"], Float[Array, "B Hkv S D"]]:
+        """``dequantized()``, under the name ``jattn.cache``'s caches give their ``[B, Hkv, S, D]`` view."""
+        return self.dequantized()
+
     def attend(self, q: Float[Array, "B *Tq H D"], **kwargs):
         """``jattn.decode_attention(q, k, v, lengths, **kwargs)`` over the dequantised cache (``q``'s new
         tokens already appended)."""
