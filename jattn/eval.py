@@ -8,7 +8,12 @@ A selector is a pure function ``select(q, k, **params) -> BlockMask``. :func:`sp
   over query rows, batch and heads (1.0 = nothing the dense attention looks at was dropped). A kept tile
   counts whole: for a mask whose partial tiles drop elements (a carried ``mask_fn``) this is an upper bound;
 * ``rel_error``: ``||out - out_dense|| / ||out_dense||`` over the whole output;
+* ``oracle_recall``: the recall of the best mask with as many tiles per (batch, head) as the selector kept:
+  each head's heaviest tiles by the dense mass. What a perfect selector reaches at this density;
 * ``select_seconds`` and ``attention_seconds``: best of ``repeats`` compiled runs each.
+
+:func:`dense_reference` runs the dense attention (and, lazily, the tile mass) once, so a sweep over
+selectors and parameters on the same inputs pays for it once.
 
 :func:`attention_block_mass` gives the dense probability mass per tile in ``O(T * S)`` time and
 ``O(block_q * S)`` memory per step, so recall can be measured at long lengths.
@@ -85,9 +90,33 @@ def _best_seconds(fn, args, repeats: int) -> tuple[float, object]:
     return best, result
 
 
+def dense_reference(q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"], v: Float[Array, "B S Hkv D"], /, *,
+                    causal: bool = True, impl: str = "auto", repeats: int = 1) -> dict:
+    """Dense attention's output and time on ``q, k, v``, for one or more :func:`sparse_quality` calls.
+
+    Returns:
+      ``dict(out, dense_seconds, causal, impl, masses)``; ``masses`` caches :func:`attention_block_mass` per
+      ``(block_q, block_k)`` as the calls need it.
+    """
+    checks.check_int("repeats", repeats)
+    dense_fn = jax.jit(lambda q, k, v: attention(q, k, v, causal=causal, impl=impl))
+    dense_seconds, out = _best_seconds(dense_fn, (q, k, v), repeats)
+    return dict(out=out, dense_seconds=dense_seconds, causal=causal, impl=impl, masses={})
+
+
+def oracle_recall(mass: Float[Array, "B H nQ nK"], kept_per_head: Float[Array, "B H"],
+                  visible_tiles: np.ndarray) -> float:
+    """Recall of each head's ``kept_per_head`` heaviest visible tiles: the best any mask of that size gets."""
+    B, H = mass.shape[:2]
+    flat = jnp.where(jnp.asarray(visible_tiles), mass, -1.0).reshape(B, H, -1)
+    ranked = -jnp.sort(-flat, axis=-1)
+    top = jnp.arange(ranked.shape[-1]) < kept_per_head[..., None]
+    return float(jnp.sum(jnp.where(top & (ranked > 0), ranked, 0.0)) / jnp.sum(mass))
+
+
 def sparse_quality(select: Callable[..., BlockMask], q: Float[Array, "B T H D"], k: Float[Array, "B S Hkv D"],
                    v: Float[Array, "B S Hkv D"], /, *, causal: bool = True, impl: str = "auto", repeats: int = 1,
-                   **params) -> dict:
+                   reference: dict | None = None, **params) -> dict:
     """Density, recall of the attention mass, output error and times of one selector on ``q, k, v``.
 
     Args:
@@ -98,27 +127,42 @@ def sparse_quality(select: Callable[..., BlockMask], q: Float[Array, "B T H D"],
       causal: causal attention, for the sparse run, the dense one and the mass.
       impl: the attention impl of both runs.
       repeats: timed runs after the compile (the best counts).
+      reference: :func:`dense_reference` of the same inputs, causal flag and impl (computed when None).
       **params: the selector's parameters (static).
 
     Returns:
-      ``dict(density, recall, rel_error, select_seconds, attention_seconds, dense_seconds)``.
+      ``dict(density, recall, oracle_recall, rel_error, select_seconds, attention_seconds, dense_seconds)``.
+
+    Raises:
+      ValueError: ``reference`` was made with another causal flag or impl.
     """
     checks.check_int("repeats", repeats)
+    if reference is None:
+        reference = dense_reference(q, k, v, causal=causal, impl=impl, repeats=repeats)
+    elif (reference["causal"], reference["impl"]) != (causal, impl):
+        raise ValueError(f"reference was computed with causal={reference['causal']}, impl={reference['impl']!r}; "
+                         f"this call has causal={causal}, impl={impl!r}")
     select_fn = jax.jit(lambda q, k: select(q, k, **params))
     select_seconds, block_mask = _best_seconds(select_fn, (q, k), repeats)
     sparse_fn = jax.jit(lambda q, k, v, m: block_sparse_attention(q, k, v, m, causal=causal, impl=impl))
     attention_seconds, out = _best_seconds(sparse_fn, (q, k, v, block_mask), repeats)
-    dense_fn = jax.jit(lambda q, k, v: attention(q, k, v, causal=causal, impl=impl))
-    dense_seconds, want = _best_seconds(dense_fn, (q, k, v), repeats)
-    mass = attention_block_mass(q, k, block_q=block_mask.block_q, block_k=block_mask.block_k, causal=causal)
+    blocks = (block_mask.block_q, block_mask.block_k)
+    if blocks not in reference["masses"]:
+        reference["masses"][blocks] = attention_block_mass(q, k, block_q=blocks[0], block_k=blocks[1],
+                                                           causal=causal)
+    mass = reference["masses"][blocks]
     B, T, H, _ = q.shape
     kept = jnp.broadcast_to(block_mask.to_dense_block_map(), mass.shape)
     recall = float(jnp.sum(jnp.where(kept, mass, 0.0)) / jnp.sum(mass))
     nQ, nK = mass.shape[2:]
     tiles = np.ones((nQ, nK), bool)
     if causal:  # the tiles dense causal attention has to visit
-        tiles = np.arange(nK)[None] * block_mask.block_k <= np.arange(nQ)[:, None] * block_mask.block_q + block_mask.block_q - 1
-    density = float(jnp.sum(kept & jnp.asarray(tiles)) / (B * H * tiles.sum()))
+        tiles = np.arange(nK)[None] * blocks[1] <= np.arange(nQ)[:, None] * blocks[0] + blocks[0] - 1
+    kept_visible = kept & jnp.asarray(tiles)
+    density = float(jnp.sum(kept_visible) / (B * H * tiles.sum()))
+    want = reference["out"]
     error = float(jnp.linalg.norm((out - want).astype(jnp.float32)) / jnp.linalg.norm(want.astype(jnp.float32)))
-    return dict(density=density, recall=recall, rel_error=error, select_seconds=select_seconds,
-                attention_seconds=attention_seconds, dense_seconds=dense_seconds)
+    return dict(density=density, recall=recall,
+                oracle_recall=oracle_recall(mass, jnp.sum(kept_visible, axis=(2, 3)), tiles), rel_error=error,
+                select_seconds=select_seconds, attention_seconds=attention_seconds,
+                dense_seconds=reference["dense_seconds"])

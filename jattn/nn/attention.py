@@ -8,9 +8,6 @@ from flax import nnx
 
 from jattn.cache import ContiguousKVCache, PagedKVCache
 from jattn.core import checks
-from jattn.methods.kv.duo_attention import DuoKVCache
-from jattn.methods.kv.h2o import H2OCache
-from jattn.methods.kv.quantized import QuantizedKVCache
 from jattn.nn.methods import get_method
 
 # Decoding-cache kinds, and the options each takes (``init_cache(kind=..., **options)``): required, then optional.
@@ -37,9 +34,19 @@ def _check_cache_options(kind: str, options: dict) -> None:
         raise ValueError(f"kind={kind!r} needs the cache options {missing}")
 
 
+def _kv_method_caches():
+    """``(QuantizedKVCache, H2OCache, DuoKVCache)``, imported when first needed: ``jattn.methods.kv`` builds
+    on this module (P19's ``MLAAttention`` is an ``Attention``)."""
+    from jattn.methods.kv.duo_attention import DuoKVCache
+    from jattn.methods.kv.h2o import H2OCache
+    from jattn.methods.kv.quantized import QuantizedKVCache
+    return QuantizedKVCache, H2OCache, DuoKVCache
+
+
 def _selecting_cache_attend(cache, q, k, v, *, scale, prefill: bool):
     """``(out [B, T, H, D], cache)`` through an H2O / DuoAttention cache: its own prefill over an empty cache
     (``prefill``), else one ``step`` per new token (each step's choice of kept tokens depends on the last)."""
+    _, H2OCache, _ = _kv_method_caches()
     if prefill:
         if isinstance(cache, H2OCache):
             return H2OCache.prefill(q, k, v, n_hh=cache.n_hh, n_recent=cache.n_recent, scale=scale)
@@ -170,6 +177,7 @@ class Attention(nnx.Module):
             raise ValueError(f"kind={kind!r} decodes with its own softmax over the tokens it keeps; it needs "
                              f"method='softmax', got method={self.method!r}")
         page_size = checks.check_block_size("page_size", page_size, minimum=16)
+        QuantizedKVCache, H2OCache, DuoKVCache = _kv_method_caches()
         dtype = self.dtype if dtype is None else dtype
         Hkv, D = self.num_kv_heads, self.head_dim
         self.cache_index = nnx.Cache(jnp.zeros((), jnp.int32))
@@ -279,7 +287,7 @@ class Attention(nnx.Module):
             cache = self.kv_cache.get_value()
             if cache.lengths.shape[0] != B:
                 raise ValueError(f"x has batch {B} but the cache was built for {cache.lengths.shape[0]}")
-            if isinstance(cache, (H2OCache, DuoKVCache)):
+            if isinstance(cache, _kv_method_caches()[1:]):
                 if return_probs:
                     raise ValueError(f"a {type(cache).__name__} keeps no attention maps; return_probs must be False")
                 q, k, v = (x.astype(cache.dtype) for x in (q, k, v))
