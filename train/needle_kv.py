@@ -46,26 +46,30 @@ from jattn.ops.attention import attention
 from train.build import build_model, build_task
 from train.config import DEFAULTS, check_config, merge
 from train.loop import train
+from train.tasks import NeedleInHaystack
 
 METHODS = ("full", "streaming", "h2o", "topk", "int4")
 MARKER = 1
 
 
 def needle_config(out_dir: str, steps: int, *, seq_len: int = 64, vocab_size: int = 32, lr: float = 1e-3,
-                  batch_size: int = 64) -> dict:
+                  batch_size: int = 64, needle_vocab: int = 0, rope_theta: float = 10000.0) -> dict:
     return check_config(merge(DEFAULTS, {
-        "name": "needle_kv", "task": {"kind": "needle", "seq_len": seq_len, "vocab_size": vocab_size},
+        "name": "needle_kv", "task": {"kind": "needle", "seq_len": seq_len, "vocab_size": vocab_size,
+                                      "needle_vocab": needle_vocab},
         "model": {"kind": "decoder_lm", "dim": 64, "num_layers": 2, "num_heads": 4, "method": "softmax",
-                  "method_config": {}},
+                  "method_config": {}, "rope_theta": rope_theta},
         "optim": {"lr": lr, "warmup_steps": 20},
         "train": {"steps": steps, "batch_size": batch_size, "log_every": 250, "eval_every": 250, "out_dir": out_dir,
                   "checkpoint_every": steps}}))
 
 
-def haystack(rng, context: int, depth: float, vocab: int):
-    """``[context]`` tokens ending in ``MARKER key``, and the value the model must produce."""
-    tokens = rng.integers(2, vocab, size=context)
-    key, value = rng.integers(2, vocab, size=2)
+def haystack(rng, context: int, depth: float, vocab: int, needle_vocab: int = 0):
+    """``[context]`` tokens ending in ``MARKER key``, and the value the model must produce (filler and needle
+    ids as ``NeedleInHaystack(vocab_size=vocab, needle_vocab=needle_vocab)`` draws them)."""
+    filler, needle = NeedleInHaystack(8, vocab, needle_vocab).ranges()
+    tokens = rng.integers(*filler, size=context)
+    key, value = rng.integers(*needle, size=2)
     at = int(depth * (context - 6))
     tokens[at:at + 3] = MARKER, key, value
     tokens[-2:] = MARKER, key
@@ -158,17 +162,18 @@ def predict(model, tokens, method: str, budget: int):
     return jnp.argmax(logits, -1)
 
 
-def evaluate_grid(model, *, contexts, depths, samples: int, budget: int, seed: int = 0) -> dict:
+def evaluate_grid(model, *, contexts, depths, samples: int, budget: int, seed: int = 0, needle_vocab: int = 0,
+                  methods=METHODS) -> dict:
     vocab = model.vocab_size
-    results = {m: np.zeros((len(contexts), len(depths))) for m in METHODS}
-    steps = {m: nnx.jit(lambda model, t, m=m: predict(model, t, m, budget)) for m in METHODS}
+    results = {m: np.zeros((len(contexts), len(depths))) for m in methods}
+    steps = {m: nnx.jit(lambda model, t, m=m: predict(model, t, m, budget)) for m in methods}
     for ci, context in enumerate(contexts):
         for di, depth in enumerate(depths):
             rng = np.random.default_rng([seed, context, di])
-            batch = [haystack(rng, context, depth, vocab) for _ in range(samples)]
+            batch = [haystack(rng, context, depth, vocab, needle_vocab) for _ in range(samples)]
             tokens = jnp.asarray(np.stack([t for t, _ in batch]), jnp.int32)
             values = np.array([v for _, v in batch])
-            for m in METHODS:
+            for m in methods:
                 results[m][ci, di] = float(np.mean(np.asarray(steps[m](model, tokens)) == values))
     return results
 

@@ -140,20 +140,37 @@ def mqar_one_hop_ceiling(task: MQAR, mask_fn) -> float:
 
 class NeedleInHaystack:
     """A ``marker key value`` needle at a random depth in random filler; the sequence ends with
-    ``marker key`` and the model must produce ``value`` (the last target is the only one scored)."""
+    ``marker key`` and the model must produce ``value`` (the last target is the only one scored).
+
+    ``needle_vocab = 0``: key, value and filler all come from ``[2, vocab_size)``, so the key also occurs in
+    the filler and only the marker before it marks the needle. ``needle_vocab = n > 0``: key and value come
+    from the last ``n`` ids, the filler from the others, as in passkey retrieval (a distinct needle in
+    repeated filler text); the key then occurs only in the needle and the query."""
 
     MARKER = 1
 
-    def __init__(self, seq_len: int = 64, vocab_size: int = 64):
+    def __init__(self, seq_len: int = 64, vocab_size: int = 64, needle_vocab: int = 0):
         self.seq_len = _positive("seq_len", seq_len, 8)
         self.vocab_size = _positive("vocab_size", vocab_size, 8)
+        self.needle_vocab = _positive("needle_vocab", needle_vocab, 0)
+        if self.needle_vocab and not 2 <= self.needle_vocab <= self.vocab_size - 4:
+            raise ValueError(f"needle_vocab must be 0 or in [2, vocab_size - 4 = {self.vocab_size - 4}] (filler "
+                             f"needs ids of its own), got {needle_vocab}")
+
+    def ranges(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """``(filler, needle)`` id ranges ``[low, high)``."""
+        if not self.needle_vocab:
+            return (2, self.vocab_size), (2, self.vocab_size)
+        split = self.vocab_size - self.needle_vocab
+        return (2, split), (split, self.vocab_size)
 
     def batch(self, seed: int, step: int, batch_size: int, split: str = "train"):
         rng = batch_rng(seed, step, stream=20 if split == "train" else 21)
         L = self.seq_len + 1
-        sequences = rng.integers(2, self.vocab_size, size=(batch_size, L))
+        filler, needle = self.ranges()
+        sequences = rng.integers(*filler, size=(batch_size, L))
         depth = rng.integers(0, L - 6, size=batch_size)
-        key_value = rng.integers(2, self.vocab_size, size=(batch_size, 2))
+        key_value = rng.integers(*needle, size=(batch_size, 2))
         rows = np.arange(batch_size)
         for offset, column in ((0, None), (1, 0), (2, 1)):
             sequences[rows, depth + offset] = self.MARKER if column is None else key_value[:, column]

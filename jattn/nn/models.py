@@ -144,14 +144,15 @@ class DecoderLM(nnx.Module):
                  num_kv_heads: int | None = None, mlp_dim: int | None = None, mlp: str = "swiglu",
                  norm: str = "rms", method: str = "softmax", method_config: dict | None = None,
                  layer_methods: Sequence[tuple[str, dict]] | None = None, rope: bool = True,
-                 output_gate: bool = False, tie_embeddings: bool = True, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
+                 rope_theta: float = 10000.0, output_gate: bool = False, tie_embeddings: bool = True,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
         self.vocab_size = _positive_int("vocab_size", vocab_size)
         self.num_layers = _positive_int("num_layers", num_layers)
         self.embed = nnx.Embed(vocab_size, dim, param_dtype=param_dtype, rngs=rngs)
         self.blocks = nnx.List([
             TransformerBlock(dim, num_heads, rngs=rngs, num_kv_heads=num_kv_heads, mlp_dim=mlp_dim, mlp=mlp,
-                             norm=norm, rope=rope, causal=True, output_gate=output_gate, method=name,
+                             norm=norm, rope=rope, rope_theta=rope_theta, causal=True, output_gate=output_gate,
+                             method=name,
                              dtype=dtype, param_dtype=param_dtype, **config)
             for name, config in layer_method_configs(num_layers, method, method_config, layer_methods)])
         self.final_norm = make_norm(norm, dim, rngs=rngs, param_dtype=param_dtype)

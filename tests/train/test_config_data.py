@@ -114,6 +114,17 @@ def test_needle_copy_and_icl_regression_tasks():
     for row in seq:
         marker_positions = np.flatnonzero(row[:-3] == NeedleInHaystack.MARKER)
         assert any(row[p + 1] == row[-2] and row[p + 2] == row[-1] for p in marker_positions)
+    # needle_vocab: key and value from the last ids only, the filler from the others (the key is then unique)
+    task = NeedleInHaystack(seq_len=40, vocab_size=20, needle_vocab=6)
+    assert task.ranges() == ((2, 14), (14, 20))
+    batch = task.batch(0, 0, 8)
+    seq = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
+    for row in seq:
+        (marker,) = np.flatnonzero(row[:-3] == NeedleInHaystack.MARKER)
+        assert row[marker + 1] == row[-2] and row[marker + 2] == row[-1] and row[-1] >= 14 and row[-2] >= 14
+        assert np.count_nonzero(row >= 14) == 4 and np.all(row[row != NeedleInHaystack.MARKER] >= 2)
+    with pytest.raises(ValueError, match="needle_vocab must be 0 or in"):
+        NeedleInHaystack(vocab_size=20, needle_vocab=17)
     copy = Copying(length=5, vocab_size=10).batch(0, 0, 2)
     seq = np.concatenate([copy["inputs"], copy["targets"][:, -1:]], axis=1)
     np.testing.assert_array_equal(seq[:, :5], seq[:, 6:])

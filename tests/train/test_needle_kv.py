@@ -24,6 +24,14 @@ def test_full_cache_prediction_is_the_models_forward(model):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(model(tokens)[:, -1], -1)))
 
 
+def test_haystack_draws_ids_as_the_training_task():
+    tokens, value = needle_kv.haystack(np.random.default_rng(2), 500, 0.3, 64, needle_vocab=16)
+    assert value >= 48 and tokens[-1] >= 48 and tokens[-2] == needle_kv.MARKER
+    assert np.count_nonzero(tokens >= 48) == 3                  # the needle's key and value, the final key
+    at = int(0.3 * (500 - 6))
+    assert tokens[at] == needle_kv.MARKER and tokens[at + 1] == tokens[-1] and tokens[at + 2] == value
+
+
 def test_keep_masks_follow_their_rules():
     rng = np.random.default_rng(1)
     B, T, H, Hkv, D, budget = 1, 202, 4, 2, 8, 32
