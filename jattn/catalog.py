@@ -513,15 +513,17 @@ _PROGRESS = {
             + tuple(_KV + n for n in ("h2o.H2OCache", "h2o.h2o_keep_mask")),
             ("tests/methods/sparse/test_sinklora.py", "tests/methods/kv/test_h2o.py"), "partial",
             "S2-Attn (LongLoRA roll) and SF-Attn with sinks, exact; H2O fixed-budget eviction (prefill + decode "
-            "steps) exact against a transcription of the rule; no fine-tuning run, H2O not wired into nn decoding"),
+            "steps) exact against a transcription of the rule; H2O is a decoding cache kind (Attention.init_cache("
+            "kind='h2o'), DecoderLM.generate(cache='h2o')); no fine-tuning run"),
     "P45": (tuple(_KV + "duo_attention." + n for n in (
                 "streaming_mask", "streaming_mask_fn", "streaming_block_mask", "streaming_attention",
                 "mixed_duo_attention", "duo_attention", "sparsify_heads", "duo_distillation_loss", "duo_kv_bytes",
                 "DuoKVCache")) + ("train.duo_gates.train_gates",),
             ("tests/methods/kv/test_duo_attention.py",), "partial",
             "Lambda mask on the block-sparse kernel, exact mixed/deployed attention, ring DuoKVCache (bytes = "
-            "formula), gate training (toy: local heads' alpha -> 0, the retriever kept, 3 seeds); no LLM/BookSum "
-            "run, not an nn.Attention method yet"),
+            "formula), gate training (toy: local heads' alpha -> 0, the retriever kept, 3 seeds), a decoding "
+            "cache kind (Attention.init_cache(kind='duo', is_retrieval=...), generate(cache='duo')); no "
+            "LLM/BookSum run"),
     "P49": (tuple(_KV + "task_kv." + n for n in (
                 "head_semantic_vectors", "semantic_distances", "semantic_separator", "kv_head_flags",
                 "middle_activation_indices", "per_head_kv_compress", "TaskKVCache")),
@@ -735,8 +737,8 @@ _LAYER = {
            "TransformerBlock), not a method over q, k, v",
     "P24": "a KV-cache compression (what is cached, not how attention is computed): decode attention over its "
            "dequantised view is exact softmax (jattn.methods.kv.zipcache.ZipCache, quantized.QuantizedKVCache)",
-    "P45": "a per-kv-head choice of full or streaming attention with its own cache (duo_attention, DuoKVCache); "
-           "not an nn.Attention method yet (it needs per-head flags and a ring cache kind)",
+    "P45": "a per-kv-head choice of full or streaming attention with its own cache (duo_attention, DuoKVCache): "
+           "in a model it is the decoding cache kind 'duo' (Attention.init_cache(kind='duo', is_retrieval=...))",
     "P49": "a per-head KV-cache compression for decoding (TaskKVCache); the prompt runs exact causal attention "
            "(method='softmax')",
     "P44": "a decode-time token selection over a cache of un-rotated keys with RoPE inside attention, not a "

@@ -203,21 +203,26 @@ def main(argv=None):
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--vocab", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--needle-vocab", type=int, default=0,
+                        help="key/value ids of their own (the last N ids), as in passkey retrieval; 0: shared")
+    parser.add_argument("--rope-theta", type=float, default=10000.0)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--png", default="needle_kv.png")
     args = parser.parse_args(argv)
-    config = needle_config(args.train_dir, args.steps, seq_len=args.seq_len, vocab_size=args.vocab, lr=args.lr)
+    config = needle_config(args.train_dir, args.steps, seq_len=args.seq_len, vocab_size=args.vocab, lr=args.lr,
+                           needle_vocab=args.needle_vocab, rope_theta=args.rope_theta)
     task = build_task(config["task"])
     start = time.time()
     result = train(config, build_model(config["model"], task, int(config["seed"])), task, quiet=True)
     model = result.model()
     trained = time.time() - start
     results = evaluate_grid(model, contexts=args.contexts, depths=args.depths, samples=args.samples,
-                            budget=args.budget)
-    print(f"needle LM: {config['model']['num_layers']} layers, dim {config['model']['dim']}, trained "
+                            budget=args.budget, needle_vocab=args.needle_vocab)
+    print(f"needle LM: {config['model']['num_layers']} layers, dim {config['model']['dim']}, RoPE theta "
+          f"{args.rope_theta:g}, vocabulary {args.vocab} (needle ids {args.needle_vocab or 'shared'}), trained "
           f"{args.steps} steps at {args.seq_len} tokens ({trained:.0f} s, eval acc {result.history[-1].get('eval_accuracy')}); "
           f"budget {args.budget} keys; {args.samples} haystacks per cell; {time.time() - start:.0f} s in all")
     print("| method | " + " | ".join(f"{c // 1024}K" for c in args.contexts) + " |")
