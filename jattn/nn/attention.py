@@ -290,7 +290,7 @@ class Attention(nnx.Module):
             if isinstance(cache, _kv_method_caches()[1:]):
                 if return_probs:
                     raise ValueError(f"a {type(cache).__name__} keeps no attention maps; return_probs must be False")
-                q, k, v = (x.astype(cache.dtype) for x in (q, k, v))
+                q, k, v = (part.astype(cache.dtype) for part in (q, k, v))
                 out, cache = _selecting_cache_attend(cache, q, k, v, scale=self.scale, prefill=prefill)
                 self.kv_cache.set_value(cache)
                 self.cache_index[...] = index + T
