@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.jattn-installed
 
-.PHONY: install demo test test-all test-durations dit vlm vision-table bench bench-gpu papers docs docs-figures clean
+.PHONY: install demo test test-all test-durations dit vlm needle vision-table bench bench-gpu papers docs docs-figures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ dit: $(STAMP)
 
 vlm: $(STAMP)
 	$(PY) -m train.captioning --out runs/vlm_shapes
+
+needle: $(STAMP)
+	$(PY) -m train.needle_kv --png docs/img/needle_kv.png
 
 vision-table: $(STAMP)
 	$(PY) -m train.vision_modules --all --out runs/vision_modules --img docs/img

@@ -56,3 +56,19 @@ def test_keep_masks_follow_their_rules():
     logits = np.einsum("thd,shd->hts", np.asarray(q[0, prompt:]), np.repeat(np.asarray(k[0, :prompt]), 2, 1))
     best = logits.max(1).reshape(Hkv, 2, prompt).max(1)
     assert set(np.nonzero(topk[0, 0])[0]) == set(np.argsort(-best[0])[:budget])
+
+
+def test_main_trains_then_finetunes_longer_and_evaluates_every_method(tmp_path, capsys):
+    """The command's wiring: the second stage trains at ``--finetune-len`` (its own checkpoints), and the table
+    has every method. Catches the fine-tune stage skipped and a method dropped."""
+    import json
+    train_dir = str(tmp_path / "needle")
+    results = needle_kv.main(["--train-dir", train_dir, "--steps", "21", "--seq-len", "16", "--vocab", "24",
+                              "--needle-vocab", "4", "--finetune-len", "40", "--finetune-steps", "21",
+                              "--finetune-batch", "2", "--contexts", "64", "--depths", "0.5", "--samples", "2",
+                              "--budget", "16", "--png", str(tmp_path / "grid.png")])
+    assert set(results) == set(needle_kv.METHODS)
+    assert all(0 <= float(grid.mean()) <= 1 for grid in results.values())
+    records = [json.loads(line) for line in open(f"{train_dir}_len40/metrics.jsonl")]
+    assert records and records[-1]["step"] == 21
+    assert "then 21 at 40" in capsys.readouterr().out and (tmp_path / "grid.png").exists()
