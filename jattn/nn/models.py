@@ -152,8 +152,7 @@ class DecoderLM(nnx.Module):
         self.blocks = nnx.List([
             TransformerBlock(dim, num_heads, rngs=rngs, num_kv_heads=num_kv_heads, mlp_dim=mlp_dim, mlp=mlp,
                              norm=norm, rope=rope, rope_theta=rope_theta, causal=True, output_gate=output_gate,
-                             method=name,
-                             dtype=dtype, param_dtype=param_dtype, **config)
+                             method=name, dtype=dtype, param_dtype=param_dtype, **config)
             for name, config in layer_method_configs(num_layers, method, method_config, layer_methods)])
         self.final_norm = make_norm(norm, dim, rngs=rngs, param_dtype=param_dtype)
         self.head = None if tie_embeddings else nnx.Linear(dim, vocab_size, use_bias=False, dtype=dtype,
