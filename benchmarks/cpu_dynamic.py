@@ -16,7 +16,6 @@ total.
 from __future__ import annotations
 
 import argparse
-import functools
 
 import jax
 
@@ -68,7 +67,7 @@ def main() -> None:
         if args.only and name != args.only:
             continue
         for params in param_sets[:1] if args.first else param_sets:
-            r = sparse_quality(functools.partial(select), q, k, v, causal=True, impl=args.impl,
+            r = sparse_quality(select, q, k, v, causal=True, impl=args.impl,
                                repeats=args.repeats, reference=reference, **params)
             total = r["select_seconds"] + r["attention_seconds"]
             text = ", ".join(f"{key}={value}" for key, value in params.items())

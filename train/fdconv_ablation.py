@@ -3,9 +3,10 @@ alone, on the table's ``cnn`` row (``configs/vision_fdconv.py``: 13,500-paramete
 
     python -m train.fdconv_ablation [--variants code unit ...] [--seeds 0,1,2]
 
-Each variant is a set of ``FDConv`` keyword arguments used for both stage convs (the row's ``fdconv_options``);
-the head width stays the one matched for the full layer, so the ``modulation=False`` rows (no gate heads) hold fewer parameters. Prints one
-JSON line per variant: top-1 % per seed, mean, sample sd, final training loss per seed.
+Each variant is a set of ``FDConv`` keyword arguments used for both stage convs (the row's
+``fdconv_options``); the head width stays the one matched for the full layer, so the ``modulation=False`` rows
+(no gate heads) hold fewer parameters. Prints one JSON line per variant: top-1 % per seed, mean, sample sd,
+final training loss per seed.
 """
 from __future__ import annotations
 

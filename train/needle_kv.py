@@ -53,7 +53,7 @@ from train.loop import train
 from train.tasks import NeedleInHaystack
 
 METHODS = ("full", "streaming", "h2o", "topk", "int4")
-MARKER = 1
+MARKER = NeedleInHaystack.MARKER
 
 
 def needle_config(out_dir: str, steps: int, *, seq_len: int = 64, vocab_size: int = 32, lr: float = 1e-3,
