@@ -401,12 +401,16 @@ _PROGRESS = {
                 "quantize_tokenwise", "quantize_channel_separable_tokenwise", "compress_kv", "compress_with_scores",
                 "zipcache_bytes_per_token", "ZipCompressedKV", "ZipCache", "zipcache_prefill", "zipcache_decode"))
             + tuple(_KV + "quantized." + n for n in ("quantize", "dequantize", "pack", "unpack", "QuantizedKVCache",
-                                                     "bytes_per_token")),
-            ("tests/methods/kv/test_zipcache.py", "tests/methods/kv/test_quantized.py"), "partial",
+                                                     "bytes_per_token", "quantized_decode_attention"))
+            + ("pallas_kernels.decode_quantized.quantized_decode_partials",),
+            ("tests/methods/kv/test_zipcache.py", "tests/methods/kv/test_quantized.py",
+             "tests/methods/kv/test_quantized_decode.py"), "partial",
             "probe-normalised saliency, 4/2-bit channel-wise keys and channel-separable token-wise values (packed), "
             "streaming recompression every gap, KV bytes = formula; beats random selection in every seed and "
             "accumulated-score selection on mean (3-5 of 5 seeds) at equal bytes (benchmarks/kv_quantization.py); "
-            "attention reads a dequantised view (no Pallas kernel dequantising 2/4-bit tiles), no LLM evaluation"),
+            "the KIVI-style QuantizedKVCache has a split-K Pallas kernel that dequantises packed 8/4/2-bit key "
+            "groups in place (GPU/TPU; exact vs the reference over the dequantised view); ZipCache's own mixed "
+            "4/2-bit store still reads a dequantised view; no LLM evaluation"),
     "P44": (tuple(_KV + n for n in ("tokenselect.tokenselect_indices", "tokenselect.tokenselect_select",
                                     "tokenselect.tokenselect_decode", "tokenselect.SelectionCache",
                                     "tokenselect.token_votes", "tokenselect.query_fingerprint",

@@ -192,6 +192,28 @@ def test_decode_lowers_forward_and_its_gradient(platform, impl, paged):
     assert "stablehlo.dot_general" not in text
 
 
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bits, dtype", [(8, jnp.bfloat16), (4, jnp.float32), (2, jnp.float32)])
+def test_quantized_decode_lowers_forward_and_its_query_gradient(platform, impl, bits, dtype):
+    """The kernel that dequantises a QuantizedKVCache's packed codes in place: one call forward, by its name.
+    The query gradient is the xla path's over the dequantised view (the codes have no gradient): under
+    ``jax.grad`` alone the forward's value is unused, so that program holds no kernel call at all."""
+    from jattn.methods.kv.quantized import QuantizedKVCache, quantized_decode_attention
+    rng = np.random.default_rng(0)
+    cache = QuantizedKVCache.create(2, 2, 256, 128, bits=bits, group_size=32, dtype=dtype)
+    kv = jnp.asarray(rng.standard_normal((2, 100, 2, 128)), dtype)
+    cache = cache.append(kv, kv)
+    q = jnp.asarray(rng.standard_normal((2, 8, 128)), dtype)
+
+    def fn(q, cache):
+        return quantized_decode_attention(q, cache, impl=impl, window=50, softcap=20.0)
+
+    text = exported_text(fn, q, cache, platform=platform)
+    assert text.count(CALL[platform]) == 1
+    assert re.findall(r'\b(?:kernel_)?name = "(jattn_\w+)"', text) == ["jattn_decode_quantized"]
+    assert kernel_calls(jax.grad(lambda q, c: jnp.sum(fn(q, c).astype(jnp.float32))), q, cache, platform=platform) == 0
+
 
 @pytest.mark.parametrize("platform", PLATFORMS)
 @pytest.mark.parametrize("impl", IMPLS)

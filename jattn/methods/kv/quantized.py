@@ -29,15 +29,20 @@ fixed ``group_size`` tokens per sequence.
 The capacity is rounded up to a multiple of ``lcm(group_size, page_size)`` (``page_size``: the decode
 kernel's tile, 128), so ``attend(impl="auto")`` lowers to the Pallas decode kernel on GPU/TPU.
 
+Attention (``attend`` = ``quantized_decode_attention``): ``impl="pallas"`` (and ``"auto"`` on GPU/TPU) runs
+``pallas_kernels.decode_quantized``, which reads the packed codes and dequantises each key group in the
+kernel, so no float copy of the cache is formed; the partial group's full-precision residual is attended
+in XLA and merged by lse. ``"xla"`` (``"auto"`` on CPU) and ``"reference"`` run ``jattn.decode_attention``
+over ``dequantized()``, a float copy of the cache.
+
 Quirks: ``append`` writes the new tokens of a sequence only when they all fit (a concrete overflow raises a
 ``ValueError`` naming the sequence; under ``jit`` the sequence is marked overflowed, ``lengths = capacity +
-1``, and ``decode_attention`` turns its rows into NaN), as ``jattn.cache.ContiguousKVCache(policy="raise")``.
-Attention runs over the dequantised cache (``dequantized()``): a kernel that dequantises tiles on the fly is
-not written.
+1``, and attention turns its rows into NaN), as ``jattn.cache.ContiguousKVCache(policy="raise")``.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -46,7 +51,14 @@ import numpy as np
 from jaxtyping import Array, Float, UInt8
 
 from jattn.core import checks
+from jattn.core.reference import softmax_rows
+from jattn.core.softmax import merge_partials, merge_sinks
+from jattn.ops import decode as decode_op
 from jattn.ops.decode import decode_attention
+from jattn.ops.decode_reference import decode_visibility
+from jattn.ops.dispatch import run_impl
+from pallas_kernels import common
+from pallas_kernels.decode_quantized import quantized_decode_partials
 
 QUANT_BITS = (2, 4, 8)
 PACK_BITS = (1, 2, 4, 8)
@@ -408,7 +420,169 @@ class QuantizedKVCache:
         return self.dequantized()
 
     def attend(self, q: Float[Array, "B *Tq H D"], **kwargs):
-        """``jattn.decode_attention(q, k, v, lengths, **kwargs)`` over the dequantised cache (``q``'s new
-        tokens already appended)."""
-        k, v = self.dequantized()
-        return decode_attention(q, k, v, self.lengths, **kwargs)
+        """``quantized_decode_attention(q, self, **kwargs)``: attention of ``q``'s new tokens (already appended)
+        over the cache."""
+        return quantized_decode_attention(q, self, **kwargs)
+
+
+def quantized_decode_attention(q: Float[Array, "B *Tq H D"], cache: QuantizedKVCache, *, window=None,
+                               sinks: Float[Array, "H"] | None = None, softcap: float | None = None,
+                               scale: float | None = None, return_lse: bool = False, impl: str = "auto",
+                               num_splits: int | None = None, interpret=None, poison_outputs: bool = False):
+    """``jattn.decode_attention``'s contract over a ``QuantizedKVCache``, its new tokens already appended.
+
+    Args:
+      q: ``[B, H, D]`` or ``[B, Tq, H, D]`` in the cache's dtype (causal within the new tokens).
+      cache: the quantised cache; its ``lengths`` count the new tokens.
+      window, sinks, softcap, scale, return_lse: as ``jattn.decode_attention``.
+      impl: "auto" | "pallas" | "xla" | "reference". "pallas" (and "auto" on GPU/TPU) runs the kernel that
+        dequantises key groups in place (``pallas_kernels.decode_quantized``); "xla" (and "auto" on CPU) and
+        "reference" run ``jattn.decode_attention`` over ``cache.dequantized()``.
+      num_splits: Pallas only: split-K ranges per sequence (default: enough for ~256 programs).
+      interpret: Pallas only: None (decided at lowering), True/"triton" or "mosaic" (interpreted).
+      poison_outputs: Pallas only: NaN-fill the kernel's outputs first (tests).
+
+    Returns:
+      ``out`` (q's shape, q's dtype), and with ``return_lse`` the float32 lse; an overflowed sequence
+      (``lengths = capacity + 1``) gives NaN rows. Differentiable in ``q`` and ``sinks`` (the kernel's query
+      gradient is the xla path's).
+
+    Raises:
+      ValueError / TypeError: a shape, dtype or static argument is wrong (named, before any kernel runs).
+    """
+    if not isinstance(cache, QuantizedKVCache):
+        raise TypeError(f"cache must be a QuantizedKVCache, got {type(cache).__name__}")
+    checks.check_static("quantized_decode_attention", window=window, softcap=softcap, scale=scale,
+                        return_lse=return_lse, impl=impl, num_splits=num_splits)
+    checks.check_choice("impl", impl, checks.IMPLS)
+    checks.check_float_array("q", q)
+    if q.ndim not in (3, 4):
+        raise ValueError(f"q must be [B, H, D] (one new token) or [B, Tq, H, D], got {checks.describe(q)}")
+    B, Hkv, _, D = cache.k_scale.shape
+    q4 = q[:, None] if q.ndim == 3 else q
+    if q4.shape[0] != B or q4.shape[3] != D or q4.shape[2] % Hkv:
+        raise ValueError(f"q must be [B={B}, (Tq,) H, D={D}] with H a multiple of the cache's Hkv={Hkv}, got "
+                         f"{checks.describe(q)}")
+    if q.dtype != cache.dtype:
+        raise TypeError(f"q must have the cache's dtype {cache.dtype}, got {checks.describe(q)}")
+    window = checks.check_window(window)
+    checks.check_sinks(sinks, q4.shape[2])
+    softcap = checks.check_positive_float("softcap", softcap)
+    scale = D ** -0.5 if scale is None else checks.check_positive_float("scale", scale, allow_none=False)
+    if num_splits is not None:
+        num_splits = checks.check_int("num_splits", num_splits)
+    options = dict(window=window, softcap=softcap, scale=scale)
+
+    def dense(impl_name):
+        def run(q4, cache, sinks):
+            k, v = cache.dequantized()
+            lengths = jnp.clip(cache.lengths, 0, cache.capacity)
+            out, lse = decode_attention(q4, k, v, lengths, sinks=sinks, return_lse=True, impl=impl_name, **options)
+            return out.astype(jnp.float32), lse
+        return run
+
+    def pallas(q4, cache, sinks):
+        problem = _kernel_problem(cache)
+        if problem is not None:
+            if impl == "pallas":
+                raise ValueError(problem)
+            shapes = [jax.ShapeDtypeStruct(q4.shape, jnp.float32), jax.ShapeDtypeStruct(q4.shape[:3], jnp.float32)]
+            return tuple(common.unsupported_on_target(problem, shapes)(q4))
+        plan = (("interpret", interpret), ("num_splits", num_splits), ("poison_outputs", bool(poison_outputs)),
+                ("scale", scale), ("softcap", softcap), ("window_left", None if window is None else window[0]))
+        out, lse = _pallas_quantized(plan, q4, cache)
+        return (out, lse) if sinks is None else merge_sinks(out, lse, sinks)
+
+    out, lse = run_impl(impl, (q4, cache, sinks), xla=dense("xla"), pallas=pallas, reference=dense("reference"))
+    overflowed = (cache.lengths < 0) | (cache.lengths > cache.capacity)
+    out = jnp.where(overflowed[:, None, None, None], jnp.nan, out).astype(q.dtype)
+    lse = jnp.where(overflowed[:, None, None], jnp.nan, lse)
+    if q.ndim == 3:
+        out, lse = out[:, 0], lse[:, 0]
+    return (out, lse) if return_lse else out
+
+
+def _kernel_problem(cache: QuantizedKVCache) -> str | None:
+    """Why the dequantising kernel cannot run this cache, or None."""
+    G, D = cache.group_size, cache.head_dim
+    if G < common.MIN_DOT_DIM or G & (G - 1):
+        return (f"the quantised decode kernel's tile is one key group: group_size must be a power of two >= "
+                f"{common.MIN_DOT_DIM}, got {G} (or use impl='xla')")
+    if D < common.MIN_DOT_DIM or D & (D - 1) or packed_size(D, cache.bits) < common.MIN_DOT_DIM:
+        return (f"the quantised decode kernel needs a head dim D that is a power of two with D * bits / 8 >= "
+                f"{common.MIN_DOT_DIM}, got D={D} at bits={cache.bits} (or use impl='xla')")
+    return None
+
+
+def _kernel_attend(plan: tuple, q4, cache: QuantizedKVCache):
+    """The kernel over the complete key groups, merged with the residual (partial group) attended in XLA."""
+    plan = dict(plan)
+    B, Tq, H, D = q4.shape
+    Hkv, G, S = cache.k_scale.shape[1], cache.group_size, cache.capacity
+    lengths = jnp.clip(cache.lengths, 0, S).astype(jnp.int32)
+    tiles = S // G
+    splits, per_split = decode_op.split_plan(B, Hkv, tiles, plan["num_splits"])
+    grouped = lambda x, *tail: x.reshape(B, Hkv, tiles, *tail)
+    out, lse = quantized_decode_partials(
+        decode_op._pack_rows(q4, Hkv), grouped(cache.k_codes, G, -1), grouped(cache.k_scale, 1, D),
+        grouped(cache.k_min, 1, D), grouped(cache.v_codes, G, -1), grouped(cache.v_scale, G, 1),
+        grouped(cache.v_min, G, 1), lengths, bits=cache.bits, new_tokens=Tq, group=H // Hkv, num_splits=splits,
+        tiles_per_split=per_split, scale=plan["scale"], softcap=plan["softcap"], window=plan["window_left"],
+        interpret=plan["interpret"], poison_outputs=plan["poison_outputs"])
+    out, lse = merge_partials(jnp.moveaxis(out, 2, 0), jnp.moveaxis(lse[..., 0], 2, 0))
+    groups_out = decode_op._unpack_rows(out, Tq, H), decode_op._unpack_rows(lse, Tq, H)
+    return merge_partials(*zip(groups_out, _residual_attend(plan, q4, cache, lengths)))
+
+
+def _residual_attend(plan: dict, q4, cache: QuantizedKVCache, lengths):
+    """``(out [B, Tq, H, D], lse [B, Tq, H])`` over the partial group: keys from the full-precision residual,
+    values dequantised from their per-token codes (values have no residual)."""
+    B, Tq, H, D = q4.shape
+    Hkv, G, S = cache.k_scale.shape[1], cache.group_size, cache.capacity
+    start = lengths - lengths % G
+    position = jnp.clip(start[:, None] + jnp.arange(G)[None, :], 0, S - 1)             # [B, G]
+    at = position[:, None, :, None]
+    v = dequantize(unpack(jnp.take_along_axis(cache.v_codes, at, axis=2), bits=cache.bits, n=D),
+                   jnp.take_along_axis(cache.v_scale, position[:, None], axis=2)[..., None],
+                   jnp.take_along_axis(cache.v_min, position[:, None], axis=2)[..., None])
+    rows = q4.astype(jnp.float32).reshape(B, Tq, Hkv, H // Hkv, D)
+    s = jnp.einsum("btkgd,bkjd->btkgj", rows, cache.k_residual.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST) * plan["scale"]
+    if plan["softcap"] is not None:
+        s = plan["softcap"] * jnp.tanh(s / plan["softcap"])
+    visible = decode_visibility(lengths, Tq, G, plan["window_left"], kv_offset=start[:, None, None])   # [B, Tq, G]
+    s = jnp.where(visible[:, :, None, None, :], s, -jnp.inf)
+    p, lse = softmax_rows(s)
+    # 0 * stale values: the residual's unused slots hold zeros, but values past the length may be stale
+    v = jnp.where((position < lengths[:, None])[:, None, :, None], v.astype(jnp.float32), 0.0)
+    out = jnp.einsum("btkgj,bkjd->btkgd", p, v, precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(B, Tq, H, D), lse.reshape(B, Tq, H)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _pallas_quantized(plan, q4, cache):
+    return _kernel_attend(plan, q4, cache)
+
+
+def _pallas_quantized_fwd(plan, q4, cache):
+    return _kernel_attend(plan, q4, cache), (q4, cache)
+
+
+def _pallas_quantized_bwd(plan, residuals, cotangents):
+    """The query's gradient through the xla path over the dequantised cache (the same function); the codes
+    and statistics of a quantised cache get none."""
+    q4, cache = residuals
+    options = dict(plan)
+    def dense(q4):
+        out, lse = decode_attention(
+            q4, *cache.dequantized(), jnp.clip(cache.lengths, 0, cache.capacity), return_lse=True, impl="xla",
+            window=None if options["window_left"] is None else (options["window_left"], 0),
+            softcap=options["softcap"], scale=options["scale"])
+        return out.astype(jnp.float32), lse
+    _, vjp = jax.vjp(dense, q4)
+    no_gradient = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0) if not jnp.issubdtype(
+        x.dtype, jnp.floating) else jnp.zeros_like(x), cache)
+    return vjp(cotangents)[0], no_gradient
+
+
+_pallas_quantized.defvjp(_pallas_quantized_fwd, _pallas_quantized_bwd)
