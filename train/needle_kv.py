@@ -12,11 +12,24 @@ are the decode steps, and each method decides which prompt keys they may attend 
 * ``h2o``: the last ``budget / 2`` keys plus the ``budget / 2`` earlier ones with the largest attention mass
   accumulated over the prompt's own queries (P70's H2O after prefill, summed over the query heads of a
   kv head);
-* ``topk``: each kv head's ``budget`` keys with the largest logits from the decode query itself (the
-  selection rule of P71 TidalDecode's selection layers and of P44 TokenSelect's vote, applied in every
-  layer: an upper bound for selection methods);
+* ``topk``: each kv head's ``budget`` keys with the largest logits from the decode query itself, in every
+  layer (an upper bound for selection methods);
+* ``tokenselect``: P44 TokenSelect's soft vote (``jattn.methods.kv.tokenselect.tokenselect_indices``): the
+  first ``sink`` keys, the last ``budget / 4`` and the rest of the budget by the per-head softmax of the decode
+  queries' mean (the fingerprint), summed over every head: one set for all heads, chosen in every layer.
+  The model's keys are cached after RoPE, so the vote reads the exact logits (``rope_theta=None``; the
+  official code caches keys before RoPE and rotates the fingerprint instead);
+* ``tidaldecode``: P71 TidalDecode (``jattn.methods.kv.tidaldecode``): layer 0 is a token selection layer (full
+  attention, and each query head's ``budget`` keys with the largest logits of each decode token), and the
+  later layer attends only to the positions layer 0 chose ("position persistent"): with 2 layers,
+  ``sparse_layer_start=0`` and no correction layer;
 * ``int4``: every key, with K quantised per channel over groups of 32 tokens and V per token to 4 bits
-  (KIVI-style, ``jattn.methods.kv.quantized``): 3.4x fewer bytes, not a token budget.
+  (KIVI-style, ``jattn.methods.kv.quantized``): 3.4x fewer bytes, not a token budget;
+* ``zipcache``: every key, through P24 ZipCache's prefill compression (``compress_kv``: probe-normalised
+  saliency, the 40 % least salient tokens at 2 bits and the rest at 4, channel-separable values): about 3.2
+  bits per element, fewer bytes than ``int4``.
+
+In every method the two decode tokens see each other (a causal tail), and a budget counts prompt keys.
 
     python -m train.needle_kv [--train-dir runs/needle_kv] [--contexts 1024 2048 4096 8192 16384] [--budget 256]
 
@@ -45,14 +58,16 @@ import numpy as np
 from flax import nnx
 
 from jattn.core.reference import reference_attention
-from jattn.methods.kv import quantized
+from jattn.methods.kv import quantized, tidaldecode, zipcache
+from jattn.methods.kv.tokenselect import tokenselect_indices
 from jattn.ops.attention import attention
 from train.build import build_model, build_task
 from train.config import DEFAULTS, check_config, merge
 from train.loop import train
 from train.tasks import NeedleInHaystack
 
-METHODS = ("full", "streaming", "h2o", "topk", "int4")
+METHODS = ("full", "streaming", "h2o", "topk", "tokenselect", "tidaldecode", "int4", "zipcache")
+SELECTED_BY_LAYER = ("tidaldecode",)   # methods whose keep mask a later layer inherits
 MARKER = NeedleInHaystack.MARKER
 
 
@@ -100,12 +115,29 @@ def prompt_mass(q, k, prompt: int, block: int = 512):
 
 
 def keep_mask(method: str, q, k, prompt: int, budget: int, sink: int = 4):
-    """``[B, H, prompt]`` bool: the prompt keys the decode tokens may see in this layer."""
+    """``[B, H, prompt]`` (or ``[B, H, 2, prompt]``, per decode token) bool: the prompt keys the decode tokens
+    may see in this layer."""
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     j = jnp.arange(prompt)
-    if method in ("full", "int4") or budget >= prompt:
+    if method in ("full", "int4", "zipcache") or budget >= prompt:
         return jnp.ones((B, H, prompt), bool)
+    if method == "tokenselect":
+        local = budget // 4                      # the newest keys: the two decode tokens and budget/4 - 2 prompt keys
+        idx, valid = tokenselect_indices(q[:, prompt:], jnp.swapaxes(k, 1, 2), jnp.full((B,), T, jnp.int32),
+                                         n_init=sink, n_local=local, top_k=budget + 2 - sink - local)
+        chosen = jnp.zeros((B, T), bool).at[jnp.arange(B)[:, None], idx].max(valid)
+        return jnp.broadcast_to(chosen[:, None, :prompt], (B, H, prompt))
+    if method == "tidaldecode":                  # the selection layer's choice, per query head and decode token
+        k_cache = jnp.swapaxes(k[:, :prompt], 1, 2)
+        lengths = jnp.full((B,), prompt, jnp.int32)
+
+        def rows(t):
+            scores = tidaldecode.decode_scores(q[:, prompt + t], k_cache, lengths, scale=D ** -0.5)
+            idx, valid = tidaldecode.select_topk_tokens(scores, lengths, k=budget)
+            return jnp.zeros((B, H, prompt), bool).at[jnp.arange(B)[:, None, None], jnp.arange(H)[None, :, None],
+                                                      idx].max(valid)
+        return jnp.stack([rows(0), rows(1)], axis=2)
     if method == "streaming":
         return jnp.broadcast_to((j < sink) | (j >= prompt - (budget - sink)), (B, H, prompt))
     if method == "h2o":
@@ -133,8 +165,16 @@ def kivi_int4(x, group: int = 32):
     return quantized.dequantize(*quantized.quantize(g, bits=4, axis=2)).reshape(B, S + pad, Hkv, D)[:, :S]
 
 
+def zipcache_prompt(q, k, v, prompt: int, layer: int):
+    """The prompt's K/V ``[B, prompt, Hkv, D]`` through ZipCache's prefill compression and back."""
+    compressed = zipcache.compress_kv(q[:, :prompt], k[:, :prompt], v[:, :prompt], jax.random.PRNGKey(layer))
+    return tuple(jnp.swapaxes(x, 1, 2).astype(k.dtype) for x in compressed.dequantized())
+
+
 def layer_core(method: str, budget: int):
-    def core(q, k, v):
+    """``core(q, k, v, layer, inherited) -> (out, keep)``: one layer's attention with ``method``'s cache;
+    ``inherited`` is the keep mask a selection layer passed on (TidalDecode), else None."""
+    def core(q, k, v, layer: int, inherited):
         T = q.shape[1]
         prompt = T - 2
         out_prompt = attention(q[:, :prompt], k[:, :prompt], v[:, :prompt], causal=True, impl="xla")
@@ -143,12 +183,22 @@ def layer_core(method: str, budget: int):
             v_prompt = v[:, :prompt]
             codes = quantized.quantize(v_prompt, bits=4, axis=3)                     # values per token
             v = jnp.concatenate([quantized.dequantize(*codes), v[:, prompt:]], 1)
-        kept = keep_mask(method, q, k, prompt, budget)                                 # [B, H, prompt]
+        if method == "zipcache":
+            k_prompt, v_prompt = zipcache_prompt(q, k, v, prompt, layer)
+            k, v = (jnp.concatenate([a, b[:, prompt:]], 1) for a, b in ((k_prompt, k), (v_prompt, v)))
+        if method in SELECTED_BY_LAYER and tidaldecode.layer_kind(layer, sparse_layer_start=0,
+                                                                   correction_layer=None) == "sparse":
+            kept = inherited
+        else:
+            kept = keep_mask(method, q, k, prompt, budget)
+        B, H = kept.shape[:2]
+        per_token = kept if kept.ndim == 4 else jnp.broadcast_to(kept[:, :, None], (B, H, 2, prompt))
         causal_tail = jnp.tril(jnp.ones((2, 2), bool))
-        mask = jnp.concatenate([jnp.broadcast_to(kept[:, :, None], kept.shape[:2] + (2, prompt)),
-                                jnp.broadcast_to(causal_tail, kept.shape[:2] + (2, 2))], -1)
+        mask = jnp.concatenate([per_token, jnp.broadcast_to(causal_tail, (B, H, 2, 2))], -1)
+        if method in SELECTED_BY_LAYER and kept is not inherited:
+            mask = jnp.ones_like(mask).at[..., prompt:].set(causal_tail)   # a selection layer attends in full
         out_tail = reference_attention(q[:, prompt:], k, v, mask=mask)
-        return jnp.concatenate([out_prompt, out_tail.astype(out_prompt.dtype)], 1)
+        return jnp.concatenate([out_prompt, out_tail.astype(out_prompt.dtype)], 1), kept
     return core
 
 
@@ -157,10 +207,12 @@ def predict(model, tokens, method: str, budget: int):
     x = model.embed(tokens).astype(model.dtype)
     positions = jnp.arange(tokens.shape[1])[None]
     core = layer_core(method, budget)
-    for block in model.blocks:
+    kept = None
+    for layer, block in enumerate(model.blocks):
         h = block.attn_norm(x)
         q, k, v = block.attention.project(h, positions)
-        x = x + block.attention.finish(h, core(q, k, v))
+        out, kept = core(q, k, v, layer, kept)
+        x = x + block.attention.finish(h, out)
         x = x + block.mlp(block.mlp_norm(x))
     logits = model.embed.attend(model.final_norm(x[:, -1]))
     return jnp.argmax(logits, -1)
@@ -189,7 +241,7 @@ def save_heatmaps(results, contexts, depths, path: str, budget: int) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.2), sharey=True)
     for ax, (method, grid) in zip(axes, results.items()):
         ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
-        ax.set_title(method if method in ("full", "int4") else f"{method} ({budget} keys)", fontsize=9)
+        ax.set_title(method if method in ("full", "int4", "zipcache") else f"{method} ({budget} keys)", fontsize=9)
         ax.set_xticks(range(len(depths)), [f"{d:.1f}" for d in depths], fontsize=7)
         ax.set_yticks(range(len(contexts)), [f"{c // 1024}K" for c in contexts], fontsize=7)
         ax.set_xlabel("needle depth", fontsize=8)
