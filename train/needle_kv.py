@@ -34,21 +34,22 @@ In every method the two decode tokens see each other (a causal tail), and a budg
     python -m train.needle_kv [--train-dir runs/needle_kv] [--contexts 1024 2048 4096 8192 16384] [--budget 256]
 
 prints an accuracy table per method (contexts x needle depths, ``--samples`` haystacks per cell) and writes
-``needle_kv.png`` (one heatmap per method).
+``needle_kv.png`` (one heatmap per method) and the accuracies beside it (``needle_kv.json``).
 
 The needle LM (2 layers, dim 64, 4 heads) is trained as a passkey-retrieval model: vocabulary 64, the
 needle's key and value drawn from 16 ids of their own (``--needle-vocab``), the filler from the rest,
 RoPE with base 1e6 (``--rope-theta``), 3000 steps at 64 tokens, then 300 steps at 1024 tokens
 (``--finetune-len``; its checkpoints in ``<train-dir>_len1024``). The first recipe (64 tokens only,
 vocabulary 32 shared by key, value and filler, RoPE base 1e4) learned the task at 64 tokens and was at chance
-at 1K-16K even with the full cache. This one finds the needle at 1K-2K with the full cache (0.65 at 4K, 0.42
-at 8K, 0.05 at 16K; after the first stage alone: at 256 tokens, partly at 1K), so the caches can be ranked
-there (docs/experiments.md; `make needle`, about 40 minutes on 2 cores). The harness is tested in
-tests/train/test_needle_kv.py.
+at 1K-16K even with the full cache. This one finds the needle at 1K-2K with the full cache (0.57-0.65 at 4K,
+0.42 at 8K, 0.05-0.10 at 16K over two trainings; after the first stage alone: at 256 tokens, partly at 1K),
+so the caches can be ranked there (docs/experiments.md; `make needle`, about 25-40 minutes on 2 cores). The
+harness is tested in tests/train/test_needle_kv.py.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -238,8 +239,12 @@ def save_heatmaps(results, contexts, depths, path: str, budget: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.2), sharey=True)
-    for ax, (method, grid) in zip(axes, results.items()):
+    cols = min(4, len(results))
+    rows = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(results):]:
+        ax.axis("off")
+    for ax, (method, grid) in zip(axes.flat, results.items()):
         ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto")
         ax.set_title(method if method in ("full", "int4", "zipcache") else f"{method} ({budget} keys)", fontsize=9)
         ax.set_xticks(range(len(depths)), [f"{d:.1f}" for d in depths], fontsize=7)
@@ -247,7 +252,8 @@ def save_heatmaps(results, contexts, depths, path: str, budget: int) -> None:
         ax.set_xlabel("needle depth", fontsize=8)
         for (i, j), value in np.ndenumerate(grid):
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="w" if value < 0.6 else "k")
-    axes[0].set_ylabel("context", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("context", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -306,7 +312,11 @@ def main(argv=None):
     for method, grid in results.items():
         print(f"| {method} | " + " | ".join(f"{row.mean():.2f}" for row in grid) + " |")
     save_heatmaps(results, args.contexts, args.depths, args.png, args.budget)
-    print(f"wrote {os.path.abspath(args.png)}")
+    table = os.path.splitext(args.png)[0] + ".json"
+    with open(table, "w") as f:
+        json.dump(dict(contexts=args.contexts, depths=args.depths, samples=args.samples, budget=args.budget,
+                       accuracy={m: grid.tolist() for m, grid in results.items()}), f, indent=1)
+    print(f"wrote {os.path.abspath(args.png)} and {os.path.abspath(table)}")
     return results
 
 
