@@ -83,9 +83,13 @@ def _needed_tiles(cfg: DecodeConfig, length):
     return jnp.minimum(lax.div(first_position, cfg.page_size), end), end
 
 
-def _split_range(cfg: DecodeConfig, split, length):
-    """The needed tiles of split ``split``: ``[lo, hi)``, empty when the split has none."""
-    first, end = _needed_tiles(cfg, length)
+def _split_range(cfg: DecodeConfig, split, length, end=None):
+    """The needed tiles of split ``split``: ``[lo, hi)``, empty when the split has none.
+
+    ``end`` (traced) overrides the sequence's last needed tile + 1: the quantised kernel stops at its last
+    complete key group."""
+    first, needed_end = _needed_tiles(cfg, length)
+    end = needed_end if end is None else end
     lo = jnp.maximum(split * cfg.tiles_per_split, first)
     hi = jnp.minimum((split + 1) * cfg.tiles_per_split, end)
     return lo, jnp.maximum(hi, lo)
@@ -146,21 +150,54 @@ def _initial_state(rows: int, dv: int):
             jnp.zeros((rows, dv), jnp.float32))
 
 
+def attend_split(cfg: DecodeConfig, q, lo, hi, length, load_tile, dv: int):
+    """The triton structure's program: the online softmax over tiles ``[lo, hi)``, finalised to ``(out, lse)``.
+
+    ``load_tile(t) -> (k_tile, v_tile)`` reads logical tile ``t`` in q's dtype (a page by index, or a
+    quantised group dequantised); everything after the load is shared by the float and quantised kernels."""
+    def visit(t, state):
+        k_tile, v_tile = load_tile(t)
+        return _attend_tile(cfg, state, q, k_tile, v_tile, length, t * cfg.page_size)
+
+    return common.finalize_rows(*lax.fori_loop(lo, hi, visit, _initial_state(cfg.rows, dv)))
+
+
+def attend_grid_step(cfg: DecodeConfig, lo, hi, length, q_ref, load_tile, out_ref, lse_ref, m_scratch, l_scratch,
+                     acc_scratch):
+    """The mosaic structure's step ``(split, t)``: reset the VMEM state at ``t == 0``, attend the step's tile
+    (``load_tile() -> (k_tile, v_tile)``, the block the index map DMA'd) when it is in ``[lo, hi)``, write the
+    finalised ``(out, lse)`` at the last step."""
+    split, t = pl.program_id(2), pl.program_id(3)
+    tile = split * cfg.tiles_per_split + t
+
+    @pl.when(t == 0)
+    def _init():
+        m_scratch[...], l_scratch[...], acc_scratch[...] = _initial_state(cfg.rows, acc_scratch.shape[-1])
+
+    @pl.when((tile >= lo) & (tile < hi))
+    def _visit():
+        k_tile, v_tile = load_tile()
+        state = (m_scratch[...], l_scratch[...], acc_scratch[...])
+        m, l, acc = _attend_tile(cfg, state, q_ref[...], k_tile, v_tile, length, tile * cfg.page_size)
+        m_scratch[...], l_scratch[...], acc_scratch[...] = m, l, acc
+
+    @pl.when(t == pl.num_programs(3) - 1)
+    def _write():
+        out_ref[...], lse_ref[...] = common.finalize_rows(m_scratch[...], l_scratch[...], acc_scratch[...])
+
+
 # ------------------------------------------------------------------- GPU structure: loop inside a program
 
 def _gpu_kernel(length_ref, table_ref, q_ref, k_ref, v_ref, *rest, cfg: DecodeConfig):
     out_ref, lse_ref = rest[-2:]  # leading entries are the (unread) NaN buffers aliased to the outputs
     length = length_ref[0]
     lo, hi = _split_range(cfg, pl.program_id(2), length)
-    q = q_ref[...]
 
-    def visit(t, state):
+    def load_tile(t):
         page = table_ref[t]
-        return _attend_tile(cfg, state, q, k_ref[page], v_ref[page], length, t * cfg.page_size)
+        return k_ref[page], v_ref[page]
 
-    out, lse = common.finalize_rows(*lax.fori_loop(lo, hi, visit, _initial_state(cfg.rows, out_ref.shape[-1])))
-    out_ref[...] = out
-    lse_ref[...] = lse
+    out_ref[...], lse_ref[...] = attend_split(cfg, q_ref[...], lo, hi, length, load_tile, out_ref.shape[-1])
 
 
 def _cache_batch(cfg: DecodeConfig, b):
@@ -200,27 +237,9 @@ def _tpu_page(cfg: DecodeConfig, lengths_ref, table_ref, b, split, t):
 
 
 def _tpu_kernel(lengths_ref, table_ref, q_ref, k_ref, v_ref, *rest, cfg: DecodeConfig):
-    out_ref, lse_ref, m_scratch, l_scratch, acc_scratch = rest[-5:]
-    b, split, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    length = lengths_ref[b]
-    lo, hi = _split_range(cfg, split, length)
-    tile = split * cfg.tiles_per_split + t
-
-    @pl.when(t == 0)
-    def _init():
-        m_scratch[...], l_scratch[...], acc_scratch[...] = _initial_state(cfg.rows, acc_scratch.shape[-1])
-
-    @pl.when((tile >= lo) & (tile < hi))
-    def _visit():
-        state = (m_scratch[...], l_scratch[...], acc_scratch[...])
-        m, l, acc = _attend_tile(cfg, state, q_ref[...], k_ref[...], v_ref[...], length, tile * cfg.page_size)
-        m_scratch[...], l_scratch[...], acc_scratch[...] = m, l, acc
-
-    @pl.when(t == pl.num_programs(3) - 1)
-    def _write():
-        out, lse = common.finalize_rows(m_scratch[...], l_scratch[...], acc_scratch[...])
-        out_ref[...] = out
-        lse_ref[...] = lse
+    length = lengths_ref[pl.program_id(0)]
+    lo, hi = _split_range(cfg, pl.program_id(2), length)
+    attend_grid_step(cfg, lo, hi, length, q_ref, lambda: (k_ref[...], v_ref[...]), *rest[-5:])
 
 
 def _tpu_call(cfg: DecodeConfig, lengths, table, q, k_pages, v_pages):

@@ -39,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import common
-from pallas_kernels.decode import DecodeConfig, _attend_tile, _initial_state, _needed_tiles, _out_shapes
+from pallas_kernels.decode import DecodeConfig, _out_shapes, _split_range, attend_grid_step, attend_split
 
 QUANT_BITS = (2, 4, 8)
 
@@ -78,13 +78,9 @@ def _dequantized_tile(cfg: QuantizedDecodeConfig, k_codes, k_scale, k_min, v_cod
     return k, v
 
 
-def _split_range(cfg: DecodeConfig, split, length, quantized_length):
+def _group_range(cfg: DecodeConfig, split, length, quantized_length):
     """The complete key groups of split ``split``: ``[lo, hi)``, empty when it has none."""
-    first, _ = _needed_tiles(cfg, length)
-    end = lax.div(quantized_length, cfg.page_size)
-    lo = jnp.maximum(split * cfg.tiles_per_split, first)
-    hi = jnp.minimum((split + 1) * cfg.tiles_per_split, end)
-    return lo, jnp.maximum(hi, lo)
+    return _split_range(cfg, split, length, end=lax.div(quantized_length, cfg.page_size))
 
 
 # ------------------------------------------------------------------- GPU structure: loop inside a program
@@ -92,19 +88,14 @@ def _split_range(cfg: DecodeConfig, split, length, quantized_length):
 def _gpu_kernel(length_ref, quantized_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, *rest,
                 cfg: QuantizedDecodeConfig):
     out_ref, lse_ref = rest[-2:]
-    tile_cfg = cfg.tile
-    length = length_ref[0]
-    lo, hi = _split_range(tile_cfg, pl.program_id(2), length, quantized_ref[0])
-    q = q_ref[...]
+    length, q = length_ref[0], q_ref[...]
+    lo, hi = _group_range(cfg.tile, pl.program_id(2), length, quantized_ref[0])
 
-    def visit(t, state):
+    def load_tile(t):
         k, v = _dequantized_tile(cfg, kc_ref[t], ks_ref[t], km_ref[t], vc_ref[t], vs_ref[t], vm_ref[t])
-        return _attend_tile(tile_cfg, state, q, k.astype(q.dtype), v.astype(q.dtype), length,
-                            t * tile_cfg.page_size)
+        return k.astype(q.dtype), v.astype(q.dtype)
 
-    out, lse = common.finalize_rows(*lax.fori_loop(lo, hi, visit, _initial_state(tile_cfg.rows, out_ref.shape[-1])))
-    out_ref[...] = out
-    lse_ref[...] = lse
+    out_ref[...], lse_ref[...] = attend_split(cfg.tile, q, lo, hi, length, load_tile, out_ref.shape[-1])
 
 
 def _gpu_call(cfg: QuantizedDecodeConfig, lengths, quantized, q, k_codes, k_scale, k_min, v_codes, v_scale, v_min):
@@ -130,38 +121,22 @@ def _gpu_call(cfg: QuantizedDecodeConfig, lengths, quantized, q, k_codes, k_scal
 
 def _tpu_tile(cfg: DecodeConfig, lengths_ref, quantized_ref, b, split, t):
     """Tile of step ``t`` of a split, clamped into the needed range (no re-fetch outside it)."""
-    lo, hi = _split_range(cfg, split, lengths_ref[b], quantized_ref[b])
+    lo, hi = _group_range(cfg, split, lengths_ref[b], quantized_ref[b])
     end = lax.div(quantized_ref[b], cfg.page_size)
     return jnp.where(hi > lo, jnp.clip(split * cfg.tiles_per_split + t, lo, hi - 1), jnp.maximum(end - 1, 0))
 
 
 def _tpu_kernel(lengths_ref, quantized_ref, q_ref, kc_ref, ks_ref, km_ref, vc_ref, vs_ref, vm_ref, *rest,
                 cfg: QuantizedDecodeConfig):
-    out_ref, lse_ref, m_scratch, l_scratch, acc_scratch = rest[-5:]
-    tile_cfg = cfg.tile
-    b, split, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    length = lengths_ref[b]
-    lo, hi = _split_range(tile_cfg, split, length, quantized_ref[b])
-    tile = split * tile_cfg.tiles_per_split + t
+    b = pl.program_id(0)
+    length, dtype = lengths_ref[b], q_ref.dtype
+    lo, hi = _group_range(cfg.tile, pl.program_id(2), length, quantized_ref[b])
 
-    @pl.when(t == 0)
-    def _init():
-        m_scratch[...], l_scratch[...], acc_scratch[...] = _initial_state(tile_cfg.rows, acc_scratch.shape[-1])
-
-    @pl.when((tile >= lo) & (tile < hi))
-    def _visit():
-        q = q_ref[...]
+    def load_tile():
         k, v = _dequantized_tile(cfg, kc_ref[...], ks_ref[...], km_ref[...], vc_ref[...], vs_ref[...], vm_ref[...])
-        state = (m_scratch[...], l_scratch[...], acc_scratch[...])
-        m, l, acc = _attend_tile(tile_cfg, state, q, k.astype(q.dtype), v.astype(q.dtype), length,
-                                 tile * tile_cfg.page_size)
-        m_scratch[...], l_scratch[...], acc_scratch[...] = m, l, acc
+        return k.astype(dtype), v.astype(dtype)
 
-    @pl.when(t == pl.num_programs(3) - 1)
-    def _write():
-        out, lse = common.finalize_rows(m_scratch[...], l_scratch[...], acc_scratch[...])
-        out_ref[...] = out
-        lse_ref[...] = lse
+    attend_grid_step(cfg.tile, lo, hi, length, q_ref, load_tile, *rest[-5:])
 
 
 def _tpu_call(cfg: QuantizedDecodeConfig, lengths, quantized, q, k_codes, k_scale, k_min, v_codes, v_scale, v_min):

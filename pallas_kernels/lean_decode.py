@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import common
-from pallas_kernels.decode import DecodeConfig, _attend_tile, _initial_state
+from pallas_kernels.decode import DecodeConfig, _attend_tile, _initial_state, attend_split
 
 
 
@@ -55,14 +55,11 @@ def _gpu_kernel(seg_b_ref, seg_g_ref, seg_len_ref, seg_lo_ref, seg_hi_ref, table
         cache_b = b if cfg.per_sequence else 0
         q = q_ref[b, g]
 
-        def visit(t, state):
+        def load_tile(t):
             page = table_ref[b, t]
-            return _attend_tile(cfg, state, q, k_ref[cache_b, g, page], v_ref[cache_b, g, page], length,
-                                t * cfg.page_size)
+            return k_ref[cache_b, g, page], v_ref[cache_b, g, page]
 
-        out, lse = common.finalize_rows(*lax.fori_loop(lo, hi, visit, _initial_state(cfg.rows, dv)))
-        out_ref[k] = out
-        lse_ref[k] = lse
+        out_ref[k], lse_ref[k] = attend_split(cfg, q, lo, hi, length, load_tile, dv)
         return carry
 
     lax.fori_loop(0, slots, segment, 0)
