@@ -119,8 +119,8 @@ _PROGRESS = {
              "jattn.distributed.sharded_decode_attention", "jattn.distributed.merge_across", "jattn.merge_partials",
              "jattn.decode_attention", "jattn.distributed.kv_memory_per_device"),
             ("tests/test_distributed.py", "tests/core/test_softmax.py", "tests/ops/test_decode.py"), "works",
-            "exact partitioned softmax across devices (KV-partitioned, zigzag ring prefill fwd+bwd, sharded decode; "
-            "8 forced host devices), a paged decode kernel returning lse, and the per-device KV memory model "
+            "exact partitioned softmax across devices (KV-partitioned, zigzag ring prefill fwd+bwd with a ring "
+            "backward, 0.22 of single-device flash's temp at T=32K, sharded decode; 8 forced host devices), a paged decode kernel returning lse, and the per-device KV memory model "
             "checked against compiled memory; the rManager/gManager scheduling is out of scope"),
     "P22": (("jattn.methods.kv.duplex.decode_cost", "jattn.decode_attention"),
             ("tests/methods/kv/test_duplex.py", "tests/ops/test_decode.py"), "partial",

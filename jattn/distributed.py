@@ -9,8 +9,9 @@ Three forms, all exact (they equal single-device ``jattn.attention`` / ``jattn.d
   K/V blocks travel around the ring (``ppermute``) while each device folds them into its queries' online
   softmax. Causal rings use the zigzag layout (device ``i`` holds sequence chunks ``i`` and ``2n - 1 - i``),
   so every step costs every device the same two chunk-pairs of work and no device idles on fully masked
-  blocks. The backward is JAX's transpose of the same program (``ppermute`` reversed, the per-block
-  attention's own custom VJP).
+  blocks. The backward is a second ring: K/V travel again with their gradient accumulators, each block's
+  gradients come from its own VJP fed the merged output's cotangents, and dK/dV arrive home after one more
+  hop, so a device keeps only its q, k, v, output and lse between the passes.
 * ``sharded_decode_attention``: decode against a KV cache split along the sequence over a mesh axis.
 
 On a real multi-host mesh the code is the same; only the mesh changes (see the README).
@@ -153,38 +154,49 @@ def kv_partitioned_attention(q, k, v, *, mesh: Mesh, axis: str, causal: bool = F
     return _shard_map(local, mesh, (P(), seq, seq), P())(q, k, v)
 
 
-def _as_f32(partial):
-    return tuple(x.astype(jnp.float32) for x in partial)
-
-
 def _empty_partial(q, v, rows: int):
     """``(out, lse)`` of no keys for ``rows`` queries: zeros and ``-inf``, float32 (heads on axis 2)."""
     B, _, H, _ = q.shape
     return jnp.zeros((B, rows, H, v.shape[3]), jnp.float32), jnp.full((B, rows, H), -jnp.inf, jnp.float32)
 
 
-def _by_kv_head(fold, q, k, v, states):
-    """``fold(q_g, k_g, v_g, states_g) -> states_g`` applied to one KV head and its query heads at a time.
+def _by_kv_head(fold, groups: int, inputs, states):
+    """``fold(inputs_g, states_g) -> states_g`` applied to one KV head and its query heads at a time.
 
-    ``states`` is a pytree of ``[B, rows, H, ...]`` arrays (heads on axis 2), updated in place head group by
-    head group. Why: the per-block attention's working set (its layout copies and score tiles) grows with
-    the heads it is given, so one KV head at a time keeps a ring device's temp memory at a fraction of an
-    all-heads call (T=32K on 8 devices: 63.8 -> 40.0 MiB, see benchmarks/cpu_distributed.py); on CPU it
-    also ran faster (1.77 -> 1.52 s at T=16K).
+    ``inputs`` (read) and ``states`` (updated in place) are pytrees of ``[B, rows, heads, ...]`` arrays, heads
+    on axis 2; group ``g`` of an array is its ``g``-th run of ``heads / groups`` heads, so with
+    ``groups = Hkv`` it pairs KV head ``g`` with the query heads that share it. Why: the per-block attention's
+    working set (its layout copies and score tiles) grows with the heads it is given, so one KV head at a
+    time keeps a ring device's temp memory at a fraction of an all-heads call (T=32K on 8 devices: forward
+    63.8 -> 40.0 MiB, see benchmarks/cpu_distributed.py); on CPU it also ran faster (1.77 -> 1.52 s at T=16K).
     """
-    groups = k.shape[2]
-    q_per, kv_per = q.shape[2] // groups, 1
-
-    def head_slice(x, g, per):
+    def group(x, g):
+        per = x.shape[2] // groups
         return lax.dynamic_slice_in_dim(x, g * per, per, axis=2)
 
+    def put(x, y, g):
+        return lax.dynamic_update_slice_in_dim(x, y.astype(x.dtype), g * (x.shape[2] // groups), axis=2)
+
     def body(g, states):
-        part = jax.tree.map(lambda x: head_slice(x, g, q_per), states)
-        part = fold(head_slice(q, g, q_per), head_slice(k, g, kv_per), head_slice(v, g, kv_per), part)
-        return jax.tree.map(lambda x, y: lax.dynamic_update_slice_in_dim(x, y.astype(x.dtype), g * q_per, axis=2),
-                            states, part)
+        part = fold(jax.tree.map(lambda x: group(x, g), inputs), jax.tree.map(lambda x: group(x, g), states))
+        return jax.tree.map(lambda x, y: put(x, y, g), states, part)
 
     return lax.fori_loop(0, groups, body, states)
+
+
+def _block_grads(per_block, q, k, v, out, lse, d_out, delta, causal: bool):
+    """q, k, v's gradients from one block of keys, given the merged (global) ``out``, ``lse`` and ``d_out``.
+
+    The block's own ``(out_b, lse_b)`` enter the merge with weight ``w = exp(lse_b - lse)``, so its
+    cotangents are ``d out_b = w * d_out`` and ``d lse_b = w * (<d_out, out_b> - <d_out, out>)``; the block's
+    VJP then sees ``exp(s - lse_b) * w = exp(s - lse)``, the global probabilities. ``delta = <d_out, out>``.
+    """
+    (out_b, lse_b), vjp = jax.vjp(lambda q, k, v: per_block(q, k, v, causal=causal), q, k, v)
+    lse_b = lse_b.astype(jnp.float32)
+    # lse_b = -inf (no visible key) weighs 0; the global lse is then -inf too when the whole row is empty.
+    weight = jnp.where(jnp.isneginf(lse_b), 0.0, jnp.exp(lse_b - jnp.where(jnp.isneginf(lse), 0.0, lse)))
+    d_lse_b = weight * (jnp.sum(d_out * out_b.astype(jnp.float32), axis=-1) - delta)
+    return vjp(((weight[..., None] * d_out).astype(out_b.dtype), d_lse_b.astype(lse_b.dtype)))
 
 
 def zigzag_order(length: int, parts: int) -> np.ndarray:
@@ -228,57 +240,94 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str, causal: bool = False, scal
     def rotate(x):
         return lax.ppermute(x, axis, permutation)
 
-    def plain(q, k, v):
-        def first(q, k, v, _):
-            return _as_f32(per_block(q, k, v))
-        state = _by_kv_head(first, q, k, v, _empty_partial(q, v, q.shape[1]))
-
-        def step(carry, _):
-            k, v, state = carry
-            k, v = rotate(k), rotate(v)
-            state = _by_kv_head(lambda q, k, v, state: merge_two(*state, *per_block(q, k, v)), q, k, v, state)
-            return (k, v, state), None
-        (_, _, (out, _)), _ = lax.scan(step, (k, v, state), None, length=n - 1)
-        return out.astype(q.dtype)
-
-    def zigzag(q, k, v):
-        c = q.shape[1] // 2
+    def schedule(visit, step, rows: int, state):
+        """Folds step ``step``'s visible (query rows, key rows, causal) pairs into ``state`` with
+        ``visit(state, q_rows, k_rows, causal)``. At step t a device holds the K/V of device ``me - t``."""
+        if not causal:
+            return visit(state, slice(None), slice(None), False)
+        c = rows // 2
+        lo, hi = slice(0, c), slice(c, rows)
+        if isinstance(step, int):  # step 0, this device's own chunks
+            for q_rows, k_rows, block_causal in ((lo, lo, True), (hi, hi, True), (hi, lo, False)):
+                state = visit(state, q_rows, k_rows, block_causal)
+            return state
+        state = visit(state, hi, lo, False)  # a later query chunk: all visible
+        # The other visible pair: both low chunks when the keys come from an earlier device, else both high
+        # chunks (the keys' high chunk precedes this device's). zigzag: device i holds chunks i and 2n-1-i.
+        # lax.cond, not jnp.where: a select would materialise both pairs' inputs and both merges.
         me = lax.axis_index(axis)
+        return lax.cond((me - step) % n < me, lambda s: visit(s, lo, lo, False), lambda s: visit(s, hi, hi, False),
+                        state)
 
-        def first(q, k, v, _):
-            lo = per_block(q[:, :c], k[:, :c], v[:, :c], causal=True)
-            hi = merge_two(*per_block(q[:, c:], k[:, c:], v[:, c:], causal=True),
-                           *per_block(q[:, c:], k[:, :c], v[:, :c]))
-            return _as_f32(lo), hi
-        empty = _empty_partial(q, v, c)
-        lo, hi = _by_kv_head(first, q, k, v, (empty, empty))
+    def forward_step(q, k, v, step, partial):
+        def visit(partial, q_rows, k_rows, block_causal):
+            def fold(x, partial):
+                q, k, v = x
+                out, lse = partial
+                new = merge_two(out[:, q_rows], lse[:, q_rows],
+                                *per_block(q[:, q_rows], k[:, k_rows], v[:, k_rows], causal=block_causal))
+                return out.at[:, q_rows].set(new[0]), lse.at[:, q_rows].set(new[1])
+            return _by_kv_head(fold, k.shape[2], (q, k, v), partial)
+        return schedule(visit, step, q.shape[1], partial)
 
-        def fold(q, k, v, states, t):
-            lo, hi = states
-            hi = merge_two(*hi, *per_block(q[:, c:], k[:, :c], v[:, :c]))  # a later query chunk: all visible
-            # The other visible pair: both low chunks when the keys come from an earlier device, else both
-            # high chunks (the keys' high chunk precedes this device's).
-            # lax.cond, not jnp.where: a select would materialise both halves of q, k, v and both merges.
-            return lax.cond(
-                (me - t) % n < me,
-                lambda lo, hi: (merge_two(*lo, *per_block(q[:, :c], k[:, :c], v[:, :c])), hi),
-                lambda lo, hi: (lo, merge_two(*hi, *per_block(q[:, c:], k[:, c:], v[:, c:]))),
-                lo, hi)
+    def backward_step(q, k, v, out, lse, d_out, delta, step, grads):
+        def visit(grads, q_rows, k_rows, block_causal):
+            def fold(x, grads):
+                q, k, v, out, lse, d_out, delta = x
+                dq, dk, dv = grads
+                bq, bk, bv = _block_grads(per_block, q[:, q_rows], k[:, k_rows], v[:, k_rows], out[:, q_rows],
+                                          lse[:, q_rows], d_out[:, q_rows], delta[:, q_rows], block_causal)
+                return (dq.at[:, q_rows].add(bq.astype(dq.dtype)), dk.at[:, k_rows].add(bk.astype(dk.dtype)),
+                        dv.at[:, k_rows].add(bv.astype(dv.dtype)))
+            return _by_kv_head(fold, k.shape[2], (q, k, v, out, lse, d_out, delta), grads)
+        return schedule(visit, step, q.shape[1], grads)
+
+    def ring_forward(q, k, v):
+        partial = forward_step(q, k, v, 0, _empty_partial(q, v, q.shape[1]))
 
         def step(carry, t):
-            k, v, lo, hi = carry
+            k, v, partial = carry
             k, v = rotate(k), rotate(v)
-            lo, hi = _by_kv_head(functools.partial(fold, t=t), q, k, v, (lo, hi))
-            return (k, v, lo, hi), None
-        (_, _, lo, hi), _ = lax.scan(step, (k, v, lo, hi), jnp.arange(1, n))
-        return jnp.concatenate([lo[0], hi[0]], axis=1).astype(q.dtype)
+            return (k, v, forward_step(q, k, v, t, partial)), None
+        (_, _, partial), _ = lax.scan(step, (k, v, partial), jnp.arange(1, n))
+        return partial
+
+    # The backward is a second ring, not JAX's transpose of the first: K/V travel again with their gradient
+    # accumulators, so it keeps only q, k, v, out and lse per device instead of every step's shards and
+    # per-block residuals (T=32K on 8 devices: 432 MiB of temp per device as a transpose).
+    @jax.custom_vjp
+    def ring(q, k, v):
+        return ring_forward(q, k, v)[0].astype(q.dtype)
+
+    def ring_fwd(q, k, v):
+        out, lse = ring_forward(q, k, v)
+        return out.astype(q.dtype), (q, k, v, out, lse)
+
+    def ring_bwd(residuals, d_out):
+        q, k, v, out, lse = residuals
+        d_out = d_out.astype(jnp.float32)
+        delta = jnp.sum(d_out * out, axis=-1)
+        zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
+        backward = functools.partial(backward_step, q)
+        dq, dk, dv = backward(k, v, out, lse, d_out, delta, 0, (zeros(q.shape), zeros(k.shape), zeros(v.shape)))
+
+        def step(carry, t):
+            k, v, dq, dk, dv = carry
+            k, v, dk, dv = rotate(k), rotate(v), rotate(dk), rotate(dv)
+            dq, dk, dv = backward(k, v, out, lse, d_out, delta, t, (dq, dk, dv))
+            return (k, v, dq, dk, dv), None
+        (_, _, dq, dk, dv), _ = lax.scan(step, (k, v, dq, dk, dv), jnp.arange(1, n))
+        dk, dv = rotate(dk), rotate(dv)  # home: the accumulators held the K/V of device me + 1
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+    ring.defvjp(ring_fwd, ring_bwd)
 
     if not causal:
-        return _shard_map(plain, mesh, (seq, seq, seq), seq)(q, k, v)
+        return _shard_map(ring, mesh, (seq, seq, seq), seq)(q, k, v)
     order = zigzag_order(T, n)
     if reorder:
         q, k, v = (jnp.take(x, order, axis=1) for x in (q, k, v))
-    out = _shard_map(zigzag, mesh, (seq, seq, seq), seq)(q, k, v)
+    out = _shard_map(ring, mesh, (seq, seq, seq), seq)(q, k, v)
     return jnp.take(out, np.argsort(order), axis=1) if reorder else out
 
 
