@@ -409,8 +409,9 @@ _PROGRESS = {
             "streaming recompression every gap, KV bytes = formula; beats random selection in every seed and "
             "accumulated-score selection on mean (3-5 of 5 seeds) at equal bytes (benchmarks/kv_quantization.py); "
             "the KIVI-style QuantizedKVCache has a split-K Pallas kernel that dequantises packed 8/4/2-bit key "
-            "groups in place (GPU/TPU; exact vs the reference over the dequantised view); ZipCache's own mixed "
-            "4/2-bit store still reads a dequantised view; equal to the full cache in the needle test (1K-16K, "
+            "groups in place (GPU/TPU; exact vs the reference over the dequantised view), and reads ZipCache's "
+            "mixed 4/2-bit classes in place too (one kernel sequence per class, s_c on the class's output; one "
+            "decode token, no window; else the view); equal to the full cache in the needle test (1K-16K, "
             "within one haystack per cell); no LLM evaluation"),
     "P44": (tuple(_KV + n for n in ("tokenselect.tokenselect_indices", "tokenselect.tokenselect_select",
                                     "tokenselect.tokenselect_decode", "tokenselect.SelectionCache",

@@ -170,7 +170,7 @@ def _build(target: str, interpret: bool, *, cfg: QuantizedDecodeConfig):
 def quantized_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, lengths, *, bits: int,
                               new_tokens: int, group: int, num_splits: int, tiles_per_split: int, scale: float,
                               softcap: float | None = None, window: int | None = None, interpret=None,
-                              poison_outputs: bool = False):
+                              poison_outputs: bool = False, quantized_lengths=None):
     """Per-split partial attention of packed decode rows over the complete key groups of a quantised cache.
 
     Args:
@@ -192,10 +192,14 @@ def quantized_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_mi
       window: keys back from each query's position that it sees, or None.
       interpret: None (decided at lowering), True/"triton" or "mosaic" (forced, interpreted).
       poison_outputs: NaN-fill every output buffer first (tests: unwritten tiles show).
+      quantized_lengths: ``[B]`` keys held as codes, a multiple of ``group_size``: the kernel visits the tiles
+        below it and masks keys at or past ``lengths``. Default ``lengths - lengths % group_size`` (a
+        ``QuantizedKVCache``'s complete groups; its partial group is a residual). ZipCache passes ``lengths``
+        rounded up, its classes' codes padded to whole tiles.
 
     Returns:
       ``(out [B, Hkv, num_splits, R, D], lse [B, Hkv, num_splits, R, 1])`` float32 partials over the keys
-      ``< lengths - lengths % group_size``; a split that saw nothing has ``out = 0, lse = -inf``.
+      ``< min(lengths, quantized_lengths)``; a split that saw nothing has ``out = 0, lse = -inf``.
     """
     group_size = k_codes.shape[3]
     tile_cfg = DecodeConfig(new_tokens=int(new_tokens), group=int(group), rows=int(q.shape[2]),
@@ -206,6 +210,6 @@ def quantized_decode_partials(q, k_codes, k_scale, k_min, v_codes, v_scale, v_mi
                             interpret=False, poison_outputs=bool(poison_outputs))
     cfg = QuantizedDecodeConfig(tile=tile_cfg, bits=int(bits), head_dim=int(q.shape[-1]))
     lengths = lengths.astype(jnp.int32)
-    quantized = lengths - lengths % group_size
+    quantized = lengths - lengths % group_size if quantized_lengths is None else quantized_lengths.astype(jnp.int32)
     return common.dispatch(functools.partial(_build, cfg=cfg), lengths, quantized, q, k_codes, k_scale, k_min,
                            v_codes, v_scale, v_min, interpret=interpret)

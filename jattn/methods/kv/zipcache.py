@@ -46,15 +46,24 @@ Where this departs from the code, and quirks kept:
 * The salient set is stored as a packed 1-bit mask per ``(kv head, token)`` (the code keeps int64 indices);
   codes are packed along ``D`` with ``jattn.methods.kv.quantized.pack``. A constant slice (``step = 0``) is
   exact (code 0); a channel with ``max |v| = 0`` gets ``s_c = 1`` (the code divides by zero).
-* Attention runs over the dequantised cache (``jattn.decode_attention``): a Pallas kernel that dequantises
-  2/4-bit tiles on the fly is not written. The prompt's own attention is the caller's (full precision, as
-  in the code).
+* Attention (``ZipCache.attend``, ``zipcache_decode``): on GPU/TPU (``impl="auto"`` or ``"pallas"``) one new
+  token's attention reads the packed classes in place with ``pallas_kernels.decode_quantized``: attention
+  over a set of keys does not depend on their order, and a decode token sees every held key, so each class
+  (the prompt's and each stream segment's salient and other tokens) is one kernel sequence of its own
+  length, its class-wide key statistics repeated per tile, its value rows' statistics per token, and
+  ``s_c`` applied to the class's output (``sum_j p_j v_j s_c = s_c sum_j p_j v_j``). The residual is
+  attended exactly in XLA, and the parts merge by lse. Each call pads a class's codes to whole tiles of
+  ``KERNEL_TILE`` tokens (a copy of the packed bytes, not a float view). Several new tokens at once or a
+  window need positions, which the compacted classes do not keep: those, ``impl="xla"`` and the CPU run
+  ``jattn.decode_attention`` over the dequantised view. The prompt's own attention is the caller's (full
+  precision, as in the code).
 
 Memory: ``zipcache_bytes_per_token`` (formula in its docstring) against ``2 * Hkv * D * 2`` for fp16.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -63,8 +72,14 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from jattn.core import checks
+from jattn.core.reference import softmax_rows
+from jattn.core.softmax import merge_partials, merge_sinks
 from jattn.methods.kv.quantized import QUANT_BITS, dequantize, pack, packed_size, quantize, unpack
+from jattn.ops import decode as decode_op
 from jattn.ops.decode import decode_attention
+from jattn.ops.dispatch import run_impl
+from pallas_kernels import common
+from pallas_kernels.decode_quantized import quantized_decode_partials
 
 UNIMPORTANT_RATIO = 0.4
 STREAMING_GAP = 100
@@ -73,6 +88,7 @@ DENOMINATORS = ("remaining", "visible", "none")
 STREAM_SCORES = ("last_query", "accumulated")
 HIGHEST = lax.Precision.HIGHEST
 VIEW_TILE = 128     # the decode kernel's default page: the view is padded to a multiple of it
+KERNEL_TILE = 16    # tokens per tile when the quantised decode kernel reads a precision class in place
 
 
 # ---------------------------------------------------------------------------------------------- saliency
@@ -522,10 +538,33 @@ class ZipCache:
         zeros past ``length``."""
         return _view(self, self.residual_k, self.residual_v, _filled(self))
 
-    def attend(self, q: Float[Array, "B *Tq H D"], **kwargs):
-        """``jattn.decode_attention`` of ``q`` (its tokens already held) over the dequantised cache."""
-        k, v = self.dequantized()
-        return decode_attention(q, k, v, self.lengths, scale=self.scale, **kwargs)
+    def attend(self, q: Float[Array, "B *Tq H D"], *, window=None, sinks: Float[Array, "H"] | None = None,
+               softcap: float | None = None, return_lse: bool = False, impl: str = "auto",
+               num_splits: int | None = None, interpret=None, poison_outputs: bool = False):
+        """``jattn.decode_attention``'s contract for ``q`` (its tokens already held) over this cache.
+
+        Args:
+          q: ``[B, H, D]`` or ``[B, Tq, H, D]`` in the cache's dtype (causal within the new tokens).
+          window, sinks, softcap, return_lse: as ``jattn.decode_attention``.
+          impl: "auto" | "pallas" | "xla" | "reference". "pallas" (and "auto" on GPU/TPU) reads the packed
+            classes in place with the quantised decode kernel when ``Tq == 1`` and there is no window (else
+            the float decode kernel over the dequantised view); "xla" and "reference" attend over the view.
+          num_splits, interpret, poison_outputs: the quantised kernel's (see ``quantized_decode_attention``).
+
+        Returns:
+          ``out`` like ``q`` (and its float32 lse with ``return_lse``); NaN rows once the cache overflowed.
+        """
+        checks.check_float_array("q", q)
+        if q.ndim not in (3, 4):
+            raise ValueError(f"q must be [B, H, D] or [B, Tq, H, D], got {checks.describe(q)}")
+        filled = _filled(self)
+        held = self.length - self.prompt_length - filled * self.streaming_gap
+        out, lse = _attend(self, q[:, None] if q.ndim == 3 else q, filled, held, self.lengths,
+                           dict(window=window, sinks=sinks, softcap=softcap, impl=impl, num_splits=num_splits,
+                                interpret=interpret, poison_outputs=poison_outputs))
+        if q.ndim == 3:
+            out, lse = out[:, 0], lse[:, 0]
+        return (out, lse) if return_lse else out
 
 
 def _lengths(length, capacity: int, view_length: int, batch: int):
@@ -551,6 +590,163 @@ def _view(cache: ZipCache, residual_k, residual_v, filled):
         buffer = lax.dynamic_update_slice_in_dim(buffer, residual.astype(buffer.dtype), start, axis=2)
         return buffer[:, :, :view]
     return lay_out(k_prompt, k_stream, residual_k), lay_out(v_prompt, v_stream, residual_v)
+
+
+# --------------------------------------------------------------------- attention: in place or over the view
+
+def _attend(cache: ZipCache, q4, filled, held, lengths, options: dict):
+    """``(out [B, Tq, H, D] in q's dtype, lse [B, Tq, H])`` of ``q4`` over the cache with ``filled`` stream
+    segments compressed and ``held`` residual tokens (``lengths``: the view's, for the view paths)."""
+    B, Tq, H, D = q4.shape
+    Hkv = cache.residual_k.shape[1]
+    if q4.dtype != cache.dtype or q4.shape[0] != B or D != cache.residual_k.shape[3] or H % Hkv:
+        raise ValueError(f"q must be [B={cache.residual_k.shape[0]}, (Tq,) H, D={cache.residual_k.shape[3]}] "
+                         f"in the cache's dtype {cache.dtype} with H a multiple of Hkv={Hkv}, got "
+                         f"{checks.describe(q4)}")
+    impl = options["impl"]
+    checks.check_choice("impl", impl, checks.IMPLS)
+    view_options = dict(window=options["window"], softcap=options["softcap"], scale=cache.scale, return_lse=True)
+
+    def over_view(impl_name):
+        def run(q4, cache, sinks):
+            k, v = _view(cache, cache.residual_k, cache.residual_v, filled)
+            out, lse = decode_attention(q4, k, v, lengths, sinks=sinks, impl=impl_name, **view_options)
+            return out.astype(jnp.float32), lse
+        return run
+
+    def pallas(q4, cache, sinks):
+        problem = _kernel_problem(cache, Tq, options["window"])
+        if problem is not None:
+            return over_view("pallas")(q4, cache, sinks)
+        plan = (("interpret", options["interpret"]), ("num_splits", options["num_splits"]),
+                ("poison_outputs", bool(options["poison_outputs"])), ("softcap", options["softcap"]))
+        out, lse = _pallas_zip(plan, q4, cache, filled, held)
+        out = jnp.where(cache.length > cache.capacity, jnp.nan, out)     # overflowed: NaN rows, as the view's
+        lse = jnp.where(cache.length > cache.capacity, jnp.nan, lse)
+        return (out, lse) if sinks is None else merge_sinks(out, lse, sinks)
+
+    out, lse = run_impl(impl, (q4, cache, options["sinks"]), xla=over_view("xla"), pallas=pallas,
+                        reference=over_view("reference"))
+    return out.astype(q4.dtype), lse
+
+
+def _kernel_problem(cache: ZipCache, new_tokens: int, window) -> str | None:
+    """Why one call cannot read the packed classes in place (it then runs over the view), or None."""
+    D = cache.residual_k.shape[3]
+    if new_tokens != 1 or window is not None:
+        return "several new tokens or a window need key positions, which the compacted classes do not keep"
+    bits = (cache.prompt.bits_high, cache.prompt.bits_low)
+    if D < common.MIN_DOT_DIM or D & (D - 1) or min(packed_size(D, b) for b in bits) < common.MIN_DOT_DIM:
+        return f"the quantised kernel needs D a power of two with D * bits / 8 >= {common.MIN_DOT_DIM}"
+    return None
+
+
+def _class_partial(plan: dict, rows, codes_k, k_scale, k_min, codes_v, v_scale, v_min, channel_scale, counts,
+                   *, bits: int, group: int):
+    """One precision class of ``Bp`` segments through the quantised kernel: ``(out [Bp, Hkv, R, D] with s_c
+    applied, lse [Bp, Hkv, R])`` over each segment's first ``counts`` tokens of the class."""
+    Bp, Hkv, n, _ = codes_k.shape
+    D = k_scale.shape[-1]
+    tiles = -(-n // KERNEL_TILE)
+
+    def tiled(x):  # [Bp, Hkv, n, w] -> [Bp, Hkv, tiles, KERNEL_TILE, w], zeros past n (masked by counts)
+        return common.pad_axis(x, 2, tiles * KERNEL_TILE).reshape(Bp, Hkv, tiles, KERNEL_TILE, x.shape[-1])
+
+    def per_tile(stat):  # a class-wide [Bp, Hkv, 1, D] key statistic, one row per tile
+        return jnp.broadcast_to(stat[:, :, None], (Bp, Hkv, tiles, 1, D))
+
+    def per_token(stat):  # a value row's [Bp, 1, n, 1] statistic, shared by the kv heads
+        return tiled(jnp.broadcast_to(stat, (Bp, Hkv, n, 1)))
+
+    splits, per_split = decode_op.split_plan(Bp, Hkv, tiles, plan["num_splits"])
+    rounded = -(-counts // KERNEL_TILE) * KERNEL_TILE
+    out, lse = quantized_decode_partials(
+        rows, tiled(codes_k), per_tile(k_scale), per_tile(k_min), tiled(codes_v), per_token(v_scale),
+        per_token(v_min), counts, bits=bits, new_tokens=1, group=group, num_splits=splits,
+        tiles_per_split=per_split, scale=plan["scale"], softcap=plan["softcap"], interpret=plan["interpret"],
+        poison_outputs=plan["poison_outputs"], quantized_lengths=rounded)
+    out, lse = merge_partials(jnp.moveaxis(out, 2, 0), jnp.moveaxis(lse[..., 0], 2, 0))
+    return out * channel_scale.astype(jnp.float32), lse
+
+
+def _segment_partials(plan: dict, rows, segment: ZipCompressedKV, filled_high, filled_low, group: int):
+    """Both classes of ``Bp`` segments (``segment``'s leaves ``[Bp, ...]``), as ``[(out, lse), ...]``."""
+    parts = []
+    for codes_k, k_scale, k_min, codes_v, v_scale, v_min, bits, counts in (
+            (segment.k_high, segment.k_high_scale, segment.k_high_min, segment.v_high, segment.v_high_scale,
+             segment.v_high_min, segment.bits_high, filled_high),
+            (segment.k_low, segment.k_low_scale, segment.k_low_min, segment.v_low, segment.v_low_scale,
+             segment.v_low_min, segment.bits_low, filled_low)):
+        if codes_k.shape[2]:                                      # an empty class (r = 0 or 1) has no keys
+            parts.append(_class_partial(plan, rows, codes_k, k_scale, k_min, codes_v, v_scale, v_min,
+                                        segment.v_channel_scale, counts, bits=bits, group=group))
+    return parts
+
+
+def _residual_partial(plan: dict, rows, residual_k, residual_v, held):
+    """The exact residual's first ``held`` tokens for packed rows ``[B, Hkv, R, D]``: ``(out, lse)``."""
+    s = jnp.einsum("bkrd,bkjd->bkrj", rows.astype(jnp.float32), residual_k.astype(jnp.float32),
+                   precision=HIGHEST) * plan["scale"]
+    if plan["softcap"] is not None:
+        s = plan["softcap"] * jnp.tanh(s / plan["softcap"])
+    s = jnp.where(jnp.arange(residual_k.shape[2]) < held, s, -jnp.inf)
+    p, lse = softmax_rows(s)
+    return jnp.einsum("bkrj,bkjd->bkrd", p, residual_v.astype(jnp.float32), precision=HIGHEST), lse
+
+
+def _kernel_attend(plan: tuple, q4, cache: ZipCache, filled, held):
+    """One new token over the packed prompt, the filled stream segments and the residual, merged by lse."""
+    plan = dict(plan, scale=cache.scale)
+    B, _, H, D = q4.shape
+    Hkv = cache.residual_k.shape[1]
+    group, S = H // Hkv, cache.segments
+    rows = decode_op._pack_rows(q4, Hkv)                                      # [B, Hkv, R, D]
+    prompt = cache.prompt
+    n_high = prompt.k_high.shape[2]
+    parts = _segment_partials(plan, rows, prompt, jnp.full((B,), n_high, jnp.int32),
+                              jnp.full((B,), prompt.k_low.shape[2], jnp.int32), group)
+    # the stream's segments become sequences of their own: [S, B, ...] -> [S * B, ...]
+    stream = jax.tree.map(lambda x: x.reshape(S * B, *x.shape[2:]), cache.stream)
+    is_filled = jnp.repeat(jnp.arange(S) < filled, B)
+    stream_rows = jnp.broadcast_to(rows[None], (S, *rows.shape)).reshape(S * B, *rows.shape[1:])
+    counts = [jnp.where(is_filled, cache.stream.k_high.shape[3], 0).astype(jnp.int32),
+              jnp.where(is_filled, cache.stream.k_low.shape[3], 0).astype(jnp.int32)]
+    for out, lse in _segment_partials(plan, stream_rows, stream, *counts, group):
+        parts += list(zip(out.reshape(S, *rows.shape), lse.reshape(S, *rows.shape[:3])))
+    parts.append(_residual_partial(plan, rows, cache.residual_k, cache.residual_v, held))
+    out, lse = merge_partials(*zip(*parts))
+    return decode_op._unpack_rows(out, 1, H), decode_op._unpack_rows(lse, 1, H)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _pallas_zip(plan, q4, cache, filled, held):
+    return _kernel_attend(plan, q4, cache, filled, held)
+
+
+def _pallas_zip_fwd(plan, q4, cache, filled, held):
+    return _kernel_attend(plan, q4, cache, filled, held), (q4, cache, filled, held)
+
+
+def _pallas_zip_bwd(plan, residuals, cotangents):
+    """The query's gradient through attention over the dequantised view (the same function); the codes,
+    statistics and counters get none."""
+    q4, cache, filled, held = residuals
+    softcap = dict(plan)["softcap"]
+
+    def dense(q4):
+        k, v = _view(cache, cache.residual_k, cache.residual_v, filled)
+        lengths = jnp.full((q4.shape[0],), cache.prompt_length + filled * cache.streaming_gap + held, jnp.int32)
+        out, lse = decode_attention(q4, k, v, lengths, softcap=softcap, scale=cache.scale, return_lse=True,
+                                    impl="xla")
+        return out.astype(jnp.float32), lse
+    _, vjp = jax.vjp(dense, q4)
+
+    def no_gradient(x):
+        return jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.floating) else np.zeros(x.shape, jax.dtypes.float0)
+    return (vjp(cotangents)[0], jax.tree.map(no_gradient, cache), no_gradient(filled), no_gradient(held))
+
+
+_pallas_zip.defvjp(_pallas_zip_fwd, _pallas_zip_bwd)
 
 
 def zipcache_prefill(q: Float[Array, "B T H D"], k: Float[Array, "B T Hkv D"], v: Float[Array, "B T Hkv D"],
@@ -633,15 +829,17 @@ def _decode_token(cache: ZipCache, q, k_tok, v_tok, impl: str):
     residual_k = jnp.where(fits, cache.residual_k.at[:, :, count].set(k_tok), cache.residual_k)
     residual_v = jnp.where(fits, cache.residual_v.at[:, :, count].set(v_tok), cache.residual_v)
     length = jnp.where(fits, cache.length + 1, cache.capacity + 1).astype(jnp.int32)
-    k, v = _view(cache, residual_k, residual_v, filled)
-    out, lse = decode_attention(q, k, v, _lengths(length, cache.capacity, cache.view_length, q.shape[0]),
-                                scale=cache.scale, return_lse=True, impl=impl)
+    cache = dataclasses.replace(cache, residual_k=residual_k, residual_v=residual_v, length=length)
+    out, lse = _attend(cache, q[:, None], filled, count + 1, _lengths(length, cache.capacity, cache.view_length,
+                                                                      q.shape[0]),
+                       dict(window=None, sinks=None, softcap=None, impl=impl, num_splits=None, interpret=None,
+                            poison_outputs=False))
+    out, lse = out[:, 0], lse[:, 0]
     paid = _residual_attention(q, residual_k, lse, cache.scale)
     held = jnp.arange(gap) <= count
     score = jnp.where(cache.accumulate, cache.residual_score + paid, paid)
     score = jnp.where(fits, jnp.where(held, score, 0.0), cache.residual_score)
-    cache = dataclasses.replace(cache, residual_k=residual_k, residual_v=residual_v, residual_score=score,
-                                length=length)
+    cache = dataclasses.replace(cache, residual_score=score)
 
     def compress(cache):
         segment = compress_with_scores(jnp.swapaxes(cache.residual_k, 1, 2), jnp.swapaxes(cache.residual_v, 1, 2),

@@ -424,3 +424,86 @@ def test_decode_lowers_to_the_decode_kernel_on_gpu():
                                      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(triton)])
         text = exported(shapes, *token).mlir_module()
     assert text.count(triton) == 1
+
+
+# ------------------------------------------------------------- the packed classes read in place by the kernel
+
+KERNEL_RUN = dict(B=2, T0=37, H=4, Hkv=2, D=64, gap=8)   # prompt classes of 23 and 14 tokens: tiles 2 and 1
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_caches(bits_high=4, bits_low=2):
+    """A cache just prefilled (no stream segment, empty residual) and one 11 tokens later (one segment
+    compressed, 3 residual tokens), D=64 so both classes' codes make legal kernel tiles."""
+    B, T0, H, Hkv, D, gap = (KERNEL_RUN[n] for n in ("B", "T0", "H", "Hkv", "D", "gap"))
+    q, k, v = (jnp.asarray(_normal(40 + i, (B, T0, h, D))) for i, h in enumerate((H, Hkv, Hkv)))
+    cache = jax.jit(functools.partial(Z.zipcache_prefill, max_new_tokens=20, streaming_gap=gap, bits_high=bits_high,
+                                      bits_low=bits_low))(q, k, v, jax.random.PRNGKey(0))
+    new = [jnp.asarray(_normal(50 + i, (B, 11, h, D))) for i, h in enumerate((H, Hkv, Hkv))]
+    _, later = jax.jit(functools.partial(Z.zipcache_decode, impl="xla"))(cache, *new)
+    return cache, later
+
+
+@pytest.mark.parametrize("interpret", [True, "mosaic"])
+@pytest.mark.parametrize("bits", [(4, 2), (8, 4)])
+@pytest.mark.parametrize("features", ["plain", "softcap_sinks"])
+def test_kernel_reads_the_packed_classes_in_place(interpret, bits, features):
+    """One new token through the quantised kernel over the prompt's and the stream's classes, plus the exact
+    residual, equals attention over the dequantised view (out and lse; outputs NaN-poisoned first).
+    Catches: s_c not applied to a class's output, a class's count one short, the partial last tile not
+    visited (counts not rounded up), the filled-segment test off by one, a residual token too many, key
+    scale and minimum swapped, value scale and minimum swapped."""
+    H = KERNEL_RUN["H"]
+    options = dict(softcap=3.0, sinks=jnp.linspace(-1.0, 1.0, H)) if features == "softcap_sinks" else {}
+    q = jnp.asarray(_normal(60, (KERNEL_RUN["B"], H, KERNEL_RUN["D"])))
+    for cache in _kernel_caches(*bits):
+        got = cache.attend(q, impl="pallas", interpret=interpret, poison_outputs=True, return_lse=True, **options)
+        want = cache.attend(q, impl="xla", return_lse=True, **options)
+        for name, x, w in zip(("out", "lse"), got, want):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(w), rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def test_kernel_path_decode_gradient_and_overflow_match_the_view():
+    """zipcache_decode with impl="pallas" (the kernel for every step, segments compressed on the way) gives
+    the xla path's outputs and cache; the query gradient is the view's; an overflowed cache gives NaN rows.
+    Catches: the step attending with the post-append segment count (the full gap's tokens both in a slot
+    and in the residual), the gradient taken through a different function, the overflow mark dropped."""
+    B, T0, H, Hkv, D, gap = (KERNEL_RUN[n] for n in ("B", "T0", "H", "Hkv", "D", "gap"))
+    cache, later = _kernel_caches()
+    new = [jnp.asarray(_normal(50 + i, (B, 11, h, D))) for i, h in enumerate((H, Hkv, Hkv))]
+    out, after = jax.jit(functools.partial(Z.zipcache_decode, impl="pallas"))(cache, *new)
+    want, _ = jax.jit(functools.partial(Z.zipcache_decode, impl="xla"))(cache, *new)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=2e-5, atol=2e-5)
+    for x, w in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(later)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(w), rtol=1e-6, atol=1e-6)
+    q = jnp.asarray(_normal(61, (B, H, D)))
+    weights = jnp.asarray(_normal(62, (B, H, D)))
+    grads = [jax.grad(lambda q: jnp.sum(weights * later.attend(q, impl=impl, softcap=3.0)))(q)
+             for impl in ("pallas", "xla")]
+    np.testing.assert_allclose(np.asarray(grads[0]), np.asarray(grads[1]), rtol=2e-5, atol=2e-5)
+    overflowed = dataclasses.replace(later, length=jnp.int32(later.capacity + 1))
+    assert np.all(np.isnan(np.asarray(overflowed.attend(q, impl="pallas"))))
+
+
+def test_several_new_tokens_fall_back_to_the_view():
+    """Tq > 1 needs key positions the compacted classes do not keep: impl="pallas" then runs the float decode
+    kernel over the view, with the view path's result."""
+    _, later = _kernel_caches()
+    q = jnp.asarray(_normal(63, (KERNEL_RUN["B"], 3, KERNEL_RUN["H"], KERNEL_RUN["D"])))
+    np.testing.assert_allclose(np.asarray(later.attend(q, impl="pallas")), np.asarray(later.attend(q, impl="xla")),
+                               rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_decode_step_lowers_to_the_quantised_kernel_per_class(platform):
+    """A decode step on D=64 exports with four quantised-kernel calls (prompt and stream, salient and not)
+    and no float decode kernel: the packed codes are read in place, no float view is attended."""
+    import re
+    from tests.kernels.test_lowering import exported_text
+    B, T0, H, Hkv, D = 1, 37, 4, 2, 64
+    shapes = jax.eval_shape(functools.partial(Z.zipcache_prefill, max_new_tokens=20, streaming_gap=8),
+                            *(jax.ShapeDtypeStruct((B, T0, h, D), jnp.float32) for h in (H, Hkv, Hkv)),
+                            jax.random.PRNGKey(0))
+    token = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in ((B, H, D), (B, 1, Hkv, D), (B, 1, Hkv, D))]
+    text = exported_text(Z.zipcache_decode, shapes, *token, platform=platform)
+    assert re.findall(r'\b(?:kernel_)?name = "(jattn_\w+)"', text) == ["jattn_decode_quantized"] * 4
