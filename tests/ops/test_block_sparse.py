@@ -7,7 +7,8 @@ nothing, bfloat16) and one ``check_against_reference(impl, case)``: out, lse and
 and sinks against the dense fp32 reference with the element mask built independently of ``BlockMask``
 (``expected_mask``), run for every impl:
 
-* ``"xla"``: ``block_sparse_attention(impl="xla")``, the flat work list of listed tiles;
+* ``"xla"``: ``block_sparse_attention(impl="xla")``: the forward row by row over each q tile's listed tiles,
+  the backward over the flat work list of listed tiles;
 * ``"pallas"``: ``block_sparse_attention(impl="pallas")``, the kernel's GPU (Triton) structure in the
   interpreter;
 * ``"mosaic"``: the kernel's TPU (Mosaic, scalar-prefetch) structure in the interpreter
@@ -311,6 +312,9 @@ RAGGED = [
          mask_fn=masks.dilated_mask(3, 1), density=0.6),
     Case("row_fully_masked_inside_listed_tile", 1, 24, 24, 2, 1, 8, 8, 8, density=0.8,
          mask_fn=lambda b, h, i, j: (i != 5) & (i != 17)),
+    # rows of up to 25 and 15 tiles: the forward's online softmax across several chunks of ROW_CHUNK tiles
+    Case("gqa42_long_rows", 1, 40, 197, 4, 2, 8, 8, 8, Hm=4, density=0.7, seed=5),
+    Case("mha_long_rows_causal_softcap", 1, 120, 120, 1, 1, 8, 8, 8, density=0.9, causal=True, softcap=3.0),
 ]
 
 
@@ -375,6 +379,27 @@ def test_xla_nan_in_an_unlisted_tile_leaves_the_output_exact(causal):
     for g, c in zip(g_poisoned[1:], g_clean[1:]):                  # dk, dv: exact outside the poisoned tile
         np.testing.assert_array_equal(np.asarray(g)[:, :16], np.asarray(c)[:, :16])
         np.testing.assert_array_equal(np.asarray(g)[:, 24:], np.asarray(c)[:, 24:])
+
+
+def test_xla_forward_never_reads_the_tables_padding():
+    """Rows of 1 to 3 tiles in a table padded with tile 0, which no row lists and which holds NaN: the forward
+    (its row chunks run past a row's count) gives the clean output. Catches: slots past a row's count
+    gathering the table's padding (0 * NaN in ``p @ v``)."""
+    B, T, H, D, blk = 1, 32, 2, 8, 8
+    rng = np.random.default_rng(22)
+    q, k, v = (rng.standard_normal((B, T, H, D)).astype(np.float32) for _ in range(3))
+    block_map = np.zeros((1, 1, 4, 4), bool)
+    block_map[0, 0, 0, 1] = block_map[0, 0, 1, 1:3] = block_map[0, 0, 2:, 1:] = True
+    bm = BlockMask.from_dense_block_map(jnp.asarray(block_map), block_q=blk, block_k=blk, seq_q=T, seq_k=T)
+    indices = np.asarray(bm.kv_indices).copy()                     # slots past a count are free: pad with 0
+    indices[np.arange(indices.shape[-1]) >= np.asarray(bm.kv_counts)[..., None]] = 0
+    leaves, tree = jax.tree_util.tree_flatten(bm)
+    bm = jax.tree_util.tree_unflatten(tree, [jnp.asarray(indices), *leaves[1:]])
+    k_nan, v_nan = k.copy(), v.copy()
+    k_nan[:, :blk], v_nan[:, :blk] = np.nan, np.nan
+    run = jax.jit(lambda k, v: block_sparse_attention(q, k, v, bm, impl="xla"))
+    np.testing.assert_array_equal(np.asarray(run(k_nan, v_nan)), np.asarray(run(k, v)))
+    assert_close(run(k, v), block_sparse_attention(q, k, v, bm, impl="reference"), what="out")
 
 
 def test_xla_nan_in_a_visible_logit_gives_nan_in_that_row_only():
