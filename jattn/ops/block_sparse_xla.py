@@ -5,12 +5,13 @@
 Forward: row by row. Each q tile's listed kv tiles are gathered ``ROW_CHUNK`` (8) at a time into one
 ``[bq, 8 * bk]`` logit block (two plain GEMMs per chunk) and folded into the row's online softmax. Rows are
 sorted by tile count and run in groups of ``ROW_BATCH`` (8) (``lax.map`` over groups, ``vmap`` inside): a
-group runs as many chunks as its longest row needs, so an empty row costs nothing and a full one its tiles
-(rounded up to 8). Slots past a row's count read whatever the table holds there; their values are zeroed
-(their probabilities are 0, but ``0 * NaN`` is NaN). Against the flat work list below, in one process
-(forward, B=1, H=8, D=64, f32): 1.14x (Bernoulli map), 1.23x (causal) and 1.28x (vertical-slash) at T=16K
-with 128-tiles at 10 % density (``benchmarks/cpu_sparse.py``'s maps), 1.13-1.51x on Kinetics' masks at T=32K:
-one GEMM pair per 8 tiles instead of per tile, and no segment reductions or scatters.
+group runs as many chunks as its longest row needs, the last one 4 tiles wide when at most 4 are left, so an
+empty row costs nothing and a full one its tiles (rounded up to 4). Slots past a row's count read whatever
+the table holds there; their values are zeroed (their probabilities are 0, but ``0 * NaN`` is NaN). Against
+the flat work list below, in one process (forward, B=1, H=8, D=64, f32): 1.25x (Bernoulli map), 1.35x
+(causal) and 1.37x (vertical-slash) at T=16K with 128-tiles at 10 % density (``benchmarks/cpu_sparse.py``'s
+maps), 1.25-1.57x on Kinetics' masks at T=32K: one GEMM pair per 8 tiles instead of per tile, and no segment
+reductions or scatters.
 
 Work list (the backward). The BlockMask's kv tables ``[Bm, Hm, nQ, maxK]`` are broadcast to
 ``[B, H, nQ, maxK]`` and flattened into one list of tiles ``(b, h, q block, kv block)``, in row order (all
@@ -262,26 +263,26 @@ def _forward(cfg, mod, q, k, v, tables, consts):
                                                     jnp.arange(nQ, dtype=jnp.int32), indexing="ij"))
     float_consts = () if mod is None else mod.split(consts)
 
-    def chunk(c, state, x):
-        """Chunk ``c`` of one row: its next ``width`` listed tiles folded into the row's online softmax."""
+    def chunk(start, size: int, state, x):
+        """Tiles ``[start, start + size)`` of one row's list folded into the row's online softmax."""
         m, l, acc = state
         q_t, ids, flags, count, b, h, qb = x
         kv_base = (b * Hkv + h // (H // Hkv)) * nK
-        listed = c * width + jnp.arange(width) < count
-        kb = jax.lax.dynamic_slice_in_dim(ids, c * width, width)
-        k_t = jnp.take(k_tiles, kv_base + kb, axis=0, mode="clip").reshape(width * bk, -1)
+        listed = start + jnp.arange(size) < count
+        kb = jax.lax.dynamic_slice_in_dim(ids, start, size)
+        k_t = jnp.take(k_tiles, kv_base + kb, axis=0, mode="clip").reshape(size * bk, -1)
         v_t = jnp.take(v_tiles, kv_base + kb, axis=0, mode="clip")
         # slots past the count read whatever the table holds there: zero their values (p = 0, but 0 * NaN)
-        v_t = jnp.where(listed[:, None, None], v_t, 0.0).reshape(width * bk, E)
-        s = jnp.dot(q_t, k_t.T) * cfg.scale                                     # [bq, width * bk]
+        v_t = jnp.where(listed[:, None, None], v_t, 0.0).reshape(size * bk, E)
+        s = jnp.dot(q_t, k_t.T) * cfg.scale                                     # [bq, size * bk]
         if cfg.softcap is not None:
             s = cfg.softcap * jnp.tanh(s / cfg.softcap)
-        tile_flags = dict(listed=listed, full=jax.lax.dynamic_slice_in_dim(flags, c * width, width))
+        tile_flags = dict(listed=listed, full=jax.lax.dynamic_slice_in_dim(flags, start, size))
         visible = _row_visibility(cfg, b, h, qb, kb, tile_flags)
         if mod is not None:  # the mod's [C, bq, bk] layout, C = the chunk's tiles
-            ch = dict(b=jnp.full((width,), b), h=jnp.full((width,), h), qb=jnp.full((width,), qb), kb=kb)
-            s = s.reshape(bq, width, bk).transpose(1, 0, 2)
-            s = _apply_mod(cfg, mod, consts, float_consts, s, ch).transpose(1, 0, 2).reshape(bq, width * bk)
+            ch = dict(b=jnp.full((size,), b), h=jnp.full((size,), h), qb=jnp.full((size,), qb), kb=kb)
+            s = s.reshape(bq, size, bk).transpose(1, 0, 2)
+            s = _apply_mod(cfg, mod, consts, float_consts, s, ch).transpose(1, 0, 2).reshape(bq, size * bk)
             visible = visible & (s > -jnp.inf)
         s = jnp.where(visible, s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))                              # [bq]
@@ -290,11 +291,23 @@ def _forward(cfg, mod, q, k, v, tables, consts):
         return m_new, l * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + jnp.dot(p, v_t)
 
     def group(xs):
-        """ROW_BATCH rows together: as many chunks as the group's longest row needs (a scalar trip count)."""
+        """ROW_BATCH rows together, to the group's longest row (a scalar trip count): whole chunks of ``width``
+        tiles, then the rest in a chunk of ``width / 2`` when it fits there."""
         state = (jnp.full((ROW_BATCH, bq), -jnp.inf, jnp.float32), jnp.zeros((ROW_BATCH, bq), jnp.float32),
                  jnp.zeros((ROW_BATCH, bq, E), jnp.float32))
-        trips = (jnp.max(xs[3]) + width - 1) // width
-        return jax.lax.fori_loop(0, trips, lambda c, st: jax.vmap(functools.partial(chunk, c))(st, xs), state)
+
+        def fold(start, size, state):
+            return jax.vmap(functools.partial(chunk, start, size))(state, xs)
+
+        longest = jnp.max(xs[3])
+        whole = longest // width
+        state = jax.lax.fori_loop(0, whole, lambda c, st: fold(c * width, width, st), state)
+        rest, half = longest - whole * width, width // 2
+        if half == 0:
+            return state
+        return jax.lax.switch(jnp.where(rest == 0, 0, jnp.where(rest <= half, 1, 2)),
+                              [lambda st: st, lambda st: fold(whole * width, half, st),
+                               lambda st: fold(whole * width, width, st)], state)
 
     rows = (q_rows, indices.reshape(-1, n_cols), full.reshape(-1, n_cols), counts.reshape(-1), b, h, qb)
     # Rows in order of their tile count, so a group runs about as long as each of its rows; padded to whole
