@@ -197,7 +197,7 @@ def _segments(rows, C: int, sentinel: int):
 
 
 def _visibility(cfg, ch, C: int):
-    """Element mask ``[C, bq, bk]`` of a chunk of masked tiles."""
+    """Element mask ``[C, bq, bk]`` of a chunk of tiles (the backward's masked list, the forward's row chunks)."""
     bq, bk = cfg.block_q, cfg.block_k
     q_pos = ch["qb"][:, None, None] * bq + jnp.arange(bq, dtype=jnp.int32)[None, :, None]
     kv_pos = ch["kb"][:, None, None] * bk + jnp.arange(bk, dtype=jnp.int32)[None, None, :]
@@ -212,23 +212,6 @@ def _visibility(cfg, ch, C: int):
         chosen = jnp.broadcast_to(chosen, (C, bq, bk)).astype(bool)
         visible = visible & ((ch["full"] > 0)[:, None, None] | chosen)
     return visible
-
-
-def _row_visibility(cfg, b, h, qb, kb, tile_flags):
-    """Element mask ``[bq, width * bk]`` of q tile ``qb`` against kv tiles ``kb [width]`` (the forward's row
-    form); ``tile_flags``: ``listed [width]`` (within the row's count) and ``full [width]``."""
-    bq, bk = cfg.block_q, cfg.block_k
-    q_pos = qb * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
-    kv_pos = (kb[:, None] * bk + jnp.arange(bk, dtype=jnp.int32)[None, :]).reshape(1, -1)
-    visible = jnp.repeat(tile_flags["listed"], bk)[None, :]
-    if cfg.seq_k % bk:
-        visible = visible & (kv_pos < cfg.seq_k)
-    if cfg.causal:
-        visible = visible & (kv_pos <= q_pos)
-    if cfg.mask_fn is not None:
-        chosen = cfg.mask_fn(b, h, jnp.minimum(q_pos, cfg.seq_q - 1), jnp.minimum(kv_pos, cfg.seq_k - 1))
-        visible = visible & (jnp.repeat(tile_flags["full"], bk)[None, :] | chosen.astype(bool))
-    return jnp.broadcast_to(visible, (bq, kv_pos.shape[1]))
 
 
 def _scores(cfg, q_t, k_t):
@@ -277,10 +260,12 @@ def _forward(cfg, mod, q, k, v, tables, consts):
         s = jnp.dot(q_t, k_t.T) * cfg.scale                                     # [bq, size * bk]
         if cfg.softcap is not None:
             s = cfg.softcap * jnp.tanh(s / cfg.softcap)
-        tile_flags = dict(listed=listed, full=jax.lax.dynamic_slice_in_dim(flags, start, size))
-        visible = _row_visibility(cfg, b, h, qb, kb, tile_flags)
-        if mod is not None:  # the mod's [C, bq, bk] layout, C = the chunk's tiles
-            ch = dict(b=jnp.full((size,), b), h=jnp.full((size,), h), qb=jnp.full((size,), qb), kb=kb)
+        # the chunk as the work list's [C, bq, bk] tiles (C = size), for the shared mask and score mod
+        ch = dict(b=jnp.full((size,), b), h=jnp.full((size,), h), qb=jnp.full((size,), qb), kb=kb,
+                  full=jax.lax.dynamic_slice_in_dim(flags, start, size).astype(jnp.int32))
+        visible = _visibility(cfg, ch, size) & listed[:, None, None]
+        visible = visible.transpose(1, 0, 2).reshape(bq, size * bk)
+        if mod is not None:
             s = s.reshape(bq, size, bk).transpose(1, 0, 2)
             s = _apply_mod(cfg, mod, consts, float_consts, s, ch).transpose(1, 0, 2).reshape(bq, size * bk)
             visible = visible & (s > -jnp.inf)
