@@ -580,9 +580,12 @@ def _pallas_quantized_bwd(plan, residuals, cotangents):
             softcap=options["softcap"], scale=options["scale"])
         return out.astype(jnp.float32), lse
     _, vjp = jax.vjp(dense, q4)
-    no_gradient = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0) if not jnp.issubdtype(
-        x.dtype, jnp.floating) else jnp.zeros_like(x), cache)
-    return vjp(cotangents)[0], no_gradient
+    return vjp(cotangents)[0], jax.tree.map(no_gradient, cache)
+
+
+def no_gradient(x):
+    """The zero cotangent of a cache leaf that gets no gradient: zeros for floats, float0 for ints and bools."""
+    return jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.floating) else np.zeros(x.shape, jax.dtypes.float0)
 
 
 _pallas_quantized.defvjp(_pallas_quantized_fwd, _pallas_quantized_bwd)

@@ -74,7 +74,7 @@ from jaxtyping import Array, Bool, Float, Int
 from jattn.core import checks
 from jattn.core.reference import softmax_rows
 from jattn.core.softmax import merge_partials, merge_sinks
-from jattn.methods.kv.quantized import QUANT_BITS, dequantize, pack, packed_size, quantize, unpack
+from jattn.methods.kv.quantized import QUANT_BITS, dequantize, no_gradient, pack, packed_size, quantize, unpack
 from jattn.ops import decode as decode_op
 from jattn.ops.decode import decode_attention
 from jattn.ops.dispatch import run_impl
@@ -597,10 +597,10 @@ def _view(cache: ZipCache, residual_k, residual_v, filled):
 def _attend(cache: ZipCache, q4, filled, held, lengths, options: dict):
     """``(out [B, Tq, H, D] in q's dtype, lse [B, Tq, H])`` of ``q4`` over the cache with ``filled`` stream
     segments compressed and ``held`` residual tokens (``lengths``: the view's, for the view paths)."""
-    B, Tq, H, D = q4.shape
-    Hkv = cache.residual_k.shape[1]
+    _, Tq, H, D = q4.shape
+    B, Hkv = cache.residual_k.shape[:2]
     if q4.dtype != cache.dtype or q4.shape[0] != B or D != cache.residual_k.shape[3] or H % Hkv:
-        raise ValueError(f"q must be [B={cache.residual_k.shape[0]}, (Tq,) H, D={cache.residual_k.shape[3]}] "
+        raise ValueError(f"q must be [B={B}, (Tq,) H, D={cache.residual_k.shape[3]}] "
                          f"in the cache's dtype {cache.dtype} with H a multiple of Hkv={Hkv}, got "
                          f"{checks.describe(q4)}")
     impl = options["impl"]
@@ -740,9 +740,6 @@ def _pallas_zip_bwd(plan, residuals, cotangents):
                                     impl="xla")
         return out.astype(jnp.float32), lse
     _, vjp = jax.vjp(dense, q4)
-
-    def no_gradient(x):
-        return jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.floating) else np.zeros(x.shape, jax.dtypes.float0)
     return (vjp(cotangents)[0], jax.tree.map(no_gradient, cache), no_gradient(filled), no_gradient(held))
 
 

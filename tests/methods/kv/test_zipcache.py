@@ -487,11 +487,14 @@ def test_kernel_path_decode_gradient_and_overflow_match_the_view():
 
 def test_several_new_tokens_fall_back_to_the_view():
     """Tq > 1 needs key positions the compacted classes do not keep: impl="pallas" then runs the float decode
-    kernel over the view, with the view path's result."""
+    kernel over the view, with the view path's result. A q whose batch is not the cache's is named (the check
+    compared q's batch with itself before)."""
     _, later = _kernel_caches()
     q = jnp.asarray(_normal(63, (KERNEL_RUN["B"], 3, KERNEL_RUN["H"], KERNEL_RUN["D"])))
     np.testing.assert_allclose(np.asarray(later.attend(q, impl="pallas")), np.asarray(later.attend(q, impl="xla")),
                                rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match=r"q must be \[B=2, \(Tq,\) H, D=64\]"):   # a batch the cache lacks
+        later.attend(q[:1], impl="pallas")
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
